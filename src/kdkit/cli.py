@@ -1,0 +1,344 @@
+"""The ``kdkit`` command line: whole experiments, single runs, evaluation, catalogues.
+
+Every user error is printed as one line ``kdkit: error: ...`` (exit 2); a run stopped
+by Ctrl-C leaves a checkpoint and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kdkit import __version__
+from kdkit.errors import ConfigError, KdkitError
+
+EPILOG = """\
+examples:
+  kdkit run                                  the built-in default (digits, 3 seeds, < 2 min)
+  kdkit run examples/mnist_hinton.yaml       Hinton's MNIST recipe
+  kdkit run CONFIG --set train.epochs=5      override any key
+  kdkit validate CONFIG                      list every problem in a config
+  kdkit train --model resnet8 --data digits  train a teacher (or any plain model)
+  kdkit distill --teacher runs/train-resnet8-digits-s0 --student mlp --method kd --data digits
+  kdkit eval runs/digits-kd                  print an experiment's table, or evaluate a model
+  kdkit models | kdkit methods | kdkit data list
+"""
+
+
+def _cache_dir(arg: str | None, disabled: bool) -> Path | None:
+    if disabled:
+        return None
+    if arg:
+        return Path(arg)
+    return Path(os.environ.get("KDKIT_CACHE") or "~/.cache/kdkit").expanduser()
+
+
+def _kv_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kdkit.config import load_config
+    from kdkit.pipelines.experiment import format_table, run_experiment
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    print(f"kdkit run: experiment '{cfg.name}', seeds {cfg.seeds}, output {out}", flush=True)
+    result = run_experiment(
+        cfg, out, resume=args.resume, force=args.force,
+        cache_dir=_cache_dir(args.cache_dir, args.no_cache), progress=not args.no_progress,
+    )
+    print()
+    print(format_table(result["rows"], cfg))
+    print(f"wall time {result['wall_s']:.1f} s; results in {out}/ (summary.json, table.md)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kdkit.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    n_runs = len(cfg.students) + (1 if cfg.teacher else 0)
+    print(f"{args.config or 'default config'}: OK ('{cfg.name}', {n_runs} runs x "
+          f"{len(cfg.seeds)} seeds on {cfg.data.name})")
+    return 0
+
+
+def _train_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from kdkit.config import TrainSpec, _pydantic_problems
+
+    fields = {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "optimizer": args.optimizer, "weight_decay": args.weight_decay,
+        "schedule": args.schedule, "augment": _kv_pairs(args.augment, "--augment") or None,
+    }
+    try:
+        return TrainSpec(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        raise ConfigError(_pydantic_problems(e, TrainSpec, "train")) from None
+
+
+def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[str, Any],
+                model: str, model_kwargs: dict[str, Any], teacher: str | None) -> int:
+    from kdkit.data import load_dataset
+    from kdkit.distill.methods import check_method_kwargs
+    from kdkit.models import MODELS
+    from kdkit.pipelines.runs import load_teacher, prepare_run_dir, train_one
+
+    MODELS.get(model)
+    problems = MODELS.check_kwargs(model, model_kwargs) + check_method_kwargs(method, method_kwargs)
+    if problems:
+        raise ConfigError(problems)
+    train = _train_spec(args)
+    data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
+                        train_subset=args.train_subset, seed=args.seed)
+    teachers = {}
+    if teacher is not None:
+        # The teacher's own train split is irrelevant here: only its weights are used.
+        teachers = {"teacher": load_teacher(teacher, data)}
+    out = Path(args.out)
+    prepare_run_dir(out, resume=args.resume, force=args.force)
+    summary = train_one(
+        run_dir=out, label=out.name, data=data, model_name=model, model_kwargs=model_kwargs,
+        method=method, method_kwargs=method_kwargs, teachers=teachers,
+        settings=train.loop_settings(args.seed), batch_size=train.batch_size,
+        augment=train.augment, resume=args.resume, progress=not args.no_progress,
+        extra={"teacher": teacher} if teacher else None,
+    )
+    val = f", val {summary['val_acc']:.2f}%" if summary.get("val_acc") is not None else ""
+    print(f"{summary['label']}: test {summary['test_acc']:.2f}%{val}, "
+          f"{summary['params']:,} params, {summary['wall_s']:.1f} s -> {out}/model.safetensors")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    args.out = args.out or f"runs/train-{args.model}-{args.data}-s{args.seed}"
+    return _single_run(args, method=args.method, method_kwargs=_kv_pairs(args.method_arg, "--method-arg"),
+                       model=args.model, model_kwargs=_kv_pairs(args.model_arg, "--model-arg"),
+                       teacher=None)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kdkit.distill.methods import method_needs_teacher
+
+    if not method_needs_teacher(args.method):
+        raise KdkitError(f"method '{args.method}' uses no teacher; use `kdkit train` for it")
+    args.out = args.out or f"runs/distill-{args.method}-{args.student}-{args.data}-s{args.seed}"
+    return _single_run(args, method=args.method,
+                       method_kwargs=_kv_pairs(args.method_arg, "--method-arg"),
+                       model=args.student, model_kwargs=_kv_pairs(args.model_arg, "--model-arg"),
+                       teacher=args.teacher)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kdkit.data import load_dataset
+    from kdkit.pipelines.experiment import format_table
+    from kdkit.train.artifacts import load_model, model_stem
+    from kdkit.train.metrics import count_parameters, cpu_latency_ms, evaluate
+
+    path = Path(args.path)
+    summary = path / "summary.json"
+    if path.is_dir() and summary.exists() and "rows" in json.loads(summary.read_text()):
+        print(format_table(json.loads(summary.read_text())["rows"]))
+        return 0
+    model, meta = load_model(path)
+    name = args.data or meta["data"]["name"]
+    data = load_dataset(name, root=args.data_root, seed=0)
+    if list(data.input_shape) != meta["data"]["input_shape"]:
+        raise KdkitError(f"model expects input {meta['data']['input_shape']}, '{name}' gives "
+                         f"{list(data.input_shape)}")
+    split = getattr(data, args.split)
+    res = evaluate(model, split.x, split.y)
+    weights = model_stem(path).with_suffix(".safetensors")
+    print(json.dumps({
+        "model": meta["model"]["name"], "data": name, "split": args.split,
+        "samples": len(split), "top1": round(res["acc"], 3), "loss": round(res["loss"], 5),
+        "params": count_parameters(model), "size_bytes": weights.stat().st_size,
+        "latency_ms": round(cpu_latency_ms(model, tuple(data.input_shape)), 4),
+    }, indent=2))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kdkit.models import MODELS, create_model
+
+    if args.layers:
+        import torch
+
+        c, h, _ = (int(v) for v in args.input.split(","))
+        model = create_model(args.layers, in_channels=c, input_size=h)
+        shapes: dict[str, tuple[int, ...]] = {}
+        hooks = [m.register_forward_hook(
+            lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
+            for n, m in model.named_modules() if n]
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, c, h, h))
+        for hk in hooks:
+            hk.remove()
+        for n, m in model.named_modules():
+            if n:
+                print(f"{n:<28} {type(m).__name__:<18} {shapes.get(n, '')}")
+        return 0
+    for name in MODELS.names():
+        print(f"{name:<18} {MODELS.summary(name)}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from kdkit.distill.methods import METHODS, method_arguments, method_needs_teacher
+
+    for name in METHODS.names():
+        kw = ", ".join(f"{k}={v}" for k, v in method_arguments(name).items())
+        who = "teacher" if method_needs_teacher(name) else "no teacher"
+        print(f"{name:<10} {METHODS.summary(name)}\n{'':<10} [{who}] args: {kw or '-'}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from kdkit.data import DATASETS, default_root
+
+    if args.data_cmd == "list":
+        for name in DATASETS.names():
+            print(f"{name:<14} {DATASETS.summary(name)}")
+        return 0
+    from kdkit.data.fetch import fetch
+
+    root = Path(args.root) if args.root else default_root()
+    folder = fetch(args.name, root)
+    print(f"{args.name}: verified files in {folder}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) -> None:
+    p.add_argument("--data", default="digits", help="dataset name (see `kdkit data list`)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default $KDKIT_DATA)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--train-subset", type=int, default=None, help="class-balanced subset size")
+    p.add_argument("--model-arg", action="append", metavar="K=V", help="model argument")
+    if default_method is not None:
+        p.add_argument("--method", default=default_method)
+    p.add_argument("--method-arg", action="append", metavar="K=V", help="method argument")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    p.add_argument("--augment", action="append", metavar="K=V", help="e.g. shift=2, hflip=true")
+    p.add_argument("--seed", type=int, default=0)
+    _add_out_flags(p)
+
+
+def _add_out_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kdkit", description="Knowledge distillation: train small students from teachers.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a whole experiment (default: built-in digits KD)",
+                       description="Teacher -> scratch baseline -> distilled students -> table, "
+                       "over several seeds. With no CONFIG, runs the built-in default.")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: built-in)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--cache-dir", help="teacher cache (default $KDKIT_CACHE or ~/.cache/kdkit)")
+    p.add_argument("--no-cache", action="store_true", help="always retrain teachers")
+    _add_out_flags(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("validate", help="check a config and list every problem")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("train", help="train one plain model (e.g. a teacher) with cross-entropy")
+    p.add_argument("--model", required=True, help="registered model (see `kdkit models`)")
+    _add_run_flags(p, default_method="ce")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("distill", help="distil one student from a trained teacher")
+    p.add_argument("--teacher", required=True, help="teacher run directory or model.safetensors")
+    p.add_argument("--student", required=True, help="registered student model")
+    _add_run_flags(p, default_method="kd")
+    p.set_defaults(fn=cmd_distill)
+
+    p = sub.add_parser("eval", help="evaluate a run, a model file, or print an experiment table")
+    p.add_argument("path", help="experiment dir, run dir, or model.safetensors")
+    p.add_argument("--data", help="dataset (default: the one the model was trained on)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("models", help="list registered models")
+    p.add_argument("--layers", metavar="NAME", help="print NAME's module paths and shapes")
+    p.add_argument("--input", default="1,28,28", help="C,H,W for --layers (default 1,28,28)")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("methods", help="list distillation methods and their arguments")
+    p.set_defaults(fn=cmd_methods)
+
+    p = sub.add_parser("data", help="datasets: list, fetch")
+    dsub = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
+    dl = dsub.add_parser("list", help="list registered datasets")
+    dl.set_defaults(fn=cmd_data)
+    df = dsub.add_parser("fetch", help="download and verify a dataset (mnist, fashion_mnist)")
+    df.add_argument("name", choices=["mnist", "fashion_mnist"])
+    df.add_argument("--root", help="data folder (default $KDKIT_DATA or ~/.cache/kdkit/data)")
+    df.set_defaults(fn=cmd_data)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from kdkit.train.loop import TrainingInterrupted
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.fn(args))
+    except TrainingInterrupted as e:
+        print(f"kdkit: {e}", file=sys.stderr)
+        return 130
+    except KdkitError as e:
+        print(f"kdkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Experiment configuration: a YAML file validated with pydantic, then built into objects.
+
+Every problem is reported at once with its key path (``students[1].method.temperture``):
+unknown keys, wrong types, unknown models/methods/datasets and arguments a model or
+method does not take. This module is the only place that reads configuration; the
+classes it builds receive plain arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdkit.errors import ConfigError
+from kdkit.train.loop import LoopSettings
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+# Geometry arguments are filled in from the dataset, never by the user.
+_DATA_FILLED = ("num_classes", "in_channels", "input_size")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(BaseModel):
+    """``{name: resnet20, <architecture arguments>...}``; geometry comes from the data."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class MethodSpec(BaseModel):
+    """``{name: kd, temperature: 4, alpha: 0.9}``: a registered method and its arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataSpec(_Strict):
+    name: str = "digits"
+    root: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    train_subset: int | None = Field(
+        None, ge=1, description="class-balanced subset of the train split used by students"
+    )
+    download: bool = True
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[float] = [0.5, 0.75]
+    gamma: float = 0.1
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    augment: dict[str, Any] | None = None
+    log_every: int = Field(0, ge=0)
+
+    def loop_settings(self, seed: int) -> LoopSettings:
+        d = self.model_dump(exclude={"batch_size", "augment"})
+        d["milestones"] = tuple(d["milestones"])
+        return LoopSettings(seed=seed, **d)
+
+
+class TeacherSpec(_Strict):
+    label: str = "teacher"
+    model: ModelSpec
+    train: TrainSpec = TrainSpec()
+    train_subset: int | None = Field(
+        None, ge=1, description="teachers train on the full train split unless this is set"
+    )
+
+
+class StudentRunSpec(_Strict):
+    label: str
+    method: MethodSpec
+    model: ModelSpec | None = None
+    train: dict[str, Any] = {}
+    teacher_mode: Literal["eval", "train"] = "eval"
+
+
+class EvalSpec(_Strict):
+    batch_size: int = Field(1024, ge=1)
+    latency_repeats: int = Field(50, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment: teacher → scratch baseline → distilled students → table."""
+
+    name: str
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    data: DataSpec = DataSpec()
+    teacher: TeacherSpec | None = None
+    student: ModelSpec | None = None
+    train: TrainSpec = TrainSpec()
+    students: list[StudentRunSpec] = Field(min_length=1)
+    eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> ExperimentConfig:
+        labels = [s.label for s in self.students] + ([self.teacher.label] if self.teacher else [])
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"run labels must be unique; repeated: {dup}")
+        return self
+
+    def student_train(self, run: StudentRunSpec) -> TrainSpec:
+        return TrainSpec(**{**self.train.model_dump(), **run.train})
+
+    def student_model(self, run: StudentRunSpec) -> ModelSpec:
+        spec = run.model or self.student
+        assert spec is not None  # checked by validate_semantics
+        return spec
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _fields_at(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
+    """Field names valid at the parent of ``loc`` (for 'did you mean')."""
+    model: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) or (ann,):
+            inner = getattr(cand, "__args__", None)
+            if inner:
+                cand = inner[0]
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _pydantic_problems(
+    err: ValidationError, root: type[BaseModel] = ExperimentConfig, prefix: str = ""
+) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = f"{prefix}.{_loc(loc)}" if prefix else _loc(loc)
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(loc, root)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(
+                f"{where}: unknown key{hint}"
+                + (f" (valid keys: {', '.join(valid)})" if valid and not close else "")
+            )
+        elif e["type"] == "missing":
+            problems.append(f"{where}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+            problems.append(f"{where}: {e['msg']}{shown}")
+    return problems
+
+
+def validate_semantics(cfg: ExperimentConfig) -> list[str]:
+    """Problems pydantic cannot see: registry names and model/method arguments."""
+    from kdkit.data import DATASETS
+    from kdkit.data.augment import build_augment
+    from kdkit.distill.methods import METHODS, check_method_kwargs, method_needs_teacher
+    from kdkit.models import MODELS
+
+    problems: list[str] = []
+
+    def check_model(spec: ModelSpec | None, where: str) -> None:
+        if spec is None:
+            return
+        if spec.name not in MODELS:
+            close = difflib.get_close_matches(spec.name, MODELS.names(), n=2)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            problems.append(f"{where}.name: unknown model '{spec.name}'{hint} (see `kdkit models`)")
+            return
+        for key in spec.kwargs:
+            if key in _DATA_FILLED:
+                problems.append(f"{where}.{key}: set from the dataset; remove it")
+        kw = {k: v for k, v in spec.kwargs.items() if k not in _DATA_FILLED}
+        for p in MODELS.check_kwargs(spec.name, kw):
+            problems.append(f"{where}: {p}")
+
+    def check_train(train: dict[str, Any] | TrainSpec, where: str) -> None:
+        data = train.model_dump() if isinstance(train, TrainSpec) else train
+        aug = data.get("augment")
+        if aug is not None:
+            try:
+                build_augment(aug)
+            except Exception as e:  # noqa: BLE001 - reported as a config problem
+                problems.append(f"{where}.augment: {e}")
+
+    if cfg.data.name not in DATASETS:
+        close = difflib.get_close_matches(cfg.data.name, DATASETS.names(), n=2)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        problems.append(f"data.name: unknown dataset '{cfg.data.name}'{hint}")
+    if cfg.teacher is not None:
+        check_model(cfg.teacher.model, "teacher.model")
+        check_train(cfg.teacher.train, "teacher.train")
+    check_model(cfg.student, "student")
+    check_train(cfg.train, "train")
+    for i, run in enumerate(cfg.students):
+        where = f"students[{i}]"
+        if run.model is None and cfg.student is None:
+            problems.append(f"{where}.model: no model given and no top-level 'student' default")
+        check_model(run.model, f"{where}.model")
+        try:
+            TrainSpec(**{**cfg.train.model_dump(), **run.train})
+        except ValidationError as e:
+            problems += _pydantic_problems(e, TrainSpec, f"{where}.train")
+        check_train(run.train, f"{where}.train")
+        if run.method.name not in METHODS:
+            close = difflib.get_close_matches(run.method.name, METHODS.names(), n=2)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            problems.append(
+                f"{where}.method.name: unknown method '{run.method.name}'{hint} "
+                "(see `kdkit methods`)"
+            )
+            continue
+        for p in check_method_kwargs(run.method.name, run.method.kwargs):
+            problems.append(f"{where}.method: {p}")
+        if method_needs_teacher(run.method.name) and cfg.teacher is None:
+            problems.append(
+                f"{where}.method: '{run.method.name}' needs a teacher; add a 'teacher' section"
+            )
+    return problems
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply one ``--set a.b[1].c=value`` override to a raw config dict."""
+    node: Any = tree
+    parts = dotted.replace("[", ".").replace("]", "").split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        key: Any = int(part) if part.isdigit() else part
+        if isinstance(node, list):
+            if not isinstance(key, int) or key >= len(node):
+                raise ConfigError(f"--set {dotted}: index {part} is not in a list of {len(node)}")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is below a value, not a section")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=5), got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_raw(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    """Read a YAML config (the built-in default when ``path`` is None)."""
+    p = Path(path) if path is not None else DEFAULT_CONFIG
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys (name, data, teacher, students, ...)")
+    return raw, str(p)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a raw dict; raise one :class:`ConfigError` that lists every problem."""
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_pydantic_problems(e), source) from None
+    problems = validate_semantics(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    raw, source = load_raw(path)
+    for key, value in parse_overrides(overrides or []):
+        _set_path(raw, key, value)
+    return config_from_dict(raw, source)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,249 @@
+"""Datasets behind a registry, loaded into memory as normalised tensors with train/val/test splits.
+
+``load_dataset("mnist")`` returns :class:`DatasetSplits`; :class:`BatchLoader` iterates one
+split as whole-tensor batches, reproducibly and resumably.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdkit.data import fetch as _fetch_module  # not the function: it would shadow the module
+from kdkit.data.arrays import (
+    ArrayDataset,
+    DatasetSplits,
+    split_train_val,
+    stratified_indices,
+    take_subset,
+)
+from kdkit.data.augment import (
+    Augment,
+    Compose,
+    HorizontalFlip,
+    RandomCrop,
+    RandomShift,
+    build_augment,
+)
+from kdkit.data.cifar import load_cifar10, load_cifar100
+from kdkit.data.fetch import EXPECTED_SHA256, IDX_FILES, verify
+from kdkit.data.idx import read_idx_images, read_idx_labels, sha256_file
+from kdkit.data.loader import BatchLoader, derive_seed
+from kdkit.errors import DataError
+from kdkit.registry import Registry
+
+__all__ = [
+    "DATASETS",
+    "ArrayDataset",
+    "Augment",
+    "BatchLoader",
+    "Compose",
+    "DatasetSplits",
+    "HorizontalFlip",
+    "RandomCrop",
+    "RandomShift",
+    "RawData",
+    "build_augment",
+    "default_root",
+    "derive_seed",
+    "load_dataset",
+    "sha256_file",
+    "split_train_val",
+    "take_subset",
+]
+
+DIGITS_TEST_SEED = 20150309  # fixed, so digits' test set is the same for every run seed
+DIGITS_TEST_FRACTION = 1 / 3
+_VAL_STREAM = 1  # derive_seed tags: the val split and the subset use independent draws
+_SUBSET_STREAM = 2
+
+
+@dataclass(frozen=True)
+class RawData:
+    """A dataset as decoded from disk: integer pixels (N, C, H, W) and int64 labels (N,).
+
+    ``pixel / scale`` is in [0, 1].
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    scale: float
+
+
+DATASETS: Registry[RawData] = Registry("dataset")
+
+
+def default_root() -> Path:
+    """``$KDKIT_DATA`` if set, else ``~/.cache/kdkit/data``."""
+    return Path(os.environ.get("KDKIT_DATA") or "~/.cache/kdkit/data").expanduser()
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+    return torch.from_numpy(np.array(a)).to(dtype)  # np.array: a writable copy
+
+
+@DATASETS.register("digits", summary="scikit-learn digits: 1,797 8x8 grey images, 10 classes")
+def _digits(root: Path) -> RawData:
+    """scikit-learn digits (shipped in the wheel); a fixed stratified 1/3 is the test set."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.uint8))[:, None]  # (1797, 1, 8, 8), 0..16
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    test = stratified_indices(
+        y, round(DIGITS_TEST_FRACTION * len(y)), DIGITS_TEST_SEED, balanced=False
+    )
+    is_train = torch.ones(len(y), dtype=torch.bool)
+    is_train[test] = False
+    return RawData(x[is_train], y[is_train], x[test], y[test], num_classes=10, scale=16.0)
+
+
+def _idx_split(folder: Path, split: str) -> tuple[Tensor, Tensor]:
+    """Images (N, 1, 28, 28) uint8 and labels (N,) int64 of ``split`` ("train" or "t10k")."""
+    images = read_idx_images(folder / f"{split}-images-idx3-ubyte")
+    labels = read_idx_labels(folder / f"{split}-labels-idx1-ubyte")
+    if len(images) != len(labels):
+        raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+    return _tensor(images, torch.uint8)[:, None], _tensor(labels, torch.int64)
+
+
+def _idx_raw(name: str, root: Path) -> RawData:
+    folder = Path(root) / name
+    x_train, y_train = _idx_split(folder, "train")
+    x_test, y_test = _idx_split(folder, "t10k")
+    return RawData(x_train, y_train, x_test, y_test, num_classes=10, scale=255.0)
+
+
+@DATASETS.register("mnist", summary="MNIST handwritten digits: 60k/10k 28x28 grey, 10 classes")
+def _mnist(root: Path) -> RawData:
+    """MNIST from verified IDX files in ``<root>/mnist``."""
+    return _idx_raw("mnist", root)
+
+
+@DATASETS.register(
+    "fashion_mnist", summary="Fashion-MNIST clothing: 60k/10k 28x28 grey, 10 classes"
+)
+def _fashion_mnist(root: Path) -> RawData:
+    """Fashion-MNIST from verified IDX files in ``<root>/fashion_mnist``."""
+    return _idx_raw("fashion_mnist", root)
+
+
+def _cifar_raw(arrays: tuple[np.ndarray, ...], num_classes: int) -> RawData:
+    xtr, ytr, xte, yte = arrays
+    return RawData(
+        torch.from_numpy(xtr),
+        torch.from_numpy(ytr),
+        torch.from_numpy(xte),
+        torch.from_numpy(yte),
+        num_classes=num_classes,
+        scale=255.0,
+    )
+
+
+@DATASETS.register("cifar10", summary="CIFAR-10 (binary version, user-supplied): 50k/10k 3x32x32")
+def _cifar10(root: Path) -> RawData:
+    """CIFAR-10 from ``<root>/cifar-10-batches-bin``."""
+    return _cifar_raw(load_cifar10(root), 10)
+
+
+@DATASETS.register(
+    "cifar100", summary="CIFAR-100 (binary version, user-supplied): 50k/10k 3x32x32, fine labels"
+)
+def _cifar100(root: Path) -> RawData:
+    """CIFAR-100 (fine labels) from ``<root>/cifar-100-binary``."""
+    return _cifar_raw(load_cifar100(root), 100)
+
+
+def _pixel_stats(x: Tensor, scale: float) -> tuple[float, float]:
+    """Exact scalar mean and std of ``x / scale`` for integer pixels, via a histogram."""
+    counts = torch.bincount(x.flatten(), minlength=256).to(torch.float64).numpy()
+    values = np.arange(len(counts), dtype=np.float64) / scale
+    n = counts.sum()
+    mean = float((counts * values).sum() / n)
+    var = float((counts * (values - mean) ** 2).sum() / n)
+    return mean, var**0.5
+
+
+@functools.lru_cache(maxsize=4)
+def _load_raw(name: str, root: str) -> tuple[RawData, float, float]:
+    """Decode ``name`` once per process; also its train-set pixel mean and std."""
+    raw = DATASETS.create(name, root=Path(root))
+    mean, std = _pixel_stats(raw.x_train, raw.scale)
+    return raw, mean, std
+
+
+_VERIFIED: set[tuple[str, str]] = set()  # (name, root) whose files passed SHA-256 this process
+
+
+def _ensure_files(name: str, root: Path, download: bool, log: Callable[[str], None]) -> None:
+    if name not in EXPECTED_SHA256 or (name, str(root)) in _VERIFIED:
+        return
+    if download:
+        _fetch_module.fetch(name, root, log=log)
+    else:
+        problems = verify(name, root)
+        if problems:
+            raise DataError(
+                f"{name} is not ready: {problems[0]}"
+                f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
+                f"run `kdkit data fetch {name}` (files: {', '.join(IDX_FILES)})"
+            )
+    _VERIFIED.add((name, str(root)))
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | Path | None = None,
+    val_fraction: float = 0.1,
+    train_subset: int | None = None,
+    seed: int = 0,
+    download: bool = True,
+    log: Callable[[str], None] = print,
+) -> DatasetSplits:
+    """Load ``name`` as normalised train/val/test tensors (``root`` defaults to default_root()).
+
+    The val split is a stratified ``val_fraction`` of the train set; ``train_subset``
+    then keeps a class-balanced subset of the rest. Both are deterministic under ``seed``;
+    the test set never depends on it. Normalisation: scalar mean/std of the full train set.
+    """
+    DATASETS.get(name)  # unknown name -> KdkitError with suggestions
+    root_path = Path(root if root is not None else default_root()).expanduser().resolve()
+    _ensure_files(name, root_path, download, log)
+    raw, mean, std = _load_raw(name, str(root_path))
+
+    x_tr, y_tr, x_val, y_val = split_train_val(
+        raw.x_train, raw.y_train, val_fraction, derive_seed(seed, _VAL_STREAM)
+    )
+    if train_subset is not None:
+        if not 0 < train_subset <= len(y_tr):
+            raise DataError(
+                f"train_subset={train_subset} but {name} has {len(y_tr)} training samples "
+                f"after the validation split"
+            )
+        x_tr, y_tr = take_subset(x_tr, y_tr, train_subset, derive_seed(seed, _SUBSET_STREAM))
+
+    def normalise(x: Tensor) -> Tensor:
+        return x.to(torch.float32, copy=True).div_(raw.scale).sub_(mean).div_(std)
+
+    shape = tuple(raw.x_train.shape[1:])
+    return DatasetSplits(
+        train=ArrayDataset(normalise(x_tr), y_tr, f"{name}/train"),
+        val=ArrayDataset(normalise(x_val), y_val, f"{name}/val"),
+        test=ArrayDataset(normalise(raw.x_test), raw.y_test.clone(), f"{name}/test"),
+        num_classes=raw.num_classes,
+        input_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+        mean=mean,
+        std=std,
+        name=name,
+    )

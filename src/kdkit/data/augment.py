@@ -1,0 +1,162 @@
+"""Batch-level, vectorised image augmentations driven by an explicit ``torch.Generator``.
+
+Each augmentation maps ``x`` (N, C, H, W) to a tensor of the same shape (a crop may change
+H, W if asked). Random draws are made on the CPU generator, so the result depends only on
+the generator's seed, whatever device ``x`` is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdkit.errors import KdkitError
+
+
+class Augment:
+    """Base class: ``aug(x, generator) -> x'`` on a whole batch (N, C, H, W)."""
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def _windows(padded: Tensor, top: Tensor, left: Tensor, h: int, w: int) -> Tensor:
+    """Per-sample (h, w) windows of ``padded`` (N, C, Hp, Wp) starting at ``top``/``left`` (N,)."""
+    n, c = padded.shape[:2]
+    dev = padded.device
+    rows = top.to(dev)[:, None] + torch.arange(h, device=dev)[None, :]  # (N, h)
+    cols = left.to(dev)[:, None] + torch.arange(w, device=dev)[None, :]  # (N, w)
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chan = torch.arange(c, device=dev)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class RandomShift(Augment):
+    """Translate each image by integer offsets in [-max_shift, max_shift] per axis.
+
+    Uncovered pixels take ``fill`` (use ``DatasetSplits.black`` for normalised images).
+    Hinton et al. (2015) jitter MNIST "by up to two pixels in any direction".
+    """
+
+    def __init__(self, max_shift: int, fill: float = 0.0) -> None:
+        if max_shift < 0:
+            raise KdkitError(f"RandomShift: max_shift must be >= 0, got {max_shift}")
+        self.max_shift = int(max_shift)
+        self.fill = float(fill)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        k = self.max_shift
+        if k == 0 or x.shape[0] == 0:
+            return x
+        n, _, h, w = x.shape
+        dy = torch.randint(-k, k + 1, (n,), generator=generator)
+        dx = torch.randint(-k, k + 1, (n,), generator=generator)
+        padded = F.pad(x, (k, k, k, k), value=self.fill)
+        # out[i, j] = x[i - dy, j - dx]: a pixel at (r, c) moves to (r + dy, c + dx)
+        return _windows(padded, k - dy, k - dx, h, w)
+
+
+class RandomCrop(Augment):
+    """Pad by ``padding`` on each side with ``fill``, then crop ``size`` at a random place.
+
+    ``size=None`` crops back to the input size (the usual CIFAR "pad 4, crop 32").
+    """
+
+    def __init__(
+        self, size: int | tuple[int, int] | None = None, padding: int = 0, fill: float = 0.0
+    ) -> None:
+        if padding < 0:
+            raise KdkitError(f"RandomCrop: padding must be >= 0, got {padding}")
+        self.size = (size, size) if isinstance(size, int) else size
+        self.padding = int(padding)
+        self.fill = float(fill)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        n, _, h, w = x.shape
+        ch, cw = self.size if self.size is not None else (h, w)
+        p = self.padding
+        hp, wp = h + 2 * p, w + 2 * p
+        if ch > hp or cw > wp:
+            raise KdkitError(
+                f"RandomCrop: crop {ch}x{cw} is larger than the padded image {hp}x{wp}"
+            )
+        if n == 0:
+            return x.new_empty((0, x.shape[1], ch, cw))
+        top = torch.randint(0, hp - ch + 1, (n,), generator=generator)
+        left = torch.randint(0, wp - cw + 1, (n,), generator=generator)
+        padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
+        return _windows(padded, top, left, ch, cw)
+
+
+class HorizontalFlip(Augment):
+    """Mirror each image left-right with probability ``p``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise KdkitError(f"HorizontalFlip: p must be in [0, 1], got {p}")
+        self.p = float(p)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        flip = torch.rand(x.shape[0], generator=generator) < self.p
+        return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+class Compose(Augment):
+    """Apply augmentations in order, all drawing from the same generator."""
+
+    def __init__(self, augments: Sequence[Augment]) -> None:
+        self.augments = list(augments)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        for aug in self.augments:
+            x = aug(x, generator)
+        return x
+
+
+AUGMENT_KEYS: dict[str, str] = {
+    "shift": "int: jitter each image by up to this many pixels per axis",
+    "crop_padding": "int: pad by this much, then crop at a random place",
+    "crop_size": "int: crop size (default: the input size); needs crop_padding",
+    "hflip": "bool or float: flip left-right (true = p 0.5, a number = its probability)",
+    "fill": "float: value for padded pixels (default: the fill argument)",
+}
+
+
+def build_augment(spec: dict[str, Any] | None, *, fill: float = 0.0) -> Augment | None:
+    """Build an augmentation from ``{"shift": 2, "hflip": true, "crop_padding": 4}``.
+
+    Order: crop, shift, flip. ``fill`` is the pad value unless the spec gives one; pass
+    ``DatasetSplits.black`` so padding looks like a black border. Unknown keys raise.
+    """
+    if not spec:
+        return None
+    unknown = sorted(set(spec) - set(AUGMENT_KEYS))
+    if unknown:
+        raise KdkitError(
+            f"unknown augmentation key(s) {', '.join(repr(k) for k in unknown)}; "
+            f"valid keys: {', '.join(AUGMENT_KEYS)}"
+        )
+    fill = float(spec["fill"]) if "fill" in spec else fill
+    parts: list[Augment] = []
+    if "crop_size" in spec and "crop_padding" not in spec:
+        raise KdkitError("augmentation 'crop_size' needs 'crop_padding' (0 for a plain crop)")
+    if "crop_padding" in spec:
+        parts.append(RandomCrop(spec.get("crop_size"), int(spec["crop_padding"]), fill))
+    if spec.get("shift"):
+        parts.append(RandomShift(int(spec["shift"]), fill))
+    hflip = spec.get("hflip", False)
+    if hflip is True:
+        parts.append(HorizontalFlip(0.5))
+    elif hflip is not False and float(hflip) > 0:
+        parts.append(HorizontalFlip(float(hflip)))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else Compose(parts)

@@ -1,0 +1,143 @@
+"""The Distiller: student + adapters (trainable) and frozen teachers, summed Terms.
+
+``forward(x, y)`` returns ``{"loss": weighted sum, "logits": student logits,
+"<term>": unweighted detached value, ...}``. The loop only ever calls this and
+``loss.backward()``; it never knows which method runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdkit.distill.term import Term
+from kdkit.errors import KdkitError
+from kdkit.taps import Tap, run_with_taps
+
+
+class Distiller(nn.Module):
+    """Trainable module = ``student`` + ``adapters``; teachers are held but not registered.
+
+    Because teachers are not submodules, ``parameters()``, ``state_dict()``, optimisers,
+    checkpoints and DDP see exactly what is trained. ``.to()`` still moves the teachers.
+
+    Args:
+        student: any ``nn.Module`` mapping inputs to logits.
+        teachers: name -> frozen teacher (``{}`` for plain training).
+        terms: the objective; term names must be unique.
+        teacher_mode: ``"eval"`` (default) or ``"train"`` (BN batch statistics, as some
+            official implementations do); teachers never receive gradients either way.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: Mapping[str, nn.Module] | None,
+        terms: Sequence[Term],
+        *,
+        teacher_mode: str = "eval",
+    ) -> None:
+        super().__init__()
+        teachers = dict(teachers or {})
+        if not terms:
+            raise KdkitError("a distiller needs at least one term")
+        names = [t.name for t in terms]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise KdkitError(f"duplicate term names {sorted(dup)}; give each term its own name")
+        for t in terms:
+            if t.teacher is not None and t.teacher_name not in teachers:
+                raise KdkitError(
+                    f"term '{t.name}' reads teacher '{t.teacher_name}', but the teachers given "
+                    f"are {sorted(teachers) or 'none'}; pass a teacher (e.g. --teacher RUN)"
+                )
+        if teacher_mode not in ("eval", "train"):
+            raise KdkitError(f"teacher_mode must be 'eval' or 'train', got {teacher_mode!r}")
+        self.student = student
+        self.adapters = nn.ModuleDict(
+            {t.name: t.adapter for t in terms if t.adapter is not None}
+        )
+        self.terms = list(terms)
+        self.teacher_mode = teacher_mode
+        # Plain dict: not registered, so not trained, not checkpointed, not wrapped by DDP.
+        self._teachers: dict[str, nn.Module] = {}
+        for name, teacher in teachers.items():
+            teacher.requires_grad_(False)
+            teacher.train(teacher_mode == "train")
+            self._teachers[name] = teacher
+        self._student_taps = self._collect(lambda t: t.student, student_side=True)
+        self._teacher_taps = {
+            name: self._collect(lambda t: t.teacher, teacher_name=name) for name in teachers
+        }
+
+    def _collect(
+        self, pick, *, student_side: bool = False, teacher_name: str | None = None
+    ) -> dict[str, Tap]:
+        taps: dict[str, Tap] = {}
+        for t in self.terms:
+            if not student_side and (t.teacher is None or t.teacher_name != teacher_name):
+                continue
+            tap = pick(t)
+            taps[str(tap)] = tap
+        return taps
+
+    @property
+    def teachers(self) -> dict[str, nn.Module]:
+        return dict(self._teachers)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        for t in self._teachers.values():
+            t._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        for t in self._teachers.values():
+            t.train(mode and self.teacher_mode == "train")
+        return self
+
+    def teacher_outputs(self, x: Tensor) -> dict[str, dict[str, Tensor]]:
+        """Run each teacher once (no grad) and return its tapped tensors by tap key."""
+        out: dict[str, dict[str, Tensor]] = {}
+        with torch.no_grad():
+            for name, taps in self._teacher_taps.items():
+                _, feats = run_with_taps(self._teachers[name], x, taps)
+                out[name] = feats
+        return out
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        progress: float = 0.0,
+        teacher_outputs: Mapping[str, Mapping[str, Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """Compute the objective on a batch.
+
+        Args:
+            x: inputs (B, ...). y: labels (B,), needed by label terms.
+            progress: fraction of training done, in [0, 1], for scheduled weights.
+            teacher_outputs: precomputed teacher tensors (from a cache) to skip teacher
+                forwards; same layout as :meth:`teacher_outputs`.
+        """
+        logits, s_feats = run_with_taps(self.student, x, self._student_taps)
+        t_all = teacher_outputs if teacher_outputs is not None else self.teacher_outputs(x)
+        result: dict[str, Tensor] = {"logits": logits}
+        total = logits.new_zeros(())
+        for term in self.terms:
+            t_val = None
+            if term.teacher is not None:
+                t_val = t_all[term.teacher_name][str(term.teacher)]
+            value = term.compute(s_feats[str(term.student)], t_val, y)
+            w = term.weight_at(progress)
+            if w != 0.0:
+                total = total + w * value
+            result[term.name] = value.detach()
+        result["loss"] = total
+        return result
+
+

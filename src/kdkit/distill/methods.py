@@ -1,0 +1,119 @@
+"""Method registry: a method is a builder that returns the list of Terms of a paper.
+
+Builders take a :class:`MethodContext` (the student and teachers, for shape-dependent
+adapters) and the method's own keyword arguments, whose defaults are the paper's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from kdkit.distill.term import Term
+from kdkit.errors import KdkitError
+from kdkit.losses import CrossEntropy, KDLoss
+from kdkit.registry import Registry
+from kdkit.taps import LOGITS
+
+
+@dataclass
+class MethodContext:
+    """What a builder may look at: the models (never data or files)."""
+
+    student: nn.Module
+    teachers: Mapping[str, nn.Module] = field(default_factory=dict)
+
+
+Builder = Callable[..., list[Term]]
+METHODS: Registry[list[Term]] = Registry("method")
+# Number of teachers a method needs: 0 (plain training) or at least 1.
+_NEEDS_TEACHER: dict[str, bool] = {}
+
+
+def register_method(name: str, *, needs_teacher: bool, summary: str | None = None):  # type: ignore[no-untyped-def]
+    """Decorator registering a method builder ``fn(ctx, **kwargs) -> list[Term]``."""
+
+    def deco(fn: Builder) -> Builder:
+        METHODS.register(name, summary)(fn)
+        _NEEDS_TEACHER[name] = needs_teacher
+        return fn
+
+    return deco
+
+
+def method_needs_teacher(name: str) -> bool:
+    METHODS.get(name)
+    return _NEEDS_TEACHER[name]
+
+
+def method_arguments(name: str) -> dict[str, Any]:
+    """The method's keyword arguments and their defaults (the paper's)."""
+    params = list(inspect.signature(METHODS.get(name)).parameters.values())[1:]
+    return {p.name: p.default for p in params}
+
+
+def check_method_kwargs(name: str, kwargs: Mapping[str, Any]) -> list[str]:
+    """Problems with ``kwargs`` for method ``name`` (empty when fine)."""
+    if name not in METHODS:
+        try:
+            METHODS.get(name)
+        except KdkitError as e:
+            return [str(e)]
+    allowed = method_arguments(name)
+    problems = []
+    for key in kwargs:
+        if key not in allowed:
+            problems.append(
+                f"method '{name}' has no argument '{key}'; it takes: "
+                f"{', '.join(allowed) or 'nothing'}"
+            )
+    return problems
+
+
+def build_method(
+    name: str,
+    student: nn.Module,
+    teachers: Mapping[str, nn.Module] | None = None,
+    **kwargs: Any,
+) -> list[Term]:
+    """Build the Terms of method ``name`` for this student/teacher pair."""
+    problems = check_method_kwargs(name, kwargs)
+    if problems:
+        raise KdkitError("; ".join(problems))
+    teachers = dict(teachers or {})
+    if method_needs_teacher(name) and not teachers:
+        raise KdkitError(f"method '{name}' distils from a teacher, but no teacher was given")
+    return METHODS.get(name)(MethodContext(student, teachers), **kwargs)
+
+
+@register_method("ce", needs_teacher=False)
+def ce(ctx: MethodContext, *, label_smoothing: float = 0.0) -> list[Term]:
+    """Plain training with cross-entropy on the labels (a teacher, or a scratch baseline)."""
+    return [Term("ce", CrossEntropy(label_smoothing), 1.0)]
+
+
+@register_method("kd", needs_teacher=True)
+def kd(ctx: MethodContext, *, temperature: float = 4.0, alpha: float = 0.9) -> list[Term]:
+    """Hinton et al. 2015: α·T²·KL(p_t^T‖p_s^T) + (1−α)·CE on the teacher's logits."""
+    if not 0.0 <= alpha <= 1.0:
+        raise KdkitError(f"kd: alpha must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise KdkitError(f"kd: temperature must be > 0, got {temperature}")
+    teacher = _single_teacher(ctx, "kd")
+    return [
+        Term("ce", CrossEntropy(), 1.0 - alpha),
+        Term("kd", KDLoss(temperature), alpha, LOGITS, LOGITS, teacher_name=teacher),
+    ]
+
+
+def _single_teacher(ctx: MethodContext, method: str) -> str:
+    if len(ctx.teachers) != 1:
+        raise KdkitError(
+            f"method '{method}' takes exactly one teacher, got {len(ctx.teachers)} "
+            f"({', '.join(ctx.teachers) or 'none'}); use an ensemble method for several"
+        )
+    return next(iter(ctx.teachers))

@@ -1,0 +1,58 @@
+"""A Term: one weighted loss between a student tap and a teacher tap.
+
+Terms are where the "where" lives (which layers, which teacher, which adapter), so that
+losses stay pure functions of tensors. A method is a list of Terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from kdkit.errors import KdkitError
+from kdkit.taps import LOGITS, Tap
+
+# A weight may depend on training progress (a float in [0, 1]), e.g. FitNets' λ decaying.
+Weight = float | Callable[[float], float]
+
+
+@dataclass
+class Term:
+    """One summand of the distillation objective.
+
+    Attributes:
+        name: key of the term's value in the distiller's output (e.g. ``"kd"``).
+        loss: module with ``forward(student, teacher, *, target) -> scalar`` (unweighted).
+        weight: a float, or a function of progress in [0, 1] (explicit, never global state).
+        student: where to read the student (default: its logits).
+        teacher: where to read the teacher; ``None`` for terms that use only labels (CE).
+        teacher_name: which teacher (by name) when several are attached.
+        adapter: optional trainable module applied to the student tensor first
+            (connector, regressor); it is trained with the student.
+    """
+
+    name: str
+    loss: nn.Module
+    weight: Weight = 1.0
+    student: Tap = LOGITS
+    teacher: Tap | None = None
+    teacher_name: str = "teacher"
+    adapter: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name in ("loss", "logits"):
+            raise KdkitError(
+                f"term name {self.name!r} must be an identifier other than 'loss'/'logits'"
+            )
+
+    def weight_at(self, progress: float) -> float:
+        return float(self.weight(progress)) if callable(self.weight) else float(self.weight)
+
+    def compute(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
+        """Unweighted value of this term on already-captured tensors."""
+        s = self.adapter(student) if self.adapter is not None else student
+        if teacher is None:
+            return self.loss(s, None, target=target)
+        return self.loss(s, teacher, target=target)

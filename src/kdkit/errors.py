@@ -1,0 +1,43 @@
+"""Errors kdkit raises for bad input: each names the problem and the fix.
+
+The CLI prints a :class:`KdkitError` as one line (no stack trace); anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class KdkitError(Exception):
+    """A user-facing error: bad config, missing file, mismatched models, ..."""
+
+
+class ConfigError(KdkitError):
+    """A configuration file or argument is invalid. ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[str] | str, source: str | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        head = f"invalid config {source}" if source else "invalid config"
+        if len(self.problems) == 1:
+            msg = f"{head}: {self.problems[0]}"
+        else:
+            msg = head + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(msg)
+
+
+class DataError(KdkitError):
+    """A dataset file is missing, corrupt or cannot be fetched."""
+
+
+class CheckpointError(KdkitError):
+    """A checkpoint is missing, corrupt or does not match the model it is loaded into."""
+
+
+class NonFiniteLossError(KdkitError):
+    """A loss term became NaN or infinite during training."""
+
+    def __init__(self, term: str, step: int, epoch: int, value: float) -> None:
+        self.term, self.step, self.epoch, self.value = term, step, epoch, value
+        super().__init__(
+            f"loss term '{term}' became {value} at step {step} (epoch {epoch}); "
+            "the run stopped and its last good checkpoint is kept. Lower the learning rate, "
+            "check the inputs for NaN, or add gradient clipping (train.grad_clip)."
+        )

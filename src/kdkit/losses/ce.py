@@ -1,0 +1,28 @@
+"""Task cross-entropy as a loss module with the kdkit signature."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def cross_entropy(student: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of logits ``student`` (B, C) against labels ``target`` (B,)."""
+    return F.cross_entropy(student, target, label_smoothing=label_smoothing)
+
+
+class CrossEntropy(nn.Module):
+    """Cross-entropy with the hard labels; ignores the teacher."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, student: Tensor, teacher: Tensor | None = None, *, target: Tensor | None = None
+    ) -> Tensor:
+        if target is None:
+            raise ValueError("CrossEntropy needs target labels")
+        return cross_entropy(student, target, self.label_smoothing)
+
+

@@ -1,0 +1,53 @@
+"""Soft-target distillation loss of Hinton, Vinyals & Dean (2015), "Distilling the
+Knowledge in a Neural Network", arXiv:1503.02531.
+
+    L_soft = T² · KL(p_t^T ‖ p_s^T),   p^T = softmax(z / T)
+
+KL is summed over classes and averaged over the batch ("batchmean"). The T² factor keeps
+the gradient magnitude of the soft term independent of T: without it,
+∂/∂z_s KL = (1/T)(p_s^T − p_t^T)/B.  The full KD objective
+``α · L_soft + (1 − α) · CE`` is assembled from Terms by the distiller, not here.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def soft_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(teacher/T) ‖ softmax(student/T)), summed over classes, mean over batch.
+
+    Args:
+        student: logits (B, C). teacher: logits (B, C), no gradient needed.
+    Returns: scalar, without the T² factor.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+            "differ; do the models have the same number of classes?"
+        )
+    log_ps = F.log_softmax(student / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher / temperature, dim=-1)
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton's soft-target loss T² · KL(p_t^T ‖ p_s^T) (batchmean). Shapes (B, C)."""
+    return temperature**2 * soft_kl(student, teacher, temperature)
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss`: ``forward(student, teacher) -> scalar``."""
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student: Tensor, teacher: Tensor, *, target: Tensor | None = None) -> Tensor:
+        return kd_loss(student, teacher, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"

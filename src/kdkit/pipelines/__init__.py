@@ -1,0 +1,1 @@
+"""Recipes: whole workflows built from the loop (experiments, chains, stages)."""

@@ -1,0 +1,208 @@
+"""The experiment recipe: teacher → scratch baseline → distilled students → one table.
+
+For each seed: train (or reuse from the cache) the teacher on the full train split, then
+train every student run on the (optionally subsetted) train split, evaluate on the test
+set at the last epoch, and aggregate mean ± std over seeds. Every sub-run is its own run
+directory, so a killed experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kdkit.config import ExperimentConfig, TeacherSpec, dump_config
+from kdkit.data import DatasetSplits, load_dataset
+from kdkit.errors import KdkitError
+from kdkit.pipelines.runs import SUMMARY, load_teacher, prepare_run_dir, train_one
+from kdkit.train.artifacts import MODEL_STEM, load_model
+from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json
+from kdkit.train.metrics import cpu_latency_ms
+
+CACHE_FORMAT = 1
+
+
+def teacher_cache_key(spec: TeacherSpec, cfg: ExperimentConfig, seed: int) -> str:
+    """Hash of everything that determines a trained teacher (not its label)."""
+    blob = {
+        "format": CACHE_FORMAT,
+        "model": spec.model.model_dump(),
+        "train": spec.train.model_dump(),
+        "train_subset": spec.train_subset,
+        "data": {"name": cfg.data.name, "val_fraction": cfg.data.val_fraction},
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _teacher(
+    cfg: ExperimentConfig, data: DatasetSplits, seed: int, run_dir: Path,
+    cache_dir: Path | None, resume: bool, progress: bool, log: Callable[[str], None],
+) -> dict[str, Any]:
+    spec = cfg.teacher
+    assert spec is not None
+    cached = cache_dir / "teachers" / teacher_cache_key(spec, cfg, seed) if cache_dir else None
+    if not (run_dir / SUMMARY).exists() and cached and (cached / SUMMARY).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for f in cached.iterdir():
+            if f.is_file():
+                shutil.copy2(f, run_dir / f.name)
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        summary["cached_from"] = str(cached)
+        atomic_write_json(run_dir / SUMMARY, summary)
+        log(f"[seed {seed}] {spec.label}: reused from cache {cached}")
+        return summary
+    train = spec.train
+    summary = train_one(
+        run_dir=run_dir, label=f"seed{seed}/{spec.label}", data=data,
+        model_name=spec.model.name, model_kwargs=spec.model.kwargs,
+        method="ce", method_kwargs={}, teachers={},
+        settings=train.loop_settings(seed), batch_size=train.batch_size, augment=train.augment,
+        resume=resume, progress=progress, eval_batch_size=cfg.eval.batch_size,
+        extra={"role": "teacher"},
+    )
+    if cached is not None and not (cached / SUMMARY).exists():
+        # Copy into a temporary sibling and rename, so the cache never holds half a teacher.
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+        for name in (f"{MODEL_STEM}.safetensors", f"{MODEL_STEM}.json", SUMMARY, "metrics.jsonl"):
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, tmp / name)
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the whole experiment into ``out_dir``; return the aggregated summary."""
+    resolved = dump_config(cfg)
+    cfg_path = out_dir / "config.yaml"
+    if resume and cfg_path.exists() and cfg_path.read_text() != resolved:
+        raise KdkitError(
+            f"{cfg_path} differs from the config given now; --resume needs the same config "
+            "(use --force to start over, or --out for a new run directory)"
+        )
+    prepare_run_dir(out_dir, resume=resume, force=force)
+    atomic_write_bytes(cfg_path, resolved.encode())
+    t0 = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    for seed in cfg.seeds:
+        seed_dir = out_dir / f"seed{seed}"
+        d = cfg.data
+        teachers = {}
+        if cfg.teacher is not None:
+            full = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
+                                train_subset=cfg.teacher.train_subset, seed=seed,
+                                download=d.download, log=log)
+            t_dir = seed_dir / cfg.teacher.label
+            summary = _teacher(cfg, full, seed, t_dir, cache_dir, resume, progress, log)
+            runs.append(summary)
+            _report(log, seed, summary)
+            teachers = {"teacher": load_teacher(t_dir, full)}
+        data = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
+                            train_subset=d.train_subset, seed=seed, download=d.download, log=log)
+        for run in cfg.students:
+            train = cfg.student_train(run)
+            model = cfg.student_model(run)
+            summary = train_one(
+                run_dir=seed_dir / run.label, label=f"seed{seed}/{run.label}", data=data,
+                model_name=model.name, model_kwargs=model.kwargs,
+                method=run.method.name, method_kwargs=run.method.kwargs,
+                teachers=teachers if run.method.name != "ce" else {},
+                settings=train.loop_settings(seed), batch_size=train.batch_size,
+                augment=train.augment, teacher_mode=run.teacher_mode, resume=resume,
+                progress=progress, eval_batch_size=cfg.eval.batch_size,
+                extra={"role": "student"},
+            )
+            runs.append(summary)
+            _report(log, seed, summary)
+    table_rows = aggregate(runs, out_dir, cfg.seeds[0], cfg.eval.latency_repeats)
+    result = {
+        "name": cfg.name, "seeds": cfg.seeds, "rows": table_rows, "runs": runs,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_json(out_dir / SUMMARY, result)
+    table = format_table(table_rows, cfg)
+    atomic_write_bytes(out_dir / "table.md", table.encode())
+    return result
+
+
+def _report(log: Callable[[str], None], seed: int, s: dict[str, Any]) -> None:
+    val = f", val {s['val_acc']:.2f}%" if s.get("val_acc") is not None else ""
+    log(f"[seed {seed}] {s['label'].split('/')[-1]}: test {s['test_acc']:.2f}%{val} "
+        f"({s['wall_s']:.1f} s)")
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate(
+    runs: list[dict[str, Any]], out_dir: Path, first_seed: int, latency_repeats: int
+) -> list[dict[str, Any]]:
+    """One row per run label: size, latency (seed ``first_seed``'s model), acc mean ± std."""
+    labels: list[str] = []
+    for r in runs:
+        lab = r["label"].split("/", 1)[-1]
+        if lab not in labels:
+            labels.append(lab)
+    rows = []
+    for lab in labels:
+        rs = [r for r in runs if r["label"].split("/", 1)[-1] == lab]
+        model, _ = load_model(out_dir / f"seed{first_seed}" / lab)
+        c, h, w = json.loads((out_dir / f"seed{first_seed}" / lab / f"{MODEL_STEM}.json")
+                             .read_text())["data"]["input_shape"]
+        acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
+        vals = [r["val_acc"] for r in rs if r.get("val_acc") is not None]
+        val_m, val_s = _mean_std(vals) if vals else (None, None)
+        rows.append({
+            "label": lab, "model": rs[0]["model"], "method": rs[0]["method"],
+            "params": rs[0]["params"], "size_bytes": rs[0]["size_bytes"],
+            "latency_ms": round(cpu_latency_ms(model, (c, h, w), repeats=latency_repeats), 4),
+            "test_acc_mean": acc_m, "test_acc_std": acc_s, "val_acc_mean": val_m,
+            "val_acc_std": val_s, "n_seeds": len(rs),
+            "wall_s_mean": statistics.fmean(r["wall_s"] for r in rs),
+        })
+    return rows
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.2f} MiB"
+
+
+def format_table(rows: list[dict[str, Any]], cfg: ExperimentConfig | None = None) -> str:
+    """Markdown table: model, parameters, size on disk, CPU latency, top-1 mean ± std."""
+    head = ("| run | model | method | params | size on disk | CPU latency (ms/sample) "
+            "| top-1 test (%) | top-1 val (%) |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        val = (f"{r['val_acc_mean']:.2f} ± {r['val_acc_std']:.2f}"
+               if r["val_acc_mean"] is not None else "–")
+        lines.append(
+            f"| {r['label']} | {r['model']} | {r['method']} | {r['params']:,} | "
+            f"{_size(r['size_bytes'])} | {r['latency_ms']:.3f} | "
+            f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | {val} |"
+        )
+    if cfg is not None:
+        lines.append("")
+        lines.append(f"{cfg.name}: {len(cfg.seeds)} seeds {cfg.seeds}, dataset {cfg.data.name}; "
+                     "accuracy at the last epoch, mean ± std over seeds.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,134 @@
+"""One training run from plain parts: build the distiller, fit, evaluate, save the model.
+
+Used by the experiment pipeline and by ``kdkit train`` / ``kdkit distill``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdkit.data import DatasetSplits
+from kdkit.data.augment import build_augment
+from kdkit.data.loader import BatchLoader, derive_seed
+from kdkit.distill import Distiller, build_method
+from kdkit.errors import KdkitError
+from kdkit.models import create_model
+from kdkit.train.artifacts import load_model, save_model
+from kdkit.train.checkpoint import atomic_write_json
+from kdkit.train.loop import LoopSettings, fit
+from kdkit.train.metrics import count_parameters, evaluate
+
+SUMMARY = "summary.json"
+_INIT_STREAM = 7  # torch seed stream for model initialisation
+
+
+def data_meta(data: DatasetSplits) -> dict[str, Any]:
+    return {"name": data.name, "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape), "mean": data.mean, "std": data.std}
+
+
+def build_model(name: str, kwargs: dict[str, Any], data: DatasetSplits, seed: int) -> nn.Module:
+    """Create a registered model for ``data``'s geometry, initialised under ``seed``."""
+    torch.manual_seed(derive_seed(seed, _INIT_STREAM))
+    c, h, _ = data.input_shape
+    return create_model(name, num_classes=data.num_classes, in_channels=c, input_size=h, **kwargs)
+
+
+def check_teacher_fits(teacher_meta: dict[str, Any], data: DatasetSplits, source: str) -> None:
+    """A teacher trained on other data (classes, geometry, normalisation) cannot be used."""
+    t = teacher_meta["data"]
+    want = data_meta(data)
+    for key in ("num_classes", "input_shape"):
+        if t[key] != want[key]:
+            raise KdkitError(
+                f"teacher {source} was trained for {key}={t[key]}, but the data "
+                f"'{data.name}' has {key}={want[key]}; train a teacher on this dataset"
+            )
+
+
+def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to overwrite an existing run unless --force; --resume continues it."""
+    if path.exists() and any(path.iterdir()):
+        if force:
+            shutil.rmtree(path)
+        elif not resume:
+            raise KdkitError(
+                f"run directory {path} already exists; use --resume to continue it, "
+                "--force to overwrite it, or --out to choose another"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def train_one(
+    *,
+    run_dir: Path,
+    label: str,
+    data: DatasetSplits,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    method: str,
+    method_kwargs: dict[str, Any],
+    teachers: dict[str, nn.Module],
+    settings: LoopSettings,
+    batch_size: int,
+    augment: dict[str, Any] | None,
+    teacher_mode: str = "eval",
+    resume: bool = False,
+    progress: bool = True,
+    eval_batch_size: int = 1024,
+    stop_after: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one model with one method; return its summary (also written to summary.json).
+
+    A run whose summary already exists is complete and is returned as is.
+    """
+    summary_path = run_dir / SUMMARY
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    student = build_model(model_name, model_kwargs, data, settings.seed)
+    terms = build_method(method, student, teachers, **method_kwargs)
+    distiller = Distiller(student, teachers, terms, teacher_mode=teacher_mode)
+    loader = BatchLoader(
+        data.train, batch_size, shuffle=True, seed=settings.seed,
+        augment=build_augment(augment, fill=data.black),
+    )
+    t0 = time.perf_counter()
+    result = fit(
+        distiller, loader, settings,
+        val=(data.val.x, data.val.y) if len(data.val) else None,
+        run_dir=run_dir, resume=resume, progress=progress, label=label, stop_after=stop_after,
+    )
+    test = evaluate(student, data.test.x, data.test.y, eval_batch_size)
+    model_path = save_model(
+        run_dir, student, name=model_name, kwargs=model_kwargs, data=data_meta(data),
+        extra={"method": {"name": method, "kwargs": method_kwargs}, "seed": settings.seed},
+    )
+    last = result.history[-1] if result.history else {}
+    summary = {
+        "label": label, "seed": settings.seed, "model": model_name, "model_kwargs": model_kwargs,
+        "method": method, "method_kwargs": method_kwargs,
+        "params": count_parameters(student), "size_bytes": model_path.stat().st_size,
+        "test_acc": test["acc"], "test_loss": test["loss"],
+        "val_acc": last.get("val/acc"), "epochs": settings.epochs,
+        "train_samples": len(data.train), "wall_s": round(time.perf_counter() - t0, 2),
+        "resumed_from": result.resumed_from, **(extra or {}),
+    }
+    atomic_write_json(summary_path, summary)
+    return summary
+
+
+def load_teacher(path: str | Path, data: DatasetSplits) -> nn.Module:
+    model, meta = load_model(path)
+    check_teacher_fits(meta, data, str(path))
+    return model
+
+

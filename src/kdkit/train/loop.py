@@ -1,0 +1,287 @@
+"""The training loop: method-agnostic, explicit, resumable.
+
+Read it top to bottom: for each batch, ``out = distiller(x, y, progress=...)``,
+``out["loss"].backward()``, step, log. Every random draw of a step (order, augmentation,
+dropout) is a pure function of (seed, epoch, step), so a run resumed from its checkpoint
+reaches bit-for-bit the same weights as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from kdkit.data.loader import BatchLoader, derive_seed
+from kdkit.distill.distiller import Distiller
+from kdkit.errors import CheckpointError, KdkitError, NonFiniteLossError
+from kdkit.train.checkpoint import (
+    load_checkpoint,
+    load_state_strict,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+from kdkit.train.metrics import evaluate
+from kdkit.train.optim import build_optimizer, lr_at, set_lr
+
+_DROPOUT_STREAM = 2  # keeps per-step torch seeds apart from the loader's streams
+
+
+class TrainingInterrupted(KdkitError):
+    """Training stopped early (Ctrl-C or a step budget); a checkpoint was written."""
+
+
+@dataclass
+class LoopSettings:
+    """Plain hyperparameters of one training run."""
+
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    log_every: int = 0  # also log every N steps (0: only at epoch ends)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    resumed_from: tuple[int, int] | None = None
+
+
+@contextmanager
+def _sigint_flag() -> Iterator[dict[str, bool]]:
+    """First Ctrl-C sets a flag (the loop checkpoints at the next step); a second one aborts."""
+    flag = {"stop": False}
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except ValueError:  # not in the main thread
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:keep]))
+
+
+def fit(
+    distiller: Distiller,
+    loader: BatchLoader,
+    settings: LoopSettings,
+    *,
+    val: tuple[Tensor, Tensor] | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    label: str = "train",
+    stop_after: int | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``distiller``'s trainable part on ``loader`` for ``settings.epochs`` epochs.
+
+    Args:
+        val: validation (x, y), evaluated at the end of every epoch.
+        run_dir: where ``metrics.jsonl`` and ``checkpoint/`` go (None: keep nothing).
+        resume: continue from ``run_dir/checkpoint/last`` if it exists.
+        stop_after: stop, checkpoint and raise :class:`TrainingInterrupted` after this many
+            global steps (a step budget; also how tests simulate a crash).
+    Raises:
+        NonFiniteLossError: a term became NaN/inf; the last good checkpoint is kept.
+        TrainingInterrupted: Ctrl-C or ``stop_after``; a checkpoint is written first.
+    """
+    s = settings
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise KdkitError(
+            f"{label}: no training batches (dataset of {len(loader.dataset)} samples, "
+            f"batch size {loader.batch_size}, drop_last={loader.drop_last})"
+        )
+    total_steps = s.epochs * steps_per_epoch
+    opt = build_optimizer(
+        distiller.parameters(), s.optimizer, s.lr,
+        momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov,
+    )
+    metrics_path = run_dir / "metrics.jsonl" if run_dir else None
+    ckpt_stem = run_dir / "checkpoint" / "last" if run_dir else None
+    result = FitResult()
+
+    epoch, start_step, partial = 0, 0, {}
+    if resume and ckpt_stem is not None and ckpt_stem.with_suffix(".json").exists():
+        tensors, meta = load_checkpoint(ckpt_stem)
+        if meta.get("steps_per_epoch") != steps_per_epoch or meta.get("settings") != _jsonable(s):
+            raise CheckpointError(
+                f"checkpoint {ckpt_stem}.json was written with other settings or data "
+                "(steps per epoch or hyperparameters differ); resume with the same config, "
+                "or start over with --force"
+            )
+        model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        load_state_strict(distiller, model_state, str(ckpt_stem))
+        restore_optimizer(opt, tensors, meta["optimizer"])
+        epoch, start_step, partial = meta["epoch"], meta["step"], meta["partial"]
+        result.history = meta["history"]
+        if metrics_path is not None:
+            _truncate_lines(metrics_path, meta["metrics_lines"])
+        result.resumed_from = (epoch, start_step)
+    elif run_dir is not None and metrics_path is not None and metrics_path.exists():
+        metrics_path.unlink()
+
+    def checkpoint(ep: int, st: int, part: dict[str, float]) -> None:
+        if ckpt_stem is None:
+            return
+        opt_t, opt_meta = optimizer_tensors(opt)
+        tensors = {f"model/{k}": v for k, v in distiller.state_dict().items()}
+        tensors.update(opt_t)
+        lines = len(metrics_path.read_text().splitlines()) if metrics_path and metrics_path.exists() else 0
+        save_checkpoint(ckpt_stem, tensors, {
+            "epoch": ep, "step": st, "partial": part, "history": result.history,
+            "optimizer": opt_meta, "steps_per_epoch": steps_per_epoch,
+            "settings": _jsonable(s), "metrics_lines": lines, "label": label,
+        })
+
+    t_start = time.perf_counter()
+    bar = tqdm(
+        total=total_steps, initial=epoch * steps_per_epoch + start_step, desc=label,
+        disable=not progress, leave=False, dynamic_ncols=True, unit="step", mininterval=0.5,
+    )
+    distiller.train()
+    with _sigint_flag() as sig, bar:
+        while epoch < s.epochs:
+            sums: dict[str, float] = dict(partial) or {"n": 0.0, "correct": 0.0}
+            t_epoch = time.perf_counter()
+            for step, (x, y, _index) in enumerate(
+                loader.epoch_batches(epoch, start_step), start=start_step
+            ):
+                gstep = epoch * steps_per_epoch + step
+                torch.manual_seed(derive_seed(s.seed, epoch, step, _DROPOUT_STREAM))
+                prog = gstep / total_steps
+                lr = lr_at(prog, s.lr, s.schedule, milestones=tuple(s.milestones),
+                           gamma=s.gamma, warmup=s.warmup_epochs / s.epochs)
+                set_lr(opt, lr)
+
+                out = distiller(x, y, progress=prog)
+                _check_finite(out, distiller, gstep, epoch)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if s.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(distiller.parameters(), s.grad_clip)
+                opt.step()
+
+                b = float(len(y))
+                sums["n"] += b
+                sums["correct"] += float((out["logits"].detach().argmax(1) == y).sum())
+                for k in ["loss", *(t.name for t in distiller.terms)]:
+                    sums[k] = sums.get(k, 0.0) + float(out[k].detach()) * b
+                bar.update(1)
+                if s.log_every and (gstep + 1) % s.log_every == 0 and metrics_path:
+                    _append_jsonl(metrics_path, {"epoch": epoch, "step": step + 1, "lr": lr,
+                                                 "train/loss": float(out["loss"].detach())})
+                done = gstep + 1
+                if sig["stop"] or (stop_after is not None and done >= stop_after):
+                    nxt_epoch, nxt_step = (epoch, step + 1)
+                    if nxt_step == steps_per_epoch:  # epoch finished: log it first
+                        _end_epoch(result, sums, epoch, lr, val, distiller, metrics_path,
+                                   t_epoch, on_epoch, bar)
+                        nxt_epoch, nxt_step, sums = epoch + 1, 0, {}
+                    checkpoint(nxt_epoch, nxt_step, sums)
+                    why = "interrupted (Ctrl-C)" if sig["stop"] else f"stopped after {done} steps"
+                    raise TrainingInterrupted(
+                        f"{label}: {why} at epoch {nxt_epoch} step {nxt_step}; checkpoint saved "
+                        f"in {ckpt_stem.parent if ckpt_stem else '(nowhere: no run dir)'}; "
+                        "continue with --resume"
+                    )
+            _end_epoch(result, sums, epoch, lr, val, distiller, metrics_path, t_epoch, on_epoch, bar)
+            epoch, start_step, partial = epoch + 1, 0, {}
+            checkpoint(epoch, 0, {})
+    result.wall_s = time.perf_counter() - t_start
+    return result
+
+
+def _end_epoch(
+    result: FitResult,
+    sums: dict[str, float],
+    epoch: int,
+    lr: float,
+    val: tuple[Tensor, Tensor] | None,
+    distiller: Distiller,
+    metrics_path: Path | None,
+    t_epoch: float,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+    bar: tqdm,
+) -> None:
+    n = max(1.0, sums.get("n", 0.0))
+    rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+    for k, v in sums.items():
+        if k not in ("n", "correct"):
+            rec[f"train/{k}"] = v / n
+    rec["train/acc"] = 100.0 * sums.get("correct", 0.0) / n
+    if val is not None:
+        ev = evaluate(distiller.student, *val)
+        rec["val/acc"], rec["val/loss"] = ev["acc"], ev["loss"]
+        distiller.train()
+    rec["epoch_s"] = round(time.perf_counter() - t_epoch, 3)
+    result.history.append(rec)
+    if metrics_path is not None:
+        _append_jsonl(metrics_path, rec)
+    bar.set_postfix(loss=f"{rec['train/loss']:.3f}",
+                    val=f"{rec['val/acc']:.1f}" if "val/acc" in rec else "-")
+    if on_epoch is not None:
+        on_epoch(rec)
+
+
+def _check_finite(out: dict[str, Tensor], distiller: Distiller, gstep: int, epoch: int) -> None:
+    names = [t.name for t in distiller.terms]
+    vals = torch.stack([out[n].detach().float() for n in names] + [out["loss"].detach().float()])
+    if bool(torch.isfinite(vals).all()):
+        return
+    for name, v in zip([*names, "loss"], vals.tolist(), strict=True):
+        if not math.isfinite(v):
+            raise NonFiniteLossError(name, gstep, epoch, v)
+
+
+def _jsonable(s: LoopSettings) -> dict[str, Any]:
+    d = asdict(s)
+    d["milestones"] = list(d["milestones"])
+    return d
