@@ -249,8 +249,13 @@ def _install(src: Path, dest: Path, expected: str) -> None:
 def dataset_dir(name: str, root: str | Path) -> Path:
     """The folder ``<root>/<name>`` where ``name``'s verified files live."""
     if name not in EXPECTED_SHA256:
+        hint = ""
+        if name.startswith("cifar"):
+            hint = "; CIFAR is not downloadable here: place its binary version under the data root"
+        elif name == "digits":
+            hint = "; digits ships with scikit-learn and needs no fetch"
         raise DataError(
-            f"cannot fetch '{name}': fetchable datasets are {', '.join(EXPECTED_SHA256)}"
+            f"cannot fetch '{name}': fetchable datasets are {', '.join(EXPECTED_SHA256)}{hint}"
         )
     return Path(root).expanduser() / name
 
