@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from kdkit.errors import KdkitError
 from kdkit.losses import CrossEntropy, KDLoss, kd_loss, soft_kl
 
 
@@ -74,7 +75,7 @@ def test_t_squared_keeps_gradient_scale():
 
 
 def test_shape_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match="same number of classes"):
+    with pytest.raises(KdkitError, match="same number of classes"):
         kd_loss(torch.randn(2, 10), torch.randn(2, 100))
 
 
@@ -84,5 +85,5 @@ def test_module_forms():
     assert KDLoss(3.0)(zs, zt).item() == pytest.approx(kd_loss(zs, zt, 3.0).item())
     ce = CrossEntropy()(zs, None, target=y)
     assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(zs, y).item())
-    with pytest.raises(ValueError):
+    with pytest.raises(KdkitError):
         KDLoss(0.0)

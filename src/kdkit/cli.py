@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="CPU threads for torch (default $KDKIT_THREADS, else torch's default); "
+                    "1 is fastest for small models or when other jobs share the cores")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a whole experiment (default: built-in digits KD)",
@@ -327,6 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
+    threads = args.threads or int(os.environ.get("KDKIT_THREADS", "0") or 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         return int(args.fn(args))
     except TrainingInterrupted as e:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.errors import KdkitError
+
 
 def soft_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """KL(softmax(teacher/T) ‖ softmax(student/T)), summed over classes, mean over batch.
@@ -23,7 +25,7 @@ def soft_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     Returns: scalar, without the T² factor.
     """
     if student.shape != teacher.shape:
-        raise ValueError(
+        raise KdkitError(
             f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
             "differ; do the models have the same number of classes?"
         )
@@ -43,7 +45,7 @@ class KDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise KdkitError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def forward(self, student: Tensor, teacher: Tensor, *, target: Tensor | None = None) -> Tensor:

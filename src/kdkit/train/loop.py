@@ -144,6 +144,8 @@ def fit(
         distiller.parameters(), s.optimizer, s.lr,
         momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov,
     )
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl" if run_dir else None
     ckpt_stem = run_dir / "checkpoint" / "last" if run_dir else None
     result = FitResult()

@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny digits data and small models, so tests stay fast on 2 cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdkit.data import load_dataset
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """Never touch the user's cache or data folders; one intra-op thread: tiny models gain nothing from more, and oversubscribed cores stall."""
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "kdkit-cache"))
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits", val_fraction=0.2, seed=0)
