@@ -27,26 +27,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSpec(BaseModel):
+class _Named(BaseModel):
+    """A registered name plus the keyword arguments of its factory, side by side."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelSpec(_Named):
     """``{name: resnet20, <architecture arguments>...}``; geometry comes from the data."""
 
-    model_config = ConfigDict(extra="allow")
-    name: str
 
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class MethodSpec(BaseModel):
+class MethodSpec(_Named):
     """``{name: kd, temperature: 4, alpha: 0.9}``: a registered method and its arguments."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
 
 class DataSpec(_Strict):
@@ -191,8 +188,18 @@ def _pydantic_problems(
     return problems
 
 
-def validate_semantics(cfg: ExperimentConfig) -> list[str]:
-    """Problems pydantic cannot see: registry names and model/method arguments."""
+def _unknown(kind: str, name: object, names: list[str], where: str, listing: str) -> str:
+    close = difflib.get_close_matches(str(name), names, n=2)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{where}: unknown {kind} '{name}'{hint} (see `kdkit {listing}`)"
+
+
+def validate_semantics(raw: dict[str, Any]) -> list[str]:
+    """Problems pydantic cannot see: registry names and model/method arguments.
+
+    Works on the raw dict, defensively, so that it can run even when the schema check
+    failed: ``kdkit validate`` then reports both kinds of problem in one go.
+    """
     from kdkit.data import DATASETS
     from kdkit.data.augment import build_augment
     from kdkit.distill.methods import METHODS, check_method_kwargs, method_needs_teacher
@@ -200,63 +207,70 @@ def validate_semantics(cfg: ExperimentConfig) -> list[str]:
 
     problems: list[str] = []
 
-    def check_model(spec: ModelSpec | None, where: str) -> None:
-        if spec is None:
+    def section(node: Any, key: str) -> dict[str, Any] | None:
+        value = node.get(key) if isinstance(node, dict) else None
+        return value if isinstance(value, dict) else None
+
+    def check_model(spec: dict[str, Any] | None, where: str) -> None:
+        if spec is None or not isinstance(spec.get("name"), str):
             return
-        if spec.name not in MODELS:
-            close = difflib.get_close_matches(spec.name, MODELS.names(), n=2)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            problems.append(f"{where}.name: unknown model '{spec.name}'{hint} (see `kdkit models`)")
+        name = spec["name"]
+        if name not in MODELS:
+            problems.append(_unknown("model", name, MODELS.names(), f"{where}.name", "models"))
             return
-        for key in spec.kwargs:
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        for key in kwargs:
             if key in _DATA_FILLED:
                 problems.append(f"{where}.{key}: set from the dataset; remove it")
-        kw = {k: v for k, v in spec.kwargs.items() if k not in _DATA_FILLED}
-        for p in MODELS.check_kwargs(spec.name, kw):
-            problems.append(f"{where}: {p}")
+        kw = {k: v for k, v in kwargs.items() if k not in _DATA_FILLED}
+        problems.extend(f"{where}: {p}" for p in MODELS.check_kwargs(name, kw))
 
-    def check_train(train: dict[str, Any] | TrainSpec, where: str) -> None:
-        data = train.model_dump() if isinstance(train, TrainSpec) else train
-        aug = data.get("augment")
-        if aug is not None:
+    def check_augment(train: dict[str, Any] | None, where: str) -> None:
+        aug = train.get("augment") if train else None
+        if isinstance(aug, dict):
             try:
                 build_augment(aug)
             except Exception as e:  # noqa: BLE001 - reported as a config problem
                 problems.append(f"{where}.augment: {e}")
 
-    if cfg.data.name not in DATASETS:
-        close = difflib.get_close_matches(cfg.data.name, DATASETS.names(), n=2)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        problems.append(f"data.name: unknown dataset '{cfg.data.name}'{hint}")
-    if cfg.teacher is not None:
-        check_model(cfg.teacher.model, "teacher.model")
-        check_train(cfg.teacher.train, "teacher.train")
-    check_model(cfg.student, "student")
-    check_train(cfg.train, "train")
-    for i, run in enumerate(cfg.students):
+    data = section(raw, "data")
+    dname = data.get("name", "digits") if data else "digits"
+    if isinstance(dname, str) and dname not in DATASETS:
+        problems.append(_unknown("dataset", dname, DATASETS.names(), "data.name", "data list"))
+    teacher = section(raw, "teacher")
+    if teacher is not None:
+        check_model(section(teacher, "model"), "teacher.model")
+        check_augment(section(teacher, "train"), "teacher.train")
+    check_model(section(raw, "student"), "student")
+    check_augment(section(raw, "train"), "train")
+    students = raw.get("students")
+    for i, run in enumerate(students if isinstance(students, list) else []):
+        if not isinstance(run, dict):
+            continue
         where = f"students[{i}]"
-        if run.model is None and cfg.student is None:
+        if run.get("model") is None and raw.get("student") is None:
             problems.append(f"{where}.model: no model given and no top-level 'student' default")
-        check_model(run.model, f"{where}.model")
-        try:
-            TrainSpec(**{**cfg.train.model_dump(), **run.train})
-        except ValidationError as e:
-            problems += _pydantic_problems(e, TrainSpec, f"{where}.train")
-        check_train(run.train, f"{where}.train")
-        if run.method.name not in METHODS:
-            close = difflib.get_close_matches(run.method.name, METHODS.names(), n=2)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        check_model(section(run, "model"), f"{where}.model")
+        override = section(run, "train")
+        if override:
+            try:
+                TrainSpec(**override)
+            except ValidationError as e:
+                problems += _pydantic_problems(e, TrainSpec, f"{where}.train")
+            check_augment(override, f"{where}.train")
+        method = section(run, "method")
+        if method is None or not isinstance(method.get("name"), str):
+            continue
+        mname = method["name"]
+        if mname not in METHODS:
             problems.append(
-                f"{where}.method.name: unknown method '{run.method.name}'{hint} "
-                "(see `kdkit methods`)"
+                _unknown("method", mname, METHODS.names(), f"{where}.method.name", "methods")
             )
             continue
-        for p in check_method_kwargs(run.method.name, run.method.kwargs):
-            problems.append(f"{where}.method: {p}")
-        if method_needs_teacher(run.method.name) and cfg.teacher is None:
-            problems.append(
-                f"{where}.method: '{run.method.name}' needs a teacher; add a 'teacher' section"
-            )
+        kwargs = {k: v for k, v in method.items() if k != "name"}
+        problems.extend(f"{where}.method: {p}" for p in check_method_kwargs(mname, kwargs))
+        if method_needs_teacher(mname) and teacher is None:
+            problems.append(f"{where}.method: '{mname}' needs a teacher; add a 'teacher' section")
     return problems
 
 
@@ -310,12 +324,14 @@ def load_raw(path: str | Path | None) -> tuple[dict[str, Any], str]:
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
     """Validate a raw dict; raise one :class:`ConfigError` that lists every problem."""
+    problems: list[str] = []
+    cfg = None
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_pydantic_problems(e), source) from None
-    problems = validate_semantics(cfg)
-    if problems:
+        problems += _pydantic_problems(e)
+    problems += validate_semantics(raw)
+    if problems or cfg is None:
         raise ConfigError(problems, source)
     return cfg
 
