@@ -27,6 +27,7 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy src/kdkit
 
 mnist: setup
 	$(BIN)/kdkit data fetch mnist

@@ -12,10 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdkit import __version__
 from kdkit.errors import ConfigError, KdkitError
+
+if TYPE_CHECKING:
+    from kdkit.config import TrainSpec
 
 EPILOG = """\
 examples:
@@ -80,16 +83,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_spec(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _train_spec(args: argparse.Namespace) -> TrainSpec:
     from pydantic import ValidationError
 
-    from kdkit.config import TrainSpec, _pydantic_problems
+    from kdkit.config import _pydantic_problems
 
     fields = {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "weight_decay": args.weight_decay,
         "schedule": args.schedule, "augment": _kv_pairs(args.augment, "--augment") or None,
     }
+    from kdkit.config import TrainSpec
+
     try:
         return TrainSpec(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:

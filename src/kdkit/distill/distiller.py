@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,21 +73,22 @@ class Distiller(nn.Module):
         }
 
     def _collect(
-        self, pick, *, student_side: bool = False, teacher_name: str | None = None
+        self, pick: Callable[[Term], Tap | None], *, student_side: bool = False, teacher_name: str | None = None
     ) -> dict[str, Tap]:
         taps: dict[str, Tap] = {}
         for t in self.terms:
             if not student_side and (t.teacher is None or t.teacher_name != teacher_name):
                 continue
             tap = pick(t)
-            taps[str(tap)] = tap
+            if tap is not None:
+                taps[str(tap)] = tap
         return taps
 
     @property
     def teachers(self) -> dict[str, nn.Module]:
         return dict(self._teachers)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Distiller:
         super()._apply(fn, recurse)
         for t in self._teachers.values():
             t._apply(fn, recurse)

@@ -34,7 +34,9 @@ METHODS: Registry[list[Term]] = Registry("method")
 _NEEDS_TEACHER: dict[str, bool] = {}
 
 
-def register_method(name: str, *, needs_teacher: bool, summary: str | None = None):  # type: ignore[no-untyped-def]
+def register_method(
+    name: str, *, needs_teacher: bool, summary: str | None = None
+) -> Callable[[Builder], Builder]:
     """Decorator registering a method builder ``fn(ctx, **kwargs) -> list[Term]``."""
 
     def deco(fn: Builder) -> Builder:
