@@ -209,12 +209,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from kdkit.distill.methods import METHODS, method_arguments, method_needs_teacher
+    from kdkit.distill.methods import METHODS, method_arguments, method_teachers
 
     for name in METHODS.names():
         kw = ", ".join(f"{k}={v}" for k, v in method_arguments(name).items())
-        who = "teacher" if method_needs_teacher(name) else "no teacher"
-        print(f"{name:<10} {METHODS.summary(name)}\n{'':<10} [{who}] args: {kw or '-'}")
+        who = {"none": "no teacher", "one": "one teacher", "many": "one or more teachers"}[method_teachers(name)]
+        print(f"{name:<20} {METHODS.summary(name)}\n{'':<20} [{who}] args: {kw or '-'}")
     return 0
 
 

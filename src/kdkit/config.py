@@ -88,11 +88,29 @@ class TeacherSpec(_Strict):
 
 
 class StudentRunSpec(_Strict):
+    """One student run: a method, and optionally its own model, training and teachers.
+
+    ``teachers``: labels of the teachers this run distils from (default: all of them), or
+    ``best`` for the single teacher with the highest validation accuracy (per seed).
+    ``via``: a teacher-assistant path; each model is distilled from the previous one, and
+    the student from the last. ``via_search``: several candidate paths, of which the one
+    whose student has the best *validation* accuracy is kept.
+    """
+
     label: str
     method: MethodSpec
     model: ModelSpec | None = None
     train: dict[str, Any] = {}
     teacher_mode: Literal["eval", "train"] = "eval"
+    teachers: list[str] | Literal["best"] | None = None
+    via: list[ModelSpec] | None = None
+    via_search: list[list[ModelSpec]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_path_option(self) -> StudentRunSpec:
+        if self.via is not None and self.via_search is not None:
+            raise ValueError("give either 'via' (one path) or 'via_search' (candidates), not both")
+        return self
 
 
 class EvalSpec(_Strict):
@@ -107,6 +125,7 @@ class ExperimentConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     data: DataSpec = DataSpec()
     teacher: TeacherSpec | None = None
+    teachers: list[TeacherSpec] = []
     student: ModelSpec | None = None
     train: TrainSpec = TrainSpec()
     students: list[StudentRunSpec] = Field(min_length=1)
@@ -114,11 +133,15 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _labels_unique(self) -> ExperimentConfig:
-        labels = [s.label for s in self.students] + ([self.teacher.label] if self.teacher else [])
+        labels = [s.label for s in self.students] + [t.label for t in self.all_teachers()]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"run labels must be unique; repeated: {dup}")
         return self
+
+    def all_teachers(self) -> list[TeacherSpec]:
+        """``teacher`` (if given) then ``teachers``, in config order."""
+        return ([self.teacher] if self.teacher else []) + list(self.teachers)
 
     def student_train(self, run: StudentRunSpec) -> TrainSpec:
         return TrainSpec(**{**self.train.model_dump(), **run.train})
@@ -202,7 +225,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
     """
     from kdkit.data import DATASETS
     from kdkit.data.augment import build_augment
-    from kdkit.distill.methods import METHODS, check_method_kwargs, method_needs_teacher
+    from kdkit.distill.methods import METHODS, check_method_kwargs
     from kdkit.models import MODELS
 
     problems: list[str] = []
@@ -237,10 +260,17 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
     dname = data.get("name", "digits") if data else "digits"
     if isinstance(dname, str) and dname not in DATASETS:
         problems.append(_unknown("dataset", dname, DATASETS.names(), "data.name", "data list"))
-    teacher = section(raw, "teacher")
-    if teacher is not None:
-        check_model(section(teacher, "model"), "teacher.model")
-        check_augment(section(teacher, "train"), "teacher.train")
+    teacher_specs: list[tuple[str, dict[str, Any]]] = []
+    if section(raw, "teacher") is not None:
+        teacher_specs.append(("teacher", section(raw, "teacher") or {}))
+    many = raw.get("teachers")
+    for i, t in enumerate(many if isinstance(many, list) else []):
+        if isinstance(t, dict):
+            teacher_specs.append((f"teachers[{i}]", t))
+    labels = [str(t.get("label", "teacher")) for _, t in teacher_specs]
+    for where, t in teacher_specs:
+        check_model(section(t, "model"), f"{where}.model")
+        check_augment(section(t, "train"), f"{where}.train")
     check_model(section(raw, "student"), "student")
     check_augment(section(raw, "train"), "train")
     students = raw.get("students")
@@ -269,8 +299,44 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
             continue
         kwargs = {k: v for k, v in method.items() if k != "name"}
         problems.extend(f"{where}.method: {p}" for p in check_method_kwargs(mname, kwargs))
-        if method_needs_teacher(mname) and teacher is None:
-            problems.append(f"{where}.method: '{mname}' needs a teacher; add a 'teacher' section")
+        problems.extend(_check_run_teachers(run, where, mname, labels))
+        for j, m in enumerate(run.get("via") or [] if isinstance(run.get("via"), list) else []):
+            check_model(m if isinstance(m, dict) else None, f"{where}.via[{j}]")
+        search = run.get("via_search")
+        for j, path in enumerate(search if isinstance(search, list) else []):
+            for k, m in enumerate(path if isinstance(path, list) else []):
+                check_model(m if isinstance(m, dict) else None, f"{where}.via_search[{j}][{k}]")
+    return problems
+
+
+def _check_run_teachers(
+    run: dict[str, Any], where: str, method: str, labels: list[str]
+) -> list[str]:
+    """A run's teachers must exist and suit its method ('one' teacher or 'many')."""
+    from kdkit.distill.methods import method_teachers
+
+    count = method_teachers(method)
+    chosen = run.get("teachers")
+    if count == "none":
+        return [f"{where}.teachers: method '{method}' uses no teacher"] if chosen else []
+    if not labels:
+        return [f"{where}.method: '{method}' needs a teacher; add a 'teacher' section"]
+    problems = []
+    if isinstance(chosen, list):
+        problems += [
+            f"{where}.teachers: no teacher labelled '{c}' (teachers: {', '.join(labels)})"
+            for c in chosen if c not in labels
+        ]
+        n = len(chosen)
+    else:
+        n = 1 if chosen == "best" else len(labels)
+    if count == "one" and n != 1:
+        problems.append(
+            f"{where}.teachers: method '{method}' distils from one teacher but {n} are "
+            "selected; set teachers: [LABEL] or teachers: best"
+        )
+    if (run.get("via") or run.get("via_search")) and count != "one":
+        problems.append(f"{where}.via: assistant chains need a one-teacher method, not '{method}'")
     return problems
 
 

@@ -75,6 +75,48 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
+def penultimate(model: nn.Module) -> Tap:
+    """The embedding the classifier reads: the input of the model's last ``nn.Linear``.
+
+    Works for any model whose head is a linear layer (all of kdkit's zoo, torchvision and
+    timm classifiers), without editing it.
+    """
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise KdkitError(
+            f"{type(model).__name__} has no nn.Linear head, so there is no default "
+            "penultimate embedding; name a layer explicitly (see `kdkit models --layers`)"
+        )
+    return Tap(last, "input")
+
+
+def probe_shape(model: nn.Module, tap: Tap, example_input: Tensor | None) -> tuple[int, ...]:
+    """Shape of ``tap`` for one forward of ``example_input`` (eval mode, no grad).
+
+    For the penultimate tap of a linear head the width is read from the layer, no forward
+    needed: ``(1, in_features)``.
+    """
+    module = resolve_module(model, tap.path)
+    if tap.read == "input" and isinstance(module, nn.Linear):
+        return (1, module.in_features)
+    if example_input is None:
+        raise KdkitError(
+            f"the shape at {tap} is needed to build an adapter; pass example_input "
+            "(a batch of the model's inputs) to build_method"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, feats = run_with_taps(model, example_input, {"probe": tap})
+    finally:
+        model.train(was_training)
+    return tuple(feats["probe"].shape)
+
+
 def _first_tensor(args: tuple[Any, ...], where: str) -> Tensor:
     if not args or not isinstance(args[0], Tensor):
         raise KdkitError(f"tap {where}: the module's first input is not a tensor")

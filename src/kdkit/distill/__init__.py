@@ -7,9 +7,13 @@ from kdkit.distill.methods import (
     build_method,
     method_arguments,
     method_needs_teacher,
+    method_teachers,
     register_method,
 )
 from kdkit.distill.term import Term
+
+# Method families register themselves on import.
+from kdkit.distill import methods_ensemble, methods_triplet  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "METHODS",
@@ -19,5 +23,6 @@ __all__ = [
     "build_method",
     "method_arguments",
     "method_needs_teacher",
+    "method_teachers",
     "register_method",
 ]

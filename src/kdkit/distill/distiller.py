@@ -48,11 +48,12 @@ class Distiller(nn.Module):
         if dup:
             raise KdkitError(f"duplicate term names {sorted(dup)}; give each term its own name")
         for t in terms:
-            if t.teacher is not None and t.teacher_name not in teachers:
-                raise KdkitError(
-                    f"term '{t.name}' reads teacher '{t.teacher_name}', but the teachers given "
-                    f"are {sorted(teachers) or 'none'}; pass a teacher (e.g. --teacher RUN)"
-                )
+            for name, _tap in t.teacher_reads():
+                if name not in teachers:
+                    raise KdkitError(
+                        f"term '{t.name}' reads teacher '{name}', but the teachers given "
+                        f"are {sorted(teachers) or 'none'}; pass a teacher (e.g. --teacher RUN)"
+                    )
         if teacher_mode not in ("eval", "train"):
             raise KdkitError(f"teacher_mode must be 'eval' or 'train', got {teacher_mode!r}")
         self.student = student
@@ -67,22 +68,12 @@ class Distiller(nn.Module):
             teacher.requires_grad_(False)
             teacher.train(teacher_mode == "train")
             self._teachers[name] = teacher
-        self._student_taps = self._collect(lambda t: t.student, student_side=True)
-        self._teacher_taps = {
-            name: self._collect(lambda t: t.teacher, teacher_name=name) for name in teachers
-        }
-
-    def _collect(
-        self, pick: Callable[[Term], Tap | None], *, student_side: bool = False, teacher_name: str | None = None
-    ) -> dict[str, Tap]:
-        taps: dict[str, Tap] = {}
+        self._student_taps = {str(t.student): t.student for t in self.terms}
+        # Each teacher runs once per step and is read only where some term needs it.
+        self._teacher_taps: dict[str, dict[str, Tap]] = {}
         for t in self.terms:
-            if not student_side and (t.teacher is None or t.teacher_name != teacher_name):
-                continue
-            tap = pick(t)
-            if tap is not None:
-                taps[str(tap)] = tap
-        return taps
+            for name, tap in t.teacher_reads():
+                self._teacher_taps.setdefault(name, {})[str(tap)] = tap
 
     @property
     def teachers(self) -> dict[str, nn.Module]:
@@ -130,9 +121,10 @@ class Distiller(nn.Module):
         result: dict[str, Tensor] = {"logits": logits}
         total = logits.new_zeros(())
         for term in self.terms:
-            t_val = None
-            if term.teacher is not None:
-                t_val = t_all[term.teacher_name][str(term.teacher)]
+            reads = [t_all[name][str(tap)] for name, tap in term.teacher_reads()]
+            t_val: Tensor | list[Tensor] | None = None
+            if reads:
+                t_val = reads if term.multi_teacher else reads[0]
             value = term.compute(s_feats[str(term.student)], t_val, y)
             w = term.weight_at(progress)
             if w != 0.0:

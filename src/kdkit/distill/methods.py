@@ -9,9 +9,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from kdkit.distill.term import Term
 from kdkit.errors import KdkitError
@@ -22,34 +22,44 @@ from kdkit.taps import LOGITS
 
 @dataclass
 class MethodContext:
-    """What a builder may look at: the models (never data or files)."""
+    """What a builder may look at: the models and an example input (never data or files).
+
+    ``example_input`` (a small batch shaped like the data) lets builders size adapters.
+    """
 
     student: nn.Module
     teachers: Mapping[str, nn.Module] = field(default_factory=dict)
+    example_input: Tensor | None = None
 
 
 Builder = Callable[..., list[Term]]
+Teachers = Literal["none", "one", "many"]
 METHODS: Registry[list[Term]] = Registry("method")
-# Number of teachers a method needs: 0 (plain training) or at least 1.
-_NEEDS_TEACHER: dict[str, bool] = {}
+# How many teachers a method reads: none (plain training), exactly one, or one or more.
+_TEACHERS: dict[str, Teachers] = {}
 
 
 def register_method(
-    name: str, *, needs_teacher: bool, summary: str | None = None
+    name: str, *, teachers: Teachers, summary: str | None = None
 ) -> Callable[[Builder], Builder]:
     """Decorator registering a method builder ``fn(ctx, **kwargs) -> list[Term]``."""
 
     def deco(fn: Builder) -> Builder:
         METHODS.register(name, summary)(fn)
-        _NEEDS_TEACHER[name] = needs_teacher
+        _TEACHERS[name] = teachers
         return fn
 
     return deco
 
 
-def method_needs_teacher(name: str) -> bool:
+def method_teachers(name: str) -> Teachers:
+    """'none', 'one' or 'many': how many teachers method ``name`` distils from."""
     METHODS.get(name)
-    return _NEEDS_TEACHER[name]
+    return _TEACHERS[name]
+
+
+def method_needs_teacher(name: str) -> bool:
+    return method_teachers(name) != "none"
 
 
 def method_arguments(name: str) -> dict[str, Any]:
@@ -80,42 +90,45 @@ def build_method(
     name: str,
     student: nn.Module,
     teachers: Mapping[str, nn.Module] | None = None,
+    *,
+    example_input: Tensor | None = None,
     **kwargs: Any,
 ) -> list[Term]:
-    """Build the Terms of method ``name`` for this student/teacher pair."""
+    """Build the Terms of method ``name`` for this student/teacher pair.
+
+    ``example_input``: a small batch shaped like the data, for methods whose adapters
+    depend on layer shapes.
+    """
     problems = check_method_kwargs(name, kwargs)
     if problems:
         raise KdkitError("; ".join(problems))
     teachers = dict(teachers or {})
-    if method_needs_teacher(name) and not teachers:
+    count = method_teachers(name)
+    if count != "none" and not teachers:
         raise KdkitError(f"method '{name}' distils from a teacher, but no teacher was given")
-    return METHODS.get(name)(MethodContext(student, teachers), **kwargs)
+    if count == "one" and len(teachers) != 1:
+        raise KdkitError(
+            f"method '{name}' takes exactly one teacher, got {len(teachers)} "
+            f"({', '.join(teachers)}); choose one, or use an ensemble method"
+        )
+    return METHODS.get(name)(MethodContext(student, teachers, example_input), **kwargs)
 
 
-@register_method("ce", needs_teacher=False)
+@register_method("ce", teachers="none")
 def ce(ctx: MethodContext, *, label_smoothing: float = 0.0) -> list[Term]:
     """Plain training with cross-entropy on the labels (a teacher, or a scratch baseline)."""
     return [Term("ce", CrossEntropy(label_smoothing), 1.0)]
 
 
-@register_method("kd", needs_teacher=True)
+@register_method("kd", teachers="one")
 def kd(ctx: MethodContext, *, temperature: float = 4.0, alpha: float = 0.9) -> list[Term]:
     """Hinton et al. 2015: α·T²·KL(p_t^T‖p_s^T) + (1−α)·CE on the teacher's logits."""
     if not 0.0 <= alpha <= 1.0:
         raise KdkitError(f"kd: alpha must be in [0, 1], got {alpha}")
     if temperature <= 0:
         raise KdkitError(f"kd: temperature must be > 0, got {temperature}")
-    teacher = _single_teacher(ctx, "kd")
+    teacher = next(iter(ctx.teachers))
     return [
         Term("ce", CrossEntropy(), 1.0 - alpha),
         Term("kd", KDLoss(temperature), alpha, LOGITS, LOGITS, teacher_name=teacher),
     ]
-
-
-def _single_teacher(ctx: MethodContext, method: str) -> str:
-    if len(ctx.teachers) != 1:
-        raise KdkitError(
-            f"method '{method}' takes exactly one teacher, got {len(ctx.teachers)} "
-            f"({', '.join(ctx.teachers) or 'none'}); use an ensemble method for several"
-        )
-    return next(iter(ctx.teachers))

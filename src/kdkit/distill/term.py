@@ -28,7 +28,10 @@ class Term:
         weight: a float, or a function of progress in [0, 1] (explicit, never global state).
         student: where to read the student (default: its logits).
         teacher: where to read the teacher; ``None`` for terms that use only labels (CE).
-        teacher_name: which teacher (by name) when several are attached.
+            A multi-teacher term may give one tap per teacher (different architectures).
+        teacher_name: which teacher (by name) when several are attached; a tuple of names
+            makes a multi-teacher term whose loss receives a list of tensors, one per
+            teacher in that order (ensembles).
         adapter: optional trainable module applied to the student tensor first
             (connector, regressor); it is trained with the student.
     """
@@ -37,8 +40,8 @@ class Term:
     loss: nn.Module
     weight: Weight = 1.0
     student: Tap = LOGITS
-    teacher: Tap | None = None
-    teacher_name: str = "teacher"
+    teacher: Tap | tuple[Tap, ...] | None = None
+    teacher_name: str | tuple[str, ...] = "teacher"
     adapter: nn.Module | None = None
 
     def __post_init__(self) -> None:
@@ -46,13 +49,29 @@ class Term:
             raise KdkitError(
                 f"term name {self.name!r} must be an identifier other than 'loss'/'logits'"
             )
+        if isinstance(self.teacher, tuple) and (
+            not isinstance(self.teacher_name, tuple) or len(self.teacher) != len(self.teacher_name)
+        ):
+            raise KdkitError(f"term '{self.name}': give one teacher tap per teacher name")
+
+    @property
+    def multi_teacher(self) -> bool:
+        return isinstance(self.teacher_name, tuple)
+
+    def teacher_reads(self) -> list[tuple[str, Tap]]:
+        """(teacher name, tap) pairs this term reads, in order (empty for label terms)."""
+        if self.teacher is None:
+            return []
+        names = self.teacher_name if isinstance(self.teacher_name, tuple) else (self.teacher_name,)
+        taps = self.teacher if isinstance(self.teacher, tuple) else (self.teacher,) * len(names)
+        return list(zip(names, taps, strict=True))
 
     def weight_at(self, progress: float) -> float:
         return float(self.weight(progress)) if callable(self.weight) else float(self.weight)
 
-    def compute(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
+    def compute(
+        self, student: Tensor, teacher: Tensor | list[Tensor] | None, target: Tensor | None
+    ) -> Tensor:
         """Unweighted value of this term on already-captured tensors."""
         s = self.adapter(student) if self.adapter is not None else student
-        if teacher is None:
-            return self.loss(s, None, target=target)
         return self.loss(s, teacher, target=target)

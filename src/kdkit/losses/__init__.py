@@ -1,6 +1,35 @@
 """Loss functions: tensors in, unweighted scalar out. One file per loss family."""
 
 from kdkit.losses.ce import CrossEntropy, cross_entropy
+from kdkit.losses.ensemble import (
+    EnsembleKDLoss,
+    MultiStreamKDLoss,
+    RandomTeacherKDLoss,
+    ensemble_targets,
+)
 from kdkit.losses.kd import KDLoss, kd_loss, soft_kl
+from kdkit.losses.metric import AbsoluteTeacherLoss, RelativeTeacherLoss
+from kdkit.losses.relative import RelativeDissimilarityLoss
+from kdkit.losses.rkd import RKDAngleLoss, RKDDistanceLoss, rkd_angle, rkd_distance
+from kdkit.losses.triplet import BatchHardTripletLoss, TripletKDLoss
 
-__all__ = ["CrossEntropy", "KDLoss", "cross_entropy", "kd_loss", "soft_kl"]
+__all__ = [
+    "AbsoluteTeacherLoss",
+    "BatchHardTripletLoss",
+    "CrossEntropy",
+    "EnsembleKDLoss",
+    "KDLoss",
+    "MultiStreamKDLoss",
+    "RKDAngleLoss",
+    "RKDDistanceLoss",
+    "RandomTeacherKDLoss",
+    "RelativeDissimilarityLoss",
+    "RelativeTeacherLoss",
+    "TripletKDLoss",
+    "cross_entropy",
+    "ensemble_targets",
+    "kd_loss",
+    "rkd_angle",
+    "rkd_distance",
+    "soft_kl",
+]

@@ -18,9 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdkit.config import ExperimentConfig, TeacherSpec, dump_config
+from torch import nn
+
+from kdkit.config import ExperimentConfig, StudentRunSpec, TeacherSpec, dump_config
 from kdkit.data import DatasetSplits, load_dataset
+from kdkit.distill.methods import method_teachers
 from kdkit.errors import KdkitError
+from kdkit.pipelines.chain import distill_chain, search_paths
 from kdkit.pipelines.runs import SUMMARY, load_teacher, prepare_run_dir, train_one
 from kdkit.train.artifacts import MODEL_STEM, load_model
 from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json
@@ -43,11 +47,9 @@ def teacher_cache_key(spec: TeacherSpec, cfg: ExperimentConfig, seed: int) -> st
 
 
 def _teacher(
-    cfg: ExperimentConfig, data: DatasetSplits, seed: int, run_dir: Path,
+    cfg: ExperimentConfig, spec: TeacherSpec, data: DatasetSplits, seed: int, run_dir: Path,
     cache_dir: Path | None, resume: bool, progress: bool, log: Callable[[str], None],
 ) -> dict[str, Any]:
-    spec = cfg.teacher
-    assert spec is not None
     cached = cache_dir / "teachers" / teacher_cache_key(spec, cfg, seed) if cache_dir else None
     if not (run_dir / SUMMARY).exists() and cached and (cached / SUMMARY).exists():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,31 +109,24 @@ def run_experiment(
     for seed in cfg.seeds:
         seed_dir = out_dir / f"seed{seed}"
         d = cfg.data
-        teachers = {}
-        if cfg.teacher is not None:
+        teachers: dict[str, nn.Module] = {}
+        teacher_val: dict[str, float] = {}
+        for spec in cfg.all_teachers():
             full = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
-                                train_subset=cfg.teacher.train_subset, seed=seed,
+                                train_subset=spec.train_subset, seed=seed,
                                 download=d.download, log=log)
-            t_dir = seed_dir / cfg.teacher.label
-            summary = _teacher(cfg, full, seed, t_dir, cache_dir, resume, progress, log)
+            t_dir = seed_dir / spec.label
+            summary = _teacher(cfg, spec, full, seed, t_dir, cache_dir, resume, progress, log)
             runs.append(summary)
             _report(log, seed, summary)
-            teachers = {"teacher": load_teacher(t_dir, full)}
+            teachers[spec.label] = load_teacher(t_dir, full)
+            teacher_val[spec.label] = summary.get("val_acc") or 0.0
         data = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
                             train_subset=d.train_subset, seed=seed, download=d.download, log=log)
         for run in cfg.students:
-            train = cfg.student_train(run)
-            model = cfg.student_model(run)
-            summary = train_one(
-                run_dir=seed_dir / run.label, label=f"seed{seed}/{run.label}", data=data,
-                model_name=model.name, model_kwargs=model.kwargs,
-                method=run.method.name, method_kwargs=run.method.kwargs,
-                teachers=teachers if run.method.name != "ce" else {},
-                settings=train.loop_settings(seed), batch_size=train.batch_size,
-                augment=train.augment, teacher_mode=run.teacher_mode, resume=resume,
-                progress=progress, eval_batch_size=cfg.eval.batch_size,
-                extra={"role": "student"},
-            )
+            summary = _student(cfg, run, data, seed, seed_dir / run.label,
+                               _select_teachers(run, teachers, teacher_val),
+                               resume=resume, progress=progress, log=log)
             runs.append(summary)
             _report(log, seed, summary)
     table_rows = aggregate(runs, out_dir, cfg.seeds[0], cfg.eval.latency_repeats)
@@ -143,6 +138,50 @@ def run_experiment(
     table = format_table(table_rows, cfg)
     atomic_write_bytes(out_dir / "table.md", table.encode())
     return result
+
+
+def _select_teachers(
+    run: StudentRunSpec, teachers: dict[str, nn.Module], val: dict[str, float]
+) -> dict[str, nn.Module]:
+    """The teachers a run distils from: none, its chosen labels, the best by val, or all."""
+    if method_teachers(run.method.name) == "none":
+        return {}
+    if run.teachers == "best":
+        best = max(teachers, key=lambda k: val[k])
+        return {best: teachers[best]}
+    if isinstance(run.teachers, list):
+        return {k: teachers[k] for k in run.teachers}
+    return dict(teachers)
+
+
+def _student(
+    cfg: ExperimentConfig, run: StudentRunSpec, data: DatasetSplits, seed: int, run_dir: Path,
+    teachers: dict[str, nn.Module], *, resume: bool, progress: bool, log: Callable[[str], None],
+) -> dict[str, Any]:
+    """One student run: direct, along a teacher-assistant path, or a search over paths."""
+    train = cfg.student_train(run)
+    model = cfg.student_model(run)
+    common: dict[str, Any] = dict(
+        data=data, method=run.method.name, method_kwargs=run.method.kwargs,
+        settings=train.loop_settings(seed), batch_size=train.batch_size, augment=train.augment,
+        teacher_mode=run.teacher_mode, resume=resume, progress=progress,
+        eval_batch_size=cfg.eval.batch_size,
+    )
+    label = f"seed{seed}/{run.label}"
+    if run.via is None and run.via_search is None:
+        return train_one(run_dir=run_dir, label=label, model_name=model.name,
+                         model_kwargs=model.kwargs, teachers=teachers,
+                         extra={"role": "student", "teachers": sorted(teachers)}, **common)
+    (t_label, teacher), = teachers.items()
+    chain: dict[str, Any] = dict(run_dir=run_dir, label=label, teacher=teacher,
+                                 teacher_label=t_label, student=(model.name, model.kwargs),
+                                 log=log, **common)
+    if run.via is not None:
+        return distill_chain(assistants=[(m.name, m.kwargs) for m in run.via], **chain)
+    assert run.via_search is not None
+    return search_paths(
+        candidates=[[(m.name, m.kwargs) for m in path] for path in run.via_search], **chain
+    )
 
 
 def _report(log: Callable[[str], None], seed: int, s: dict[str, Any]) -> None:

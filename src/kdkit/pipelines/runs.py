@@ -95,7 +95,8 @@ def train_one(
         return json.loads(summary_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     student = build_model(model_name, model_kwargs, data, settings.seed)
-    terms = build_method(method, student, teachers, **method_kwargs)
+    terms = build_method(method, student, teachers, example_input=data.train.x[:2],
+                         **method_kwargs)
     distiller = Distiller(student, teachers, terms, teacher_mode=teacher_mode)
     loader = BatchLoader(
         data.train, batch_size, shuffle=True, seed=settings.seed,

@@ -1,0 +1,94 @@
+"""Teacher-assistant chains (Mirzadeh et al., AAAI 2020): teacher → TA → ... → student.
+
+Each stage is an ordinary distillation run whose finished model is the next stage's
+teacher; every stage keeps its own run directory (checkpoints, metrics, summary), so a
+killed chain resumes at the stage it was in. ``search_paths`` tries several paths and
+keeps the one whose student has the best *validation* accuracy (never test accuracy).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdkit.pipelines.runs import SUMMARY, train_one
+from kdkit.train.artifacts import MODEL_STEM, load_model
+from kdkit.train.checkpoint import atomic_write_json
+
+ModelRef = tuple[str, dict[str, Any]]  # (registered name, its arguments)
+
+
+def _path_name(path: list[ModelRef]) -> str:
+    return "-".join(name for name, _ in path)
+
+
+def distill_chain(
+    *,
+    run_dir: Path,
+    label: str,
+    teacher: nn.Module,
+    teacher_label: str,
+    assistants: list[ModelRef],
+    student: ModelRef,
+    log: Callable[[str], None] = print,
+    **run_kwargs: Any,
+) -> dict[str, Any]:
+    """Distil ``teacher`` → assistants[0] → ... → ``student``; return the student's summary.
+
+    ``run_kwargs`` go to every stage's :func:`train_one` (data, method, settings, ...).
+    Assistant stages live in ``run_dir/stage<k>-<model>``; the student in ``run_dir``.
+    """
+    current, stages = teacher, []
+    for k, (name, kwargs) in enumerate(assistants, start=1):
+        stage_dir = run_dir / f"stage{k}-{name}"
+        s = train_one(run_dir=stage_dir, label=f"{label}/stage{k}-{name}", model_name=name,
+                      model_kwargs=kwargs, teachers={"teacher": current}, **run_kwargs)
+        log(f"  {label}: assistant {name} (stage {k}) test {s['test_acc']:.2f}%, "
+            f"val {s['val_acc']:.2f}%")
+        stages.append({"model": name, "test_acc": s["test_acc"], "val_acc": s["val_acc"]})
+        current, _ = load_model(stage_dir)
+    path = [teacher_label] + [n for n, _ in assistants] + [student[0]]
+    return train_one(run_dir=run_dir, label=label, model_name=student[0],
+                     model_kwargs=student[1], teachers={"teacher": current},
+                     extra={"path": path, "stages": stages, "role": "student"}, **run_kwargs)
+
+
+def search_paths(
+    *,
+    run_dir: Path,
+    label: str,
+    candidates: list[list[ModelRef]],
+    log: Callable[[str], None] = print,
+    **chain_kwargs: Any,
+) -> dict[str, Any]:
+    """Run :func:`distill_chain` for each candidate assistant path; keep the best by val acc.
+
+    The chosen candidate's model is copied into ``run_dir`` and its summary records every
+    candidate's validation and test accuracy.
+    """
+    if (run_dir / SUMMARY).exists():
+        import json
+
+        summary: dict[str, Any] = json.loads((run_dir / SUMMARY).read_text())
+        return summary
+    results = []
+    for assistants in candidates:
+        cdir = run_dir / f"via-{_path_name(assistants) or 'none'}"
+        s = distill_chain(run_dir=cdir, label=f"{label}/via-{_path_name(assistants)}",
+                          assistants=assistants, log=log, **chain_kwargs)
+        results.append((s, cdir, assistants))
+    best, best_dir, best_path = max(results, key=lambda r: r[0]["val_acc"])
+    for suffix in (".safetensors", ".json"):
+        shutil.copy2(best_dir / f"{MODEL_STEM}{suffix}", run_dir / f"{MODEL_STEM}{suffix}")
+    summary = dict(best, label=label, chosen=[n for n, _ in best_path], search=[
+        {"via": [n for n, _ in a], "val_acc": s["val_acc"], "test_acc": s["test_acc"]}
+        for s, _, a in results
+    ])
+    log(f"  {label}: chose via {summary['chosen']} by validation accuracy "
+        f"({best['val_acc']:.2f}%)")
+    atomic_write_json(run_dir / SUMMARY, summary)
+    return summary
