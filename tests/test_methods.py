@@ -1,0 +1,121 @@
+"""Every registered method: builds, trains its student (and adapters), never its teachers."""
+
+import copy
+
+import pytest
+import torch
+
+from kdkit.distill import METHODS, Distiller, build_method, method_teachers
+from kdkit.errors import KdkitError
+from kdkit.models import create_model
+
+X = torch.randn(12, 1, 8, 8)
+Y = torch.arange(12) % 4
+
+
+def _teachers():
+    torch.manual_seed(0)
+    return {
+        "mlp": create_model("mlp", hidden=[24], num_classes=4, input_size=8),
+        "cnn": create_model("plain_cnn2", num_classes=4, input_size=8),
+        "res": create_model("resnet8", num_classes=4, input_size=8),
+    }
+
+
+def _student():
+    torch.manual_seed(1)
+    return create_model("mlp", hidden=[16], num_classes=4, input_size=8)
+
+
+def _kwargs(name):
+    return {"weights": [0.5, 0.3, 0.2]} if name == "ensemble_weighted" else {}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_trains_student_and_adapters_only(name):
+    teachers = _teachers()
+    count = method_teachers(name)
+    chosen = {} if count == "none" else (
+        {"res": teachers["res"]} if count == "one" else teachers)
+    student = _student()
+    terms = build_method(name, student, chosen, example_input=X[:2], **_kwargs(name))
+    d = Distiller(student, chosen, terms)
+    frozen = {k: [p.clone() for p in t.parameters()] for k, t in chosen.items()}
+    opt = torch.optim.SGD(d.parameters(), lr=0.05)
+    d.train()
+    out = d(X, Y)
+    assert torch.isfinite(out["loss"]) and out["loss"].item() > 0
+    for t in terms:
+        assert torch.isfinite(out[t.name]), t.name
+    opt.zero_grad()
+    out["loss"].backward()
+    grads = [p.grad for p in student.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    for adapter in d.adapters.values():
+        assert all(p.grad is not None for p in adapter.parameters())
+    opt.step()
+    for k, t in chosen.items():
+        assert all(p.grad is None for p in t.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(frozen[k], t.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["ensemble_mean", "ensemble_geometric", "ensemble_confidence",
+                                  "ensemble_random", "ensemble_streams"])
+def test_ensembles_of_one_teacher_equal_kd(name):
+    teacher = _teachers()["cnn"]
+    student = _student()
+    a = Distiller(student, {"t": teacher}, build_method(name, student, {"t": teacher}))(X, Y)
+    b = Distiller(student, {"t": teacher}, build_method("kd", student, {"t": teacher}))(X, Y)
+    torch.testing.assert_close(a["loss"], b["loss"])
+
+
+def test_relational_terms_vanish_when_student_is_the_teacher():
+    teacher = _teachers()["res"]
+    student = copy.deepcopy(teacher)
+    for name, keys in [("rkd", ["rkd_distance", "rkd_angle"]),
+                       ("metric_absolute", ["absolute"]), ("metric_relative", ["relative"])]:
+        d = Distiller(student, {"t": teacher}, build_method(name, student, {"t": teacher}))
+        d.eval()  # same BN statistics on both sides
+        out = d(X, Y)
+        for k in keys:
+            assert out[k].item() == pytest.approx(0.0, abs=1e-5), (name, k)
+
+
+def test_metric_absolute_adds_projection_for_other_widths():
+    teacher = _teachers()["res"]  # 64-d embedding
+    student = _student()  # 16-d embedding
+    terms = build_method("metric_absolute", student, {"t": teacher})
+    d = Distiller(student, {"t": teacher}, terms)
+    assert list(d.adapters) == ["absolute"]
+    assert d.adapters["absolute"].weight.shape == (64, 16)
+
+
+def test_method_argument_errors():
+    teachers = _teachers()
+    student = _student()
+    with pytest.raises(KdkitError, match="needs weights: one per teacher \\(3"):
+        build_method("ensemble_weighted", student, teachers)
+    with pytest.raises(KdkitError, match="exactly one teacher, got 3"):
+        build_method("kd", student, teachers)
+    with pytest.raises(KdkitError, match="teacher_layers needs one layer per teacher"):
+        build_method("ensemble_relative", student, teachers, teacher_layers=["fc"])
+    with pytest.raises(KdkitError, match="kd_alpha"):
+        build_method("rkd", student, {"res": teachers["res"]}, kd_alpha=2.0)
+
+
+def test_triplet_kd_terms_and_weights():
+    teacher = _teachers()["res"]
+    student = _student()
+    terms = build_method("triplet_kd", student, {"t": teacher})
+    assert [(t.name, t.weight) for t in terms] == [("ce", 1.0), ("kl", 1.0), ("triplet", 2.0)]
+    assert terms[1].loss.temperature == 1.0
+    assert terms[2].loss.margin == 5.0
+
+
+def test_rkd_with_kd_has_kd_term():
+    teacher = _teachers()["res"]
+    student = _student()
+    names = [t.name for t in build_method("rkd", student, {"t": teacher}, kd_alpha=0.9)]
+    assert names == ["ce", "kd", "rkd_distance", "rkd_angle"]
+    weights = {t.name: t.weight for t in build_method("rkd", student, {"t": teacher})}
+    assert weights == {"ce": 1.0, "rkd_distance": 25.0, "rkd_angle": 50.0}

@@ -1,0 +1,106 @@
+"""Experiments with several teachers, teacher-assistant chains and assistant search."""
+
+import json
+
+import pytest
+
+from kdkit.config import config_from_dict
+from kdkit.errors import ConfigError
+from kdkit.pipelines.experiment import run_experiment
+
+BASE = {
+    "name": "multi",
+    "seeds": [0],
+    "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 200},
+    "teachers": [
+        {"label": "t_mlp", "model": {"name": "mlp", "hidden": [64]}, "train": {"epochs": 6}},
+        {"label": "t_cnn", "model": {"name": "plain_cnn4"}, "train": {"epochs": 3}},
+    ],
+    "student": {"name": "mlp", "hidden": [16]},
+    "train": {"epochs": 4, "batch_size": 32},
+}
+
+
+def _cfg(students, **over):
+    return config_from_dict({**BASE, "students": students, **over})
+
+
+def test_ensemble_best_teacher_and_chain(tmp_path):
+    cfg = _cfg([
+        {"label": "ens", "method": {"name": "ensemble_mean"}},
+        {"label": "kd_best", "method": {"name": "kd"}, "teachers": "best"},
+        {"label": "kd_cnn", "method": {"name": "kd"}, "teachers": ["t_cnn"]},
+        {"label": "takd", "method": {"name": "kd"}, "teachers": ["t_mlp"],
+         "via": [{"name": "mlp", "hidden": [32]}]},
+        {"label": "search", "method": {"name": "kd"}, "teachers": ["t_mlp"],
+         "via_search": [[{"name": "mlp", "hidden": [48]}], [{"name": "mlp", "hidden": [24]}]]},
+    ])
+    logs = []
+    res = run_experiment(cfg, tmp_path / "run", progress=False, log=logs.append)
+    runs = {r["label"].split("/", 1)[1]: r for r in res["runs"]}
+    assert runs["ens"]["teachers"] == ["t_cnn", "t_mlp"]
+    best = max(["t_mlp", "t_cnn"], key=lambda k: runs[k]["val_acc"])
+    assert runs["kd_best"]["teachers"] == [best]
+    assert runs["kd_cnn"]["teachers"] == ["t_cnn"]
+    # the chain keeps every stage's run and records the path
+    seed = tmp_path / "run" / "seed0"
+    assert runs["takd"]["path"] == ["t_mlp", "mlp", "mlp"]
+    assert (seed / "takd" / "stage1-mlp" / "summary.json").exists()
+    assert (seed / "takd" / "model.safetensors").exists()
+    # the search keeps the candidate with the best validation accuracy, not test accuracy
+    search = runs["search"]["search"]
+    assert len(search) == 2
+    best_val = max(search, key=lambda c: c["val_acc"])
+    assert runs["search"]["val_acc"] == best_val["val_acc"]
+    assert (seed / "search" / "model.safetensors").exists()
+    assert any("chose via" in line for line in logs)
+    assert {r["label"] for r in res["rows"]} == {"t_mlp", "t_cnn", "ens", "kd_best", "kd_cnn",
+                                                 "takd", "search"}
+
+
+def test_chain_resumes_per_stage(tmp_path, monkeypatch):
+    cfg = _cfg([{"label": "takd", "method": {"name": "kd"}, "teachers": ["t_mlp"],
+                 "via": [{"name": "mlp", "hidden": [32]}, {"name": "mlp", "hidden": [24]}]}])
+    ref = run_experiment(cfg, tmp_path / "ref", progress=False, log=lambda s: None)
+
+    from kdkit.pipelines import runs
+    from kdkit.train.loop import TrainingInterrupted
+
+    real_fit, calls = runs.fit, {"n": 0}
+
+    def dying_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # teachers are runs 1-2; stage 1 is run 3; kill stage 2
+            kwargs["stop_after"] = 5
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "fit", dying_fit)
+    with pytest.raises(TrainingInterrupted):
+        run_experiment(cfg, tmp_path / "b", progress=False, log=lambda s: None)
+    monkeypatch.setattr(runs, "fit", real_fit)
+    res = run_experiment(cfg, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+    assert [r["test_acc"] for r in res["runs"]] == [r["test_acc"] for r in ref["runs"]]
+    stage2 = json.loads((tmp_path / "b" / "seed0" / "takd" / "stage2-mlp" / "summary.json")
+                        .read_text())
+    assert stage2["resumed_from"] is not None
+
+
+def test_teacher_selection_errors():
+    with pytest.raises(ConfigError) as e:
+        _cfg([
+            {"label": "a", "method": {"name": "kd"}},
+            {"label": "b", "method": {"name": "kd"}, "teachers": ["t_nope"]},
+            {"label": "c", "method": {"name": "ensemble_mean"}, "via": [{"name": "mlp"}]},
+            {"label": "d", "method": {"name": "ce"}, "teachers": ["t_mlp"]},
+            {"label": "e", "method": {"name": "kd"}, "teachers": "best",
+             "via": [{"name": "mpl"}]},
+        ])
+    msg = str(e.value)
+    assert "students[0].teachers: method 'kd' distils from one teacher but 2 are selected" in msg
+    assert "students[1].teachers: no teacher labelled 't_nope'" in msg
+    assert "students[2].via: assistant chains need a one-teacher method" in msg
+    assert "students[3].teachers: method 'ce' uses no teacher" in msg
+    assert "students[4].via[0].name: unknown model 'mpl'" in msg
+    with pytest.raises(ConfigError, match="either 'via' .* or 'via_search'"):
+        _cfg([{"label": "x", "method": {"name": "kd"}, "teachers": "best",
+               "via": [{"name": "mlp"}], "via_search": [[{"name": "mlp"}]]}])
