@@ -77,7 +77,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from kdkit.config import load_config
 
     cfg = load_config(args.config, args.set)
-    n_runs = len(cfg.students) + (1 if cfg.teacher else 0)
+    n_runs = len(cfg.students) + len(cfg.all_teachers())
     print(f"{args.config or 'default config'}: OK ('{cfg.name}', {n_runs} runs x "
           f"{len(cfg.seeds)} seeds on {cfg.data.name})")
     return 0
