@@ -104,3 +104,38 @@ def test_teacher_selection_errors():
     with pytest.raises(ConfigError, match="either 'via' .* or 'via_search'"):
         _cfg([{"label": "x", "method": {"name": "kd"}, "teachers": "best",
                "via": [{"name": "mlp"}], "via_search": [[{"name": "mlp"}]]}])
+
+
+def test_staged_method_keeps_stage_runs_and_resumes(tmp_path, monkeypatch):
+    cfg = config_from_dict({
+        "name": "fit", "seeds": [0],
+        "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 200},
+        "teacher": {"model": {"name": "resnet8"}, "train": {"epochs": 2}},
+        "student": {"name": "resnet", "depth": 8, "width": 8},
+        "train": {"epochs": 3, "batch_size": 32},
+        "students": [{"label": "fitnets", "method": {"name": "fitnets", "hint_epochs": 2}}],
+    })
+    ref = run_experiment(cfg, tmp_path / "ref", progress=False, log=lambda s: None)
+    stage = tmp_path / "ref" / "seed0" / "fitnets" / "stage1-hint"
+    assert (stage / "model.safetensors").exists()
+    assert len((stage / "metrics.jsonl").read_text().splitlines()) == 2
+    final = tmp_path / "ref" / "seed0" / "fitnets" / "metrics.jsonl"
+    assert len(final.read_text().splitlines()) == 3
+
+    from kdkit.pipelines import runs
+    from kdkit.train.loop import TrainingInterrupted
+
+    real_fit, calls = runs.fit, {"n": 0}
+
+    def dying_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # teacher, hint stage, then kill the KD stage
+            kwargs["stop_after"] = 4
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "fit", dying_fit)
+    with pytest.raises(TrainingInterrupted):
+        run_experiment(cfg, tmp_path / "b", progress=False, log=lambda s: None)
+    monkeypatch.setattr(runs, "fit", real_fit)
+    res = run_experiment(cfg, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+    assert [r["test_acc"] for r in res["runs"]] == [r["test_acc"] for r in ref["runs"]]

@@ -4,7 +4,9 @@ from kdkit.distill.distiller import Distiller
 from kdkit.distill.methods import (
     METHODS,
     MethodContext,
+    Stage,
     build_method,
+    build_stages,
     method_arguments,
     method_needs_teacher,
     method_teachers,
@@ -13,14 +15,20 @@ from kdkit.distill.methods import (
 from kdkit.distill.term import Term
 
 # Method families register themselves on import.
-from kdkit.distill import methods_ensemble, methods_triplet  # noqa: E402,F401  isort: skip
+from kdkit.distill import (  # noqa: E402,F401  isort: skip
+    methods_ensemble,
+    methods_feature,
+    methods_triplet,
+)
 
 __all__ = [
     "METHODS",
     "Distiller",
     "MethodContext",
+    "Stage",
     "Term",
     "build_method",
+    "build_stages",
     "method_arguments",
     "method_needs_teacher",
     "method_teachers",

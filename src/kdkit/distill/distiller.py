@@ -18,7 +18,8 @@ from kdkit.taps import Tap, run_with_taps
 
 
 class Distiller(nn.Module):
-    """Trainable module = ``student`` + ``adapters``; teachers are held but not registered.
+    """Trainable module = ``student`` + ``adapters`` (+ ``losses``' buffers); teachers are held
+    but not registered.
 
     Because teachers are not submodules, ``parameters()``, ``state_dict()``, optimisers,
     checkpoints and DDP see exactly what is trained. ``.to()`` still moves the teachers.
@@ -60,6 +61,9 @@ class Distiller(nn.Module):
         self.adapters = nn.ModuleDict(
             {t.name: t.adapter for t in terms if t.adapter is not None}
         )
+        # Losses are registered too: some hold buffers (the overhaul's margins) that must
+        # move with .to() and be checkpointed; a loss with parameters is trained.
+        self.losses = nn.ModuleDict({t.name: t.loss for t in terms})
         self.terms = list(terms)
         self.teacher_mode = teacher_mode
         # Plain dict: not registered, so not trained, not checkpointed, not wrapped by DDP.
@@ -68,7 +72,7 @@ class Distiller(nn.Module):
             teacher.requires_grad_(False)
             teacher.train(teacher_mode == "train")
             self._teachers[name] = teacher
-        self._student_taps = {str(t.student): t.student for t in self.terms}
+        self._student_taps = {str(tap): tap for t in self.terms for tap in t.student_taps()}
         # Each teacher runs once per step and is read only where some term needs it.
         self._teacher_taps: dict[str, dict[str, Tap]] = {}
         for t in self.terms:
@@ -124,8 +128,9 @@ class Distiller(nn.Module):
             reads = [t_all[name][str(tap)] for name, tap in term.teacher_reads()]
             t_val: Tensor | list[Tensor] | None = None
             if reads:
-                t_val = reads if term.multi_teacher else reads[0]
-            value = term.compute(s_feats[str(term.student)], t_val, y)
+                t_val = reads if term.teacher_is_list else reads[0]
+            s_val = [s_feats[str(tap)] for tap in term.student_taps()]
+            value = term.compute(s_val if isinstance(term.student, tuple) else s_val[0], t_val, y)
             w = term.weight_at(progress)
             if w != 0.0:
                 total = total + w * value

@@ -32,9 +32,22 @@ class MethodContext:
     example_input: Tensor | None = None
 
 
-Builder = Callable[..., list[Term]]
+@dataclass
+class Stage:
+    """One stage of a staged method (FitNets: hint pre-training, then KD).
+
+    ``epochs`` overrides the run's epoch count for this stage (None: the run's). The
+    student carries over from stage to stage; each stage has its own terms and adapters.
+    """
+
+    name: str
+    terms: list[Term]
+    epochs: int | None = None
+
+
+Builder = Callable[..., "list[Term] | list[Stage]"]
 Teachers = Literal["none", "one", "many"]
-METHODS: Registry[list[Term]] = Registry("method")
+METHODS: Registry[list[Term] | list[Stage]] = Registry("method")
 # How many teachers a method reads: none (plain training), exactly one, or one or more.
 _TEACHERS: dict[str, Teachers] = {}
 
@@ -94,11 +107,29 @@ def build_method(
     example_input: Tensor | None = None,
     **kwargs: Any,
 ) -> list[Term]:
-    """Build the Terms of method ``name`` for this student/teacher pair.
+    """Build the Terms of single-stage method ``name`` for this student/teacher pair.
 
     ``example_input``: a small batch shaped like the data, for methods whose adapters
-    depend on layer shapes.
+    depend on layer shapes. Staged methods (FitNets) are built with :func:`build_stages`.
     """
+    stages = build_stages(name, student, teachers, example_input=example_input, **kwargs)
+    if len(stages) != 1:
+        raise KdkitError(
+            f"method '{name}' has {len(stages)} stages ({', '.join(s.name for s in stages)}); "
+            "build it with build_stages() and train the stages in order"
+        )
+    return stages[0].terms
+
+
+def build_stages(
+    name: str,
+    student: nn.Module,
+    teachers: Mapping[str, nn.Module] | None = None,
+    *,
+    example_input: Tensor | None = None,
+    **kwargs: Any,
+) -> list[Stage]:
+    """Build method ``name`` as a list of stages (one stage for most methods)."""
     problems = check_method_kwargs(name, kwargs)
     if problems:
         raise KdkitError("; ".join(problems))
@@ -111,7 +142,10 @@ def build_method(
             f"method '{name}' takes exactly one teacher, got {len(teachers)} "
             f"({', '.join(teachers)}); choose one, or use an ensemble method"
         )
-    return METHODS.get(name)(MethodContext(student, teachers, example_input), **kwargs)
+    built = METHODS.get(name)(MethodContext(student, teachers, example_input), **kwargs)
+    if built and all(isinstance(b, Stage) for b in built):
+        return list(built)  # type: ignore[arg-type]
+    return [Stage("main", list(built))]  # type: ignore[arg-type]
 
 
 @register_method("ce", teachers="none")

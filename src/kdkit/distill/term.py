@@ -26,7 +26,8 @@ class Term:
         name: key of the term's value in the distiller's output (e.g. ``"kd"``).
         loss: module with ``forward(student, teacher, *, target) -> scalar`` (unweighted).
         weight: a float, or a function of progress in [0, 1] (explicit, never global state).
-        student: where to read the student (default: its logits).
+        student: where to read the student (default: its logits); a tuple of taps passes a
+            list of tensors to the loss (e.g. FSP's pair of layers).
         teacher: where to read the teacher; ``None`` for terms that use only labels (CE).
             A multi-teacher term may give one tap per teacher (different architectures).
         teacher_name: which teacher (by name) when several are attached; a tuple of names
@@ -39,7 +40,7 @@ class Term:
     name: str
     loss: nn.Module
     weight: Weight = 1.0
-    student: Tap = LOGITS
+    student: Tap | tuple[Tap, ...] = LOGITS
     teacher: Tap | tuple[Tap, ...] | None = None
     teacher_name: str | tuple[str, ...] = "teacher"
     adapter: nn.Module | None = None
@@ -49,28 +50,37 @@ class Term:
             raise KdkitError(
                 f"term name {self.name!r} must be an identifier other than 'loss'/'logits'"
             )
-        if isinstance(self.teacher, tuple) and (
-            not isinstance(self.teacher_name, tuple) or len(self.teacher) != len(self.teacher_name)
+        if isinstance(self.teacher, tuple) and isinstance(self.teacher_name, tuple) and (
+            len(self.teacher) != len(self.teacher_name)
         ):
             raise KdkitError(f"term '{self.name}': give one teacher tap per teacher name")
 
     @property
-    def multi_teacher(self) -> bool:
-        return isinstance(self.teacher_name, tuple)
+    def teacher_is_list(self) -> bool:
+        """The loss receives a list: several teachers, or several taps of one teacher."""
+        return isinstance(self.teacher_name, tuple) or isinstance(self.teacher, tuple)
+
+    def student_taps(self) -> tuple[Tap, ...]:
+        return self.student if isinstance(self.student, tuple) else (self.student,)
 
     def teacher_reads(self) -> list[tuple[str, Tap]]:
         """(teacher name, tap) pairs this term reads, in order (empty for label terms)."""
         if self.teacher is None:
             return []
-        names = self.teacher_name if isinstance(self.teacher_name, tuple) else (self.teacher_name,)
-        taps = self.teacher if isinstance(self.teacher, tuple) else (self.teacher,) * len(names)
+        if isinstance(self.teacher_name, tuple):
+            names = self.teacher_name
+            taps = self.teacher if isinstance(self.teacher, tuple) else (self.teacher,) * len(names)
+        else:
+            taps = self.teacher if isinstance(self.teacher, tuple) else (self.teacher,)
+            names = (self.teacher_name,) * len(taps)
         return list(zip(names, taps, strict=True))
 
     def weight_at(self, progress: float) -> float:
         return float(self.weight(progress)) if callable(self.weight) else float(self.weight)
 
     def compute(
-        self, student: Tensor, teacher: Tensor | list[Tensor] | None, target: Tensor | None
+        self, student: Tensor | list[Tensor], teacher: Tensor | list[Tensor] | None,
+        target: Tensor | None,
     ) -> Tensor:
         """Unweighted value of this term on already-captured tensors."""
         s = self.adapter(student) if self.adapter is not None else student

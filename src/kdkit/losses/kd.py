@@ -53,3 +53,28 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
+
+
+def soft_cross_entropy(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """H(p_t^T, p_s^T) = −Σ p_t^T log p_s^T, mean over the batch; no T² (FitNets' KD term).
+
+    Equals :func:`soft_kl` plus the teacher's entropy, a constant with no gradient.
+    Shapes (B, C).
+    """
+    soft_kl(student[:0], teacher[:0], temperature)  # shape check with a clear error
+    log_ps = F.log_softmax(student / temperature, dim=-1)
+    pt = F.softmax(teacher / temperature, dim=-1)
+    return -(pt * log_ps).sum(-1).mean()
+
+
+class SoftCrossEntropy(nn.Module):
+    """Module form of :func:`soft_cross_entropy` (Romero et al. 2015, FitNets stage 2)."""
+
+    def __init__(self, temperature: float = 3.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise KdkitError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student: Tensor, teacher: Tensor, *, target: Tensor | None = None) -> Tensor:
+        return soft_cross_entropy(student, teacher, self.temperature)

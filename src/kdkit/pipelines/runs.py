@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,11 @@ from torch import nn
 from kdkit.data import DatasetSplits
 from kdkit.data.augment import build_augment
 from kdkit.data.loader import BatchLoader, derive_seed
-from kdkit.distill import Distiller, build_method
+from kdkit.distill import Distiller, build_stages
 from kdkit.errors import KdkitError
 from kdkit.models import create_model
-from kdkit.train.artifacts import load_model, save_model
-from kdkit.train.checkpoint import atomic_write_json
+from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
+from kdkit.train.checkpoint import atomic_write_json, load_checkpoint, load_state_strict
 from kdkit.train.loop import LoopSettings, fit
 from kdkit.train.metrics import count_parameters, evaluate
 
@@ -95,31 +96,46 @@ def train_one(
         return json.loads(summary_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     student = build_model(model_name, model_kwargs, data, settings.seed)
-    terms = build_method(method, student, teachers, example_input=data.train.x[:2],
-                         **method_kwargs)
-    distiller = Distiller(student, teachers, terms, teacher_mode=teacher_mode)
+    stages = build_stages(method, student, teachers, example_input=data.train.x[:2],
+                          **method_kwargs)
     loader = BatchLoader(
         data.train, batch_size, shuffle=True, seed=settings.seed,
         augment=build_augment(augment, fill=data.black),
     )
+    val = (data.val.x, data.val.y) if len(data.val) else None
     t0 = time.perf_counter()
-    result = fit(
-        distiller, loader, settings,
-        val=(data.val.x, data.val.y) if len(data.val) else None,
-        run_dir=run_dir, resume=resume, progress=progress, label=label, stop_after=stop_after,
-    )
+    for k, stage in enumerate(stages, start=1):
+        last = k == len(stages)
+        # Earlier stages keep their own run directory; the last one is the run itself.
+        stage_dir = run_dir if last else run_dir / f"stage{k}-{stage.name}"
+        stage_settings = replace(settings, epochs=stage.epochs or settings.epochs)
+        if not last and (stage_dir / SUMMARY).exists():
+            tensors, _ = load_checkpoint(stage_dir / MODEL_STEM)
+            load_state_strict(student, tensors, str(stage_dir / MODEL_STEM))
+            continue
+        distiller = Distiller(student, teachers, stage.terms, teacher_mode=teacher_mode)
+        result = fit(
+            distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,
+            progress=progress, label=label if last else f"{label}/{stage.name}",
+            stop_after=stop_after,
+        )
+        if not last:
+            save_model(stage_dir, student, name=model_name, kwargs=model_kwargs,
+                       data=data_meta(data), extra={"stage": stage.name})
+            atomic_write_json(stage_dir / SUMMARY, {"stage": stage.name,
+                                                    "history": result.history[-1:]})
     test = evaluate(student, data.test.x, data.test.y, eval_batch_size)
     model_path = save_model(
         run_dir, student, name=model_name, kwargs=model_kwargs, data=data_meta(data),
         extra={"method": {"name": method, "kwargs": method_kwargs}, "seed": settings.seed},
     )
-    last = result.history[-1] if result.history else {}
+    final = result.history[-1] if result.history else {}
     summary = {
         "label": label, "seed": settings.seed, "model": model_name, "model_kwargs": model_kwargs,
         "method": method, "method_kwargs": method_kwargs,
         "params": count_parameters(student), "size_bytes": model_path.stat().st_size,
         "test_acc": test["acc"], "test_loss": test["loss"],
-        "val_acc": last.get("val/acc"), "epochs": settings.epochs,
+        "val_acc": final.get("val/acc"), "epochs": stage_settings.epochs,
         "train_samples": len(data.train), "wall_s": round(time.perf_counter() - t0, 2),
         "resumed_from": result.resumed_from, **(extra or {}),
     }

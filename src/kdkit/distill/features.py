@@ -1,0 +1,222 @@
+"""Where feature methods read: stage ends of unmodified models, and connectors between them.
+
+Selectors name positions without editing a model:
+
+* ResNet-like models (children ``layer1``, ``layer2``, ...; kdkit's CIFAR ResNets and
+  torchvision's ResNets, whose blocks use an in-place ReLU and a functional ``+=``): the
+  end of each stage is ``layerK``; its pre-activation is read through the block's last ReLU.
+* Pre-activation wide ResNets (stages that do not end with a ReLU): the pre-ReLU feature of
+  stage k is the BN output that feeds the next stage's first ReLU, and for the last stage
+  the final BN (Heo et al. 2019, §3.3).
+* Plain CNNs (a ``Sequential`` with max-pools): the ReLU right before each pool.
+
+Each point also names the BatchNorm that precedes its ReLU (for the overhaul's margins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdkit.errors import KdkitError
+from kdkit.taps import Read, Tap, probe_shape, resolve_module
+
+_RELUS = (nn.ReLU, nn.ReLU6)
+
+
+@dataclass(frozen=True)
+class FeaturePoint:
+    """A stage end: where to read it, and the BN module before its ReLU (None if none)."""
+
+    tap: Tap
+    bn: str | None
+
+
+def parse_layer(spec: str, default_read: Read = "output") -> Tap:
+    """``"layer2"`` → output of layer2; ``"layer2:preact"`` → its pre-activation."""
+    path, _, read = spec.partition(":")
+    return Tap(path, read or default_read)  # type: ignore[arg-type]
+
+
+def _last_bn(module: nn.Module, prefix: str) -> str | None:
+    """The last BatchNorm of the main branch inside ``module`` (shortcuts excluded)."""
+    found = None
+    for name, m in module.named_modules():
+        if isinstance(m, nn.BatchNorm2d) and not any(
+            part in ("shortcut", "downsample") for part in name.split(".")
+        ):
+            found = f"{prefix}.{name}" if name else prefix
+    return found
+
+
+def stage_points(model: nn.Module, example_input: Tensor | None = None,
+                 read: Read = "preact") -> list[FeaturePoint]:
+    """The end of each stage of ``model``, read as ``read`` ('preact' or 'output')."""
+    names = dict(model.named_children())
+    stages = [f"layer{k}" for k in range(1, 10) if f"layer{k}" in names]
+    if stages:
+        return _resnet_points(model, stages, example_input, read)
+    seq = next(((n, m) for n, m in model.named_modules()
+                if isinstance(m, nn.Sequential) and any(isinstance(c, nn.MaxPool2d)
+                                                        for c in m.children())), None)
+    if seq is not None:
+        return _pooled_points(*seq, read=read)
+    raise KdkitError(
+        f"cannot find the stages of {type(model).__name__} (no layer1.. children, no pooled "
+        "Sequential); name the layers explicitly, e.g. student_layers: ['block2:preact']"
+    )
+
+
+def _resnet_points(model: nn.Module, stages: list[str], x: Tensor | None,
+                   read: Read) -> list[FeaturePoint]:
+    if read == "output":
+        return [FeaturePoint(Tap(s, "output"), _last_bn(resolve_module(model, s), s))
+                for s in stages]
+    last_block = resolve_module(model, stages[-1])
+    blocks = list(last_block.children()) or [last_block]
+    if _block_ends_with_relu(model, blocks[-1], x):
+        return [FeaturePoint(Tap(s, "preact"), _last_bn(resolve_module(model, s), s))
+                for s in stages]
+    # Pre-activation network: read the BN output that feeds the next ReLU.
+    points = []
+    for i in range(len(stages)):
+        if i + 1 < len(stages):
+            nxt = stages[i + 1]
+            first = next(iter(resolve_module(model, nxt).named_children()))[0]
+            block = f"{nxt}.{first}"
+            relu = next(n for n, m in resolve_module(model, block).named_children()
+                        if isinstance(m, _RELUS))
+            bn = _first_bn(resolve_module(model, block), block)
+            points.append(FeaturePoint(Tap(f"{block}.{relu}", "preact"), bn))
+        else:
+            top = [(n, m) for n, m in model.named_children() if isinstance(m, _RELUS)]
+            bns = [n for n, m in model.named_children() if isinstance(m, nn.BatchNorm2d)]
+            if not top:
+                raise KdkitError(
+                    f"{type(model).__name__}: the last stage has no final ReLU to read the "
+                    "pre-activation before; name the layers explicitly"
+                )
+            points.append(FeaturePoint(Tap(top[-1][0], "preact"), bns[-1] if bns else None))
+    return points
+
+
+def _first_bn(module: nn.Module, prefix: str) -> str | None:
+    for name, m in module.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            return f"{prefix}.{name}"
+    return None
+
+
+def _block_ends_with_relu(model: nn.Module, block: nn.Module, x: Tensor | None) -> bool:
+    """Whether the block's last operation is a ReLU module (checked by running the model)."""
+    order: list[nn.Module] = []
+    leaves = [m for m in block.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in leaves]
+    try:
+        if x is None:
+            children = list(block.children())
+            return bool(children) and isinstance(children[-1], _RELUS)
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return bool(order) and isinstance(order[-1], _RELUS)
+
+
+def _pooled_points(prefix: str, seq: nn.Module, read: Read) -> list[FeaturePoint]:
+    children = list(seq.named_children())
+    points = []
+    for i, (_name, m) in enumerate(children):
+        if not isinstance(m, nn.MaxPool2d) or i == 0:
+            continue
+        relu_name, relu = children[i - 1]
+        if not isinstance(relu, _RELUS):
+            continue
+        bn = children[i - 2] if i >= 2 and isinstance(children[i - 2][1], nn.BatchNorm2d) else None
+        path = f"{prefix}.{relu_name}" if prefix else relu_name
+        bn_path = (f"{prefix}.{bn[0]}" if prefix else bn[0]) if bn else None
+        points.append(FeaturePoint(Tap(path, read if read == "preact" else "output"), bn_path))
+    if not points:
+        raise KdkitError("no ReLU directly before a max-pool; name the layers explicitly")
+    return points
+
+
+# ---------------------------------------------------------------------------- connectors
+
+
+class Connector(nn.Module):
+    """Maps a student feature (B, Cs, Hs, Ws) to the teacher's (B, Ct, Ht, Wt).
+
+    ``conv_bn`` (default, Heo et al. 2019): 1×1 conv without bias, He-normal with
+    std √(2/(k²·C_out)), then BN with γ = 1, β = 0. ``conv``: the 1×1 conv alone (FitNets'
+    regressor). Spatial mismatch rule: a larger student map is average-pooled to the
+    teacher's size, a smaller one is upsampled bilinearly, before the conv.
+    """
+
+    def __init__(self, s_shape: tuple[int, ...], t_shape: tuple[int, ...],
+                 kind: str = "conv_bn") -> None:
+        super().__init__()
+        if len(s_shape) != 4 or len(t_shape) != 4:
+            raise KdkitError(
+                f"a conv connector joins (B, C, H, W) maps; got student {tuple(s_shape)} "
+                f"and teacher {tuple(t_shape)}"
+            )
+        if kind not in ("conv_bn", "conv"):
+            raise KdkitError(f"unknown connector kind '{kind}'; use conv_bn or conv")
+        cs, ct = s_shape[1], t_shape[1]
+        self.size = (int(t_shape[2]), int(t_shape[3]))
+        self.conv = nn.Conv2d(cs, ct, 1, bias=False)
+        nn.init.normal_(self.conv.weight, 0.0, (2.0 / (1 * 1 * ct)) ** 0.5)
+        self.bn = nn.BatchNorm2d(ct) if kind == "conv_bn" else None
+        if self.bn is not None:
+            nn.init.ones_(self.bn.weight)
+            nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if (h, w) != self.size:
+            if h >= self.size[0] and w >= self.size[1]:
+                x = F.adaptive_avg_pool2d(x, self.size)
+            else:
+                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        x = self.conv(x)
+        return self.bn(x) if self.bn is not None else x
+
+
+def check_connectable(s_shape: tuple[int, ...], t_shape: tuple[int, ...], where: str) -> None:
+    """Fail early, naming both shapes, when two taps cannot be joined by a connector."""
+    if len(s_shape) != len(t_shape):
+        raise KdkitError(
+            f"{where}: student feature {tuple(s_shape)} and teacher feature {tuple(t_shape)} "
+            "have different ranks; choose layers of the same kind (both conv maps)"
+        )
+
+
+def paired_points(student: nn.Module, teacher: nn.Module, x: Tensor | None,
+                  student_layers: list[str] | None, teacher_layers: list[str] | None,
+                  read: Read) -> list[tuple[Tap, Tap, str | None]]:
+    """(student tap, teacher tap, teacher BN path) per stage, matched stage by stage."""
+    if student_layers is not None or teacher_layers is not None:
+        if student_layers is None or teacher_layers is None or \
+                len(student_layers) != len(teacher_layers):
+            raise KdkitError("give student_layers and teacher_layers together, equally long")
+        return [(parse_layer(s, read), parse_layer(t, read), None)
+                for s, t in zip(student_layers, teacher_layers, strict=True)]
+    sp, tp = stage_points(student, x, read), stage_points(teacher, x, read)
+    if len(sp) != len(tp):
+        raise KdkitError(
+            f"the student has {len(sp)} stages and the teacher {len(tp)}; name the layers to "
+            "match explicitly (student_layers / teacher_layers)"
+        )
+    return [(s.tap, t.tap, t.bn) for s, t in zip(sp, tp, strict=True)]
+
+
+def shapes(model: nn.Module, taps: list[Tap], x: Tensor | None) -> list[tuple[int, ...]]:
+    return [probe_shape(model, t, x) for t in taps]
