@@ -36,13 +36,16 @@ class MethodContext:
 class Stage:
     """One stage of a staged method (FitNets: hint pre-training, then KD).
 
-    ``epochs`` overrides the run's epoch count for this stage (None: the run's). The
-    student carries over from stage to stage; each stage has its own terms and adapters.
+    ``epochs``, ``lr`` and ``optimizer`` override the run's settings for this stage
+    (None: the run's). The student carries over from stage to stage; each stage has its
+    own terms and adapters.
     """
 
     name: str
     terms: list[Term]
     epochs: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
 
 
 Builder = Callable[..., "list[Term] | list[Stage]"]

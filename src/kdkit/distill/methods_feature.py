@@ -94,7 +94,8 @@ def hint(
 
 @register_method("fitnets", teachers="one")
 def fitnets(
-    ctx: MethodContext, *, hint_epochs: int | None = None, stage: int | None = None,
+    ctx: MethodContext, *, hint_epochs: int | None = None, hint_optimizer: str = "adam",
+    hint_lr: float = 1e-3, stage: int | None = None,
     temperature: float = 3.0, lambda_start: float = 4.0, lambda_end: float = 1.0,
     student_layers: Layers = None, teacher_layers: Layers = None,
 ) -> list[Stage]:
@@ -103,6 +104,10 @@ def fitnets(
     Stage 1 trains the student up to the guided layer (later layers get no gradient) and
     the regressor r (a 1×1 conv); stage 2 trains the whole student with KD, τ = 3 and λ
     decaying linearly from 4 to 1 over the stage. ``hint_epochs`` defaults to the run's.
+    The hint stage uses Adam (lr 1e-3) by default: the paper's loss sums over every feature
+    element, so its gradient is thousands of times a classification loss's and SGD at the
+    run's rate diverges; Adam is invariant to that scale. (The paper trained with RMSProp,
+    also scale-invariant.)
     """
     points = _points(ctx, student_layers, teacher_layers, "output")
     s, t, _, ss, ts = points[_check_stage(stage, len(points))]
@@ -114,7 +119,7 @@ def fitnets(
 
     return [
         Stage("hint", [Term("hint", HintLoss(), 1.0, s, t, teacher_name=name,
-                            adapter=regressor)], hint_epochs),
+                            adapter=regressor)], hint_epochs, hint_lr, hint_optimizer),
         Stage("kd", [
             Term("ce", CrossEntropy(), 1.0),
             Term("kd", SoftCrossEntropy(temperature), lam, LOGITS, LOGITS, teacher_name=name),
