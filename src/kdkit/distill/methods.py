@@ -17,7 +17,7 @@ from kdkit.distill.term import Term
 from kdkit.errors import KdkitError
 from kdkit.losses import CrossEntropy, KDLoss
 from kdkit.registry import Registry
-from kdkit.taps import LOGITS
+from kdkit.taps import LOGITS, Tap, penultimate
 
 
 @dataclass
@@ -169,3 +169,22 @@ def kd(ctx: MethodContext, *, temperature: float = 4.0, alpha: float = 0.9) -> l
         Term("ce", CrossEntropy(), 1.0 - alpha),
         Term("kd", KDLoss(temperature), alpha, LOGITS, LOGITS, teacher_name=teacher),
     ]
+
+
+def layer_tap(model: nn.Module, layer: str | None) -> Tap:
+    """A named layer's output, or the model's penultimate embedding when ``layer`` is None."""
+    return Tap(layer, "output") if layer else penultimate(model)
+
+
+def ce_and_kd(ctx: MethodContext, kd_alpha: float, temperature: float) -> list[Term]:
+    """``(1 − kd_alpha)·CE``, plus Hinton KD with weight ``kd_alpha`` when it is > 0.
+
+    The '+KD' variants of relational and feature methods add these to their own terms.
+    """
+    if not 0.0 <= kd_alpha <= 1.0:
+        raise KdkitError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
+    terms = [Term("ce", CrossEntropy(), 1.0 - kd_alpha)]
+    if kd_alpha > 0:
+        terms.append(Term("kd", KDLoss(temperature), kd_alpha, LOGITS, LOGITS,
+                          teacher_name=next(iter(ctx.teachers))))
+    return terms

@@ -10,13 +10,13 @@ from collections.abc import Callable
 
 from torch import nn
 
-from kdkit.distill.methods import MethodContext, register_method
+from kdkit.distill.methods import MethodContext, layer_tap, register_method
 from kdkit.distill.term import Term
 from kdkit.errors import KdkitError
 from kdkit.losses import CrossEntropy
 from kdkit.losses.ensemble import EnsembleKDLoss, MultiStreamKDLoss, RandomTeacherKDLoss
 from kdkit.losses.relative import RelativeDissimilarityLoss
-from kdkit.taps import LOGITS, Tap, penultimate
+from kdkit.taps import LOGITS
 
 
 def _check(alpha: float, temperature: float, method: str) -> None:
@@ -82,11 +82,6 @@ def ensemble_streams(ctx: MethodContext, *, temperature: float = 4.0, alpha: flo
     """Multiple streams (Fukuda et al. 2017): each sample once per teacher, its soft labels."""
     _check(alpha, temperature, "ensemble_streams")
     return _terms(ctx, MultiStreamKDLoss(temperature), alpha)
-
-
-def layer_tap(model: nn.Module, layer: str | None) -> Tap:
-    """A named layer's output, or the model's penultimate embedding when ``layer`` is None."""
-    return Tap(layer, "output") if layer else penultimate(model)
 
 
 @register_method("ensemble_relative", teachers="many")

@@ -12,11 +12,16 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from kdkit.distill.features import Connector, check_connectable, paired_points
-from kdkit.distill.methods import MethodContext, Stage, register_method
-from kdkit.distill.methods_ensemble import layer_tap
+from kdkit.distill.methods import (
+    MethodContext,
+    Stage,
+    ce_and_kd,
+    layer_tap,
+    register_method,
+)
 from kdkit.distill.term import Term
 from kdkit.errors import KdkitError
-from kdkit.losses import CrossEntropy, KDLoss
+from kdkit.losses import CrossEntropy
 from kdkit.losses.ab import ABLoss
 from kdkit.losses.attention import ATLoss
 from kdkit.losses.feature import HintLoss, MSEFeatureLoss
@@ -34,17 +39,6 @@ Layers = list[str] | None
 def _teacher(ctx: MethodContext) -> tuple[str, nn.Module]:
     name = next(iter(ctx.teachers))
     return name, ctx.teachers[name]
-
-
-def _task_terms(ctx: MethodContext, kd_alpha: float, temperature: float) -> list[Term]:
-    """CE, plus Hinton KD when ``kd_alpha`` > 0 (the '+KD' variants)."""
-    if not 0.0 <= kd_alpha <= 1.0:
-        raise KdkitError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
-    terms = [Term("ce", CrossEntropy(), 1.0 - kd_alpha)]
-    if kd_alpha > 0:
-        terms.append(Term("kd", KDLoss(temperature), kd_alpha, LOGITS, LOGITS,
-                          teacher_name=_teacher(ctx)[0]))
-    return terms
 
 
 def _points(ctx: MethodContext, student_layers: Layers, teacher_layers: Layers, read: Read
@@ -86,7 +80,7 @@ def hint(
     """Hint baseline: CE + plain L2 between connector(student) and teacher at one stage end."""
     points = _points(ctx, student_layers, teacher_layers, "output")
     s, t, _, ss, ts = points[_check_stage(stage, len(points))]
-    return _task_terms(ctx, kd_alpha, temperature) + [
+    return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term("hint", MSEFeatureLoss(), weight, s, t, teacher_name=_teacher(ctx)[0],
              adapter=_connector(ss, ts, connector)),
     ]
@@ -134,7 +128,7 @@ def at(
 ) -> list[Term]:
     """Attention transfer (Zagoruyko & Komodakis 2017): CE (+KD) + β·Σ_stages AT, β = 1000."""
     name = _teacher(ctx)[0]
-    return _task_terms(ctx, kd_alpha, temperature) + [
+    return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term(f"at{i + 1}", ATLoss(p), beta, s, t, teacher_name=name)
         for i, (s, t, _, _, _) in enumerate(_points(ctx, student_layers, teacher_layers,
                                                     "output"))
@@ -165,7 +159,7 @@ def overhaul(
     if teacher_bns is not None and len(teacher_bns) != len(points):
         raise KdkitError(f"overhaul: teacher_bns needs one BN path per stage ({len(points)})")
     n = len(points)
-    terms = _task_terms(ctx, kd_alpha, temperature)
+    terms = ce_and_kd(ctx, kd_alpha, temperature)
     for i, (s, t, bn, ss, ts) in enumerate(points):
         margin = _margin(teacher, teacher_bns[i] if teacher_bns else bn, t)
         if margin.numel() != ts[1]:
@@ -181,7 +175,7 @@ def _last_stage_term(ctx: MethodContext, name: str, loss: nn.Module, weight: flo
                      teacher_layers: Layers) -> list[Term]:
     points = _points(ctx, student_layers, teacher_layers, "output")
     s, t, _, _, _ = points[-1]
-    return _task_terms(ctx, kd_alpha, temperature) + [
+    return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term(name, loss, weight, s, t, teacher_name=_teacher(ctx)[0])]
 
 
@@ -208,7 +202,7 @@ def pkt(ctx: MethodContext, *, weight: float = 1.0, kd_alpha: float = 0.0,
         teacher_layer: str | None = None) -> list[Term]:
     """PKT (Passalis & Tefas 2018): CE + KL of cosine-kernel conditional probabilities."""
     name, teacher = _teacher(ctx)
-    return _task_terms(ctx, kd_alpha, temperature) + [
+    return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term("pkt", PKTLoss(), weight, layer_tap(ctx.student, student_layer),
              layer_tap(teacher, teacher_layer), teacher_name=name)]
 
@@ -222,7 +216,7 @@ def fsp(ctx: MethodContext, *, weight: float = 1.0, kd_alpha: float = 0.0,
     if len(points) < 2:
         raise KdkitError("fsp needs at least two stage ends (a pair per section)")
     name = _teacher(ctx)[0]
-    return _task_terms(ctx, kd_alpha, temperature) + [
+    return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term(f"fsp{i + 1}", FSPLoss(), weight, (a[0], b[0]), (a[1], b[1]), teacher_name=name)
         for i, (a, b) in enumerate(zip(points[:-1], points[1:], strict=True))
     ]
@@ -239,4 +233,4 @@ def ab(ctx: MethodContext, *, init_epochs: int | None = None, margin: float = 1.
                  adapter=_connector(ss, ts, connector))
             for i, (s, t, _, ss, ts) in enumerate(points)]
     return [Stage("init", init, init_epochs),
-            Stage("train", _task_terms(ctx, kd_alpha, temperature))]
+            Stage("train", ce_and_kd(ctx, kd_alpha, temperature))]

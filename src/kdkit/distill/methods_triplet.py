@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdkit.distill.methods import MethodContext, register_method
-from kdkit.distill.methods_ensemble import layer_tap
+from kdkit.distill.methods import MethodContext, ce_and_kd, layer_tap, register_method
 from kdkit.distill.term import Term
 from kdkit.errors import KdkitError
 from kdkit.losses import CrossEntropy, KDLoss
@@ -35,17 +34,6 @@ def triplet_kd(
     ]
 
 
-def _ce_and_kd(ctx: MethodContext, kd_alpha: float, temperature: float) -> list[Term]:
-    """CE, plus Hinton KD on the logits when ``kd_alpha`` > 0 (the '+KD' variants)."""
-    if not 0.0 <= kd_alpha <= 1.0:
-        raise KdkitError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
-    terms = [Term("ce", CrossEntropy(), 1.0 - kd_alpha)]
-    if kd_alpha > 0:
-        terms.append(Term("kd", KDLoss(temperature), kd_alpha, LOGITS, LOGITS,
-                          teacher_name=next(iter(ctx.teachers))))
-    return terms
-
-
 @register_method("rkd", teachers="one")
 def rkd(
     ctx: MethodContext, *, distance_weight: float = 25.0, angle_weight: float = 50.0,
@@ -56,7 +44,7 @@ def rkd(
     teacher = next(iter(ctx.teachers))
     s_tap = layer_tap(ctx.student, student_layer)
     t_tap = layer_tap(ctx.teachers[teacher], teacher_layer)
-    return _ce_and_kd(ctx, kd_alpha, temperature) + [
+    return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term("rkd_distance", RKDDistanceLoss(), distance_weight, s_tap, t_tap,
              teacher_name=teacher),
         Term("rkd_angle", RKDAngleLoss(), angle_weight, s_tap, t_tap, teacher_name=teacher),
@@ -70,7 +58,7 @@ def _metric(ctx: MethodContext, loss: nn.Module, name: str, weight: float,
     teacher = next(iter(ctx.teachers))
     s_tap = layer_tap(ctx.student, student_layer)
     t_tap = layer_tap(ctx.teachers[teacher], teacher_layer)
-    return _ce_and_kd(ctx, kd_alpha, temperature) + [
+    return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term("triplet", BatchHardTripletLoss(margin), triplet_weight, s_tap),
         Term(name, loss, weight, s_tap, t_tap, teacher_name=teacher, adapter=adapter),
     ]
