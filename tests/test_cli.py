@@ -90,6 +90,9 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         (["train", "--model", "mlp", "--epochs", "0", "--out", str(tmp_path / "e")],
          "train.epochs: Input should be greater than or equal to 1"),
         (["run", "--set", "train.epochs"], "KEY=VALUE"),
+        (["models", "--layers", "mlp", "--input", "1,8"], "--input expects C,H,W"),
+        (["train", "--model", "mlp", "--method-arg", "label_smoothing=abc",
+          "--out", str(tmp_path / "f")], "argument 'label_smoothing': Input should be"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
@@ -109,6 +112,12 @@ def _tiny_cifar10(root: Path) -> None:
         labels = np.arange(20, dtype=np.uint8) % 10
         pixels = rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)
         (folder / name).write_bytes(np.concatenate([labels[:, None], pixels], 1).tobytes())
+
+
+def test_bad_threads_env_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("KDKIT_THREADS", "many")
+    assert main(["methods"]) == 2
+    assert "KDKIT_THREADS must be a whole number" in capsys.readouterr().err
 
 
 def test_teacher_for_other_data_is_refused(tmp_path, capsys):

@@ -122,3 +122,26 @@ def test_errors_are_clear():
     d = Distiller(student, {"teacher": wide}, build_method("kd", student, {"teacher": wide}))
     with pytest.raises(KdkitError, match="same number of classes"):
         d(torch.randn(2, 1, 4, 4), torch.tensor([0, 1]))
+
+
+def test_teacher_train_mode_never_changes_the_teacher():
+    """Batch statistics in train mode, but running statistics (and weights) untouched."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 2 * 2, 3))
+    student, _ = _models()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    d = Distiller(student, {"teacher": teacher}, build_method("kd", student,
+                                                              {"teacher": teacher}),
+                  teacher_mode="train")
+    d.train()
+    x = torch.randn(8, 1, 4, 4) * 3 + 1
+    out = d(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    out["loss"].backward()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    # and the teacher really used batch statistics (differs from eval-mode outputs)
+    with torch.no_grad():
+        train_logits = d.teacher_outputs(x)["teacher"]["<model>:output"]
+        teacher.eval()
+        eval_logits = teacher(x)
+    assert not torch.allclose(train_logits, eval_logits)

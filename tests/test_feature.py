@@ -115,7 +115,7 @@ def test_unconnectable_taps_fail_early_naming_both_shapes():
 def test_overhaul_needs_bn_before_relu():
     lenet_t = create_model("lenet5", num_classes=4, input_size=16)
     lenet_s = create_model("lenet5_half", num_classes=4, input_size=16)
-    with pytest.raises(KdkitError, match="no BatchNorm before the ReLU"):
+    with pytest.raises(KdkitError, match="no BatchNorm known before the ReLU.*teacher_bns"):
         build_method("overhaul", lenet_s, {"t": lenet_t}, example_input=X[:2],
                      student_layers=["relu2:preact"], teacher_layers=["relu2:preact"])
 
@@ -136,3 +136,15 @@ def test_wrn_and_plain_cnn_points():
     cnn = create_model("plain_cnn4", input_size=16)
     assert [(str(p.tap), p.bn) for p in stage_points(cnn, X[:2])] == [
         ("features.5:preact", "features.4"), ("features.12:preact", "features.11")]
+
+
+def test_position_losses_check_shapes_at_build_time():
+    student, teacher = _pair()
+    with pytest.raises(KdkitError, match=r"at: student layer1:output gives \(1, 8, 16, 16\) "
+                                         r"and teacher layer2:output gives \(1, 32, 8, 8\); "
+                                         r"the spatial sizes must match"):
+        build_method("at", student, {"t": teacher}, example_input=X[:1],
+                     student_layers=["layer1"], teacher_layers=["layer2"])
+    with pytest.raises(KdkitError, match="fsp: student layer1:output has 8 channels and "
+                                         "teacher layer1:output 16"):
+        build_method("fsp", student, {"t": teacher}, example_input=X[:1])

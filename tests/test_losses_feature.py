@@ -283,8 +283,9 @@ def _pkt_by_loops(s, t):
 def test_pkt_reference_value_and_scale_invariance():
     torch.manual_seed(0)
     s, t = torch.randn(4, 3), torch.randn(4, 2, 2, 2)
-    assert pkt_loss(s, t).item() == pytest.approx(_pkt_by_loops(s, t), rel=1e-4)
-    assert PKTLoss()(3.0 * s, t).item() == pytest.approx(_pkt_by_loops(s, t), rel=1e-4)
+    b = s.shape[0]  # batch mean over anchors
+    assert pkt_loss(s, t).item() == pytest.approx(_pkt_by_loops(s, t) / b, rel=1e-4)
+    assert PKTLoss()(3.0 * s, t).item() == pytest.approx(_pkt_by_loops(s, t) / b, rel=1e-4)
     one = torch.randn(1, 3, requires_grad=True)
     out = pkt_loss(one, torch.randn(1, 5))
     assert out.item() == 0.0 and out.requires_grad

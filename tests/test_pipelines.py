@@ -50,6 +50,10 @@ def test_ensemble_best_teacher_and_chain(tmp_path):
     # the search keeps the candidate with the best validation accuracy, not test accuracy
     search = runs["search"]["search"]
     assert len(search) == 2
+    # same model name, other arguments: two separate candidate runs, not one reused
+    assert [c["via_kwargs"] for c in search] == [[{"hidden": [48]}], [{"hidden": [24]}]]
+    assert {p.name for p in (seed / "search").iterdir() if p.is_dir()} == {"via1-mlp",
+                                                                          "via2-mlp"}
     best_val = max(search, key=lambda c: c["val_acc"])
     assert runs["search"]["val_acc"] == best_val["val_acc"]
     assert (seed / "search" / "model.safetensors").exists()
@@ -101,6 +105,16 @@ def test_teacher_selection_errors():
     assert "students[2].via: assistant chains need a one-teacher method" in msg
     assert "students[3].teachers: method 'ce' uses no teacher" in msg
     assert "students[4].via[0].name: unknown model 'mpl'" in msg
+    with pytest.raises(ConfigError) as e:
+        _cfg([{"label": "f", "method": {"name": "ce"}, "via": [{"name": "mlp"}]},
+              {"label": "g", "method": {"name": "kd"}, "teachers": "best"},
+              {"label": "h", "method": {"name": "kd", "temperature": "hot", "alpha": 2}}],
+             data={"name": "digits", "val_fraction": 0.0})
+    msg = str(e.value)
+    assert "students[0].via: assistant chains need a one-teacher method, not 'ce'" in msg
+    assert "students[1]: 'teachers: best' and 'via_search' choose on the validation split" in msg
+    assert "argument 'temperature': Input should be a valid number" in msg
+    assert "argument 'alpha' must be in [0, 1], got 2" in msg
     with pytest.raises(ConfigError, match="either 'via' .* or 'via_search'"):
         _cfg([{"label": "x", "method": {"name": "kd"}, "teachers": "best",
                "via": [{"name": "mlp"}], "via_search": [[{"name": "mlp"}]]}])
@@ -139,3 +153,16 @@ def test_staged_method_keeps_stage_runs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "fit", real_fit)
     res = run_experiment(cfg, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
     assert [r["test_acc"] for r in res["runs"]] == [r["test_acc"] for r in ref["runs"]]
+
+
+def test_cached_teacher_reused_under_another_label(tmp_path):
+    students = [{"label": "kd", "method": {"name": "kd"}}]
+    one = {**BASE, "teachers": [BASE["teachers"][0]], "students": students}
+    run_experiment(config_from_dict(one), tmp_path / "a", cache_dir=tmp_path / "c",
+                   progress=False, log=lambda s: None)
+    relabelled = {**one, "teachers": [{**BASE["teachers"][0], "label": "renamed"}]}
+    logs = []
+    res = run_experiment(config_from_dict(relabelled), tmp_path / "b", cache_dir=tmp_path / "c",
+                         progress=False, log=logs.append)
+    assert any("renamed: reused from cache" in line for line in logs)
+    assert [r["label"] for r in res["rows"]] == ["renamed", "kd"]

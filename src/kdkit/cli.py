@@ -188,7 +188,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.layers:
         import torch
 
-        c, h, _ = (int(v) for v in args.input.split(","))
+        try:
+            c, h, _w = (int(v) for v in args.input.split(","))
+        except ValueError:
+            raise ConfigError(f"--input expects C,H,W (e.g. 1,28,28), got '{args.input}'") from None
         model = create_model(args.layers, in_channels=c, input_size=h)
         shapes: dict[str, tuple[int, ...]] = {}
         hooks = [m.register_forward_hook(
@@ -335,7 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
-    threads = args.threads or int(os.environ.get("KDKIT_THREADS", "0") or 0)
+    try:
+        threads = args.threads or int(os.environ.get("KDKIT_THREADS", "0") or 0)
+    except ValueError:
+        print(f"kdkit: error: KDKIT_THREADS must be a whole number, got "
+              f"'{os.environ.get('KDKIT_THREADS')}'", file=sys.stderr)
+        return 2
     if threads:
         import torch
 

@@ -258,6 +258,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
 
     data = section(raw, "data")
     dname = data.get("name", "digits") if data else "digits"
+    val_fraction = data.get("val_fraction", 0.1) if data else 0.1
     if isinstance(dname, str) and dname not in DATASETS:
         problems.append(_unknown("dataset", dname, DATASETS.names(), "data.name", "data list"))
     teacher_specs: list[tuple[str, dict[str, Any]]] = []
@@ -299,7 +300,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
             continue
         kwargs = {k: v for k, v in method.items() if k != "name"}
         problems.extend(f"{where}.method: {p}" for p in check_method_kwargs(mname, kwargs))
-        problems.extend(_check_run_teachers(run, where, mname, labels))
+        problems.extend(_check_run_teachers(run, where, mname, labels, val_fraction))
         for j, m in enumerate(run.get("via") or [] if isinstance(run.get("via"), list) else []):
             check_model(m if isinstance(m, dict) else None, f"{where}.via[{j}]")
         search = run.get("via_search")
@@ -310,18 +311,27 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
 
 
 def _check_run_teachers(
-    run: dict[str, Any], where: str, method: str, labels: list[str]
+    run: dict[str, Any], where: str, method: str, labels: list[str], val_fraction: Any
 ) -> list[str]:
     """A run's teachers must exist and suit its method ('one' teacher or 'many')."""
     from kdkit.distill.methods import method_teachers
 
     count = method_teachers(method)
     chosen = run.get("teachers")
-    if count == "none":
-        return [f"{where}.teachers: method '{method}' uses no teacher"] if chosen else []
-    if not labels:
-        return [f"{where}.method: '{method}' needs a teacher; add a 'teacher' section"]
     problems = []
+    if (run.get("via") or run.get("via_search")) and count != "one":
+        problems.append(f"{where}.via: assistant chains need a one-teacher method, not '{method}'")
+    if (chosen == "best" or run.get("via_search")) and not val_fraction:
+        problems.append(
+            f"{where}: 'teachers: best' and 'via_search' choose on the validation split, but "
+            "data.val_fraction is 0; set data.val_fraction (e.g. 0.1)"
+        )
+    if count == "none":
+        if chosen:
+            problems.append(f"{where}.teachers: method '{method}' uses no teacher")
+        return problems
+    if not labels:
+        return problems + [f"{where}.method: '{method}' needs a teacher; add a 'teacher' section"]
     if isinstance(chosen, list):
         problems += [
             f"{where}.teachers: no teacher labelled '{c}' (teachers: {', '.join(labels)})"
@@ -335,8 +345,6 @@ def _check_run_teachers(
             f"{where}.teachers: method '{method}' distils from one teacher but {n} are "
             "selected; set teachers: [LABEL] or teachers: best"
         )
-    if (run.get("via") or run.get("via_search")) and count != "one":
-        problems.append(f"{where}.via: assistant chains need a one-teacher method, not '{method}'")
     return problems
 
 

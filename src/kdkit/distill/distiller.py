@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,21 @@ from torch import Tensor, nn
 from kdkit.distill.term import Term
 from kdkit.errors import KdkitError
 from kdkit.taps import Tap, run_with_taps
+
+
+@contextmanager
+def _frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """BN layers in train mode normalise with batch statistics but do not update them."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+           and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
 
 
 class Distiller(nn.Module):
@@ -96,11 +112,18 @@ class Distiller(nn.Module):
         return self
 
     def teacher_outputs(self, x: Tensor) -> dict[str, dict[str, Tensor]]:
-        """Run each teacher once (no grad) and return its tapped tensors by tap key."""
+        """Run each teacher once (no grad) and return its tapped tensors by tap key.
+
+        In ``teacher_mode="train"`` BatchNorm uses the batch's statistics but its running
+        statistics are left untouched: the teacher is never changed by distillation, so
+        runs sharing it stay independent and a resumed run stays exact.
+        """
         out: dict[str, dict[str, Tensor]] = {}
         with torch.no_grad():
             for name, taps in self._teacher_taps.items():
-                _, feats = run_with_taps(self._teachers[name], x, taps)
+                teacher = self._teachers[name]
+                with _frozen_bn_stats(teacher):
+                    _, feats = run_with_taps(teacher, x, taps)
                 out[name] = feats
         return out
 

@@ -121,9 +121,11 @@ def _block_ends_with_relu(model: nn.Module, block: nn.Module, x: Tensor | None) 
             return bool(children) and isinstance(children[-1], _RELUS)
         was = model.training
         model.eval()
-        with torch.no_grad():
-            model(x)
-        model.train(was)
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            model.train(was)
     finally:
         for h in hooks:
             h.remove()

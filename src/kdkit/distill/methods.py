@@ -7,10 +7,12 @@ adapters) and the method's own keyword arguments, whose defaults are the paper's
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from kdkit.distill.term import Term
@@ -84,22 +86,64 @@ def method_arguments(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params}
 
 
+# Ranges shared by every method that takes an argument of this name.
+_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "temperature": (0.0, None, "> 0"),
+    "alpha": (0.0, 1.0, "in [0, 1]"),
+    "kd_alpha": (0.0, 1.0, "in [0, 1]"),
+    "margin": (0.0, None, ">= 0"),
+    "beta": (0.0, None, ">= 0"),
+    "weight": (0.0, None, ">= 0"),
+}
+
+
+def _in_range(key: str, value: Any) -> bool:
+    lo, hi, _ = _RANGES[key]
+    if key == "temperature":
+        return bool(value > 0)
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
 def check_method_kwargs(name: str, kwargs: Mapping[str, Any]) -> list[str]:
-    """Problems with ``kwargs`` for method ``name`` (empty when fine)."""
+    """Problems with ``kwargs`` for method ``name`` (empty when fine): unknown names,
+    values of the wrong type (checked against the builder's annotations), values out of
+    range. Run before any training, so a typo never costs a trained teacher."""
+    return coerce_method_kwargs(name, kwargs)[1]
+
+
+def coerce_method_kwargs(
+    name: str, kwargs: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """(kwargs converted to the builder's annotated types, problems found)."""
+    clean: dict[str, Any] = {}
     if name not in METHODS:
         try:
             METHODS.get(name)
         except KdkitError as e:
-            return [str(e)]
+            return clean, [str(e)]
     allowed = method_arguments(name)
+    hints = typing.get_type_hints(METHODS.get(name))
     problems = []
-    for key in kwargs:
+    for key, value in kwargs.items():
         if key not in allowed:
             problems.append(
                 f"method '{name}' has no argument '{key}'; it takes: "
                 f"{', '.join(allowed) or 'nothing'}"
             )
-    return problems
+            continue
+        if key in hints:
+            try:
+                value = TypeAdapter(hints[key]).validate_python(value)
+            except ValidationError as e:
+                msg = e.errors()[0]["msg"]
+                problems.append(f"method '{name}' argument '{key}': {msg} (got {value!r})")
+                continue
+        if key in _RANGES and isinstance(value, (int, float)) and not _in_range(key, value):
+            problems.append(
+                f"method '{name}' argument '{key}' must be {_RANGES[key][2]}, got {value}"
+            )
+        clean[key] = value
+    return clean, problems
 
 
 def build_method(
@@ -133,7 +177,7 @@ def build_stages(
     **kwargs: Any,
 ) -> list[Stage]:
     """Build method ``name`` as a list of stages (one stage for most methods)."""
-    problems = check_method_kwargs(name, kwargs)
+    kwargs, problems = coerce_method_kwargs(name, kwargs)
     if problems:
         raise KdkitError("; ".join(problems))
     teachers = dict(teachers or {})

@@ -54,6 +54,18 @@ def _points(ctx: MethodContext, student_layers: Layers, teacher_layers: Layers, 
     return out
 
 
+def _same_spatial(points: list[tuple[Tap, Tap, str | None, tuple[int, ...], tuple[int, ...]]],
+                  method: str) -> None:
+    """Losses that compare positions (AT, NST) need equal H×W: fail at build time."""
+    for s, t, _, ss, ts in points:
+        if len(ss) != 4 or len(ts) != 4 or ss[2:] != ts[2:]:
+            raise KdkitError(
+                f"{method}: student {s} gives {ss} and teacher {t} gives {ts}; the spatial "
+                "sizes must match (choose layers with equal H×W via student_layers / "
+                "teacher_layers)"
+            )
+
+
 def _connector(s_shape: tuple[int, ...], t_shape: tuple[int, ...], kind: str) -> nn.Module | None:
     if s_shape[1:] == t_shape[1:] and kind == "none":
         return None
@@ -128,18 +140,20 @@ def at(
 ) -> list[Term]:
     """Attention transfer (Zagoruyko & Komodakis 2017): CE (+KD) + β·Σ_stages AT, β = 1000."""
     name = _teacher(ctx)[0]
+    points = _points(ctx, student_layers, teacher_layers, "output")
+    _same_spatial(points, "at")
     return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term(f"at{i + 1}", ATLoss(p), beta, s, t, teacher_name=name)
-        for i, (s, t, _, _, _) in enumerate(_points(ctx, student_layers, teacher_layers,
-                                                    "output"))
+        for i, (s, t, _, _, _) in enumerate(points)
     ]
 
 
 def _margin(teacher: nn.Module, bn_path: str | None, tap: Tap) -> Tensor:
     if bn_path is None:
         raise KdkitError(
-            f"overhaul: no BatchNorm before the ReLU at teacher {tap}, so the margin "
-            "cannot be computed; the overhaul needs BN before each tapped ReLU"
+            f"overhaul: no BatchNorm known before the ReLU at teacher {tap}, so the margin "
+            "cannot be computed; with explicit teacher_layers give teacher_bns too (the BN "
+            "before each ReLU); the overhaul needs BN before each tapped ReLU"
         )
     bn = resolve_module(teacher, bn_path)
     if not isinstance(bn, nn.BatchNorm2d) or bn.weight is None or bn.bias is None:
@@ -172,28 +186,32 @@ def overhaul(
 
 def _last_stage_term(ctx: MethodContext, name: str, loss: nn.Module, weight: float,
                      kd_alpha: float, temperature: float, student_layers: Layers,
-                     teacher_layers: Layers) -> list[Term]:
+                     teacher_layers: Layers, same_spatial: bool) -> list[Term]:
     points = _points(ctx, student_layers, teacher_layers, "output")
+    if same_spatial:
+        _same_spatial(points[-1:], name)
     s, t, _, _, _ = points[-1]
     return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term(name, loss, weight, s, t, teacher_name=_teacher(ctx)[0])]
 
 
-def _simple(name: str, loss: Callable[[], nn.Module], default_weight: float, summary: str
-            ) -> None:
+def _simple(name: str, loss: Callable[[], nn.Module], default_weight: float, summary: str,
+            same_spatial: bool) -> None:
     def build(ctx: MethodContext, *, weight: float = default_weight, kd_alpha: float = 0.0,
               temperature: float = 4.0, student_layers: Layers = None,
               teacher_layers: Layers = None) -> list[Term]:
         return _last_stage_term(ctx, name, loss(), weight, kd_alpha, temperature,
-                                student_layers, teacher_layers)
+                                student_layers, teacher_layers, same_spatial)
 
     register_method(name, teachers="one", summary=summary)(build)
 
 
 _simple("nst", NSTLoss, 50.0,
-        "NST (Huang & Wang 2017): CE + 50·MMD² (polynomial kernel) of channel distributions.")
+        "NST (Huang & Wang 2017): CE + 50·MMD² (polynomial kernel) of channel distributions.",
+        same_spatial=True)
 _simple("sp", SPLoss, 3000.0,
-        "Similarity-preserving KD (Tung & Mori 2019): CE + 3000·‖G_s − G_t‖²_F / B².")
+        "Similarity-preserving KD (Tung & Mori 2019): CE + 3000·‖G_s − G_t‖²_F / B².",
+        same_spatial=False)
 
 
 @register_method("pkt", teachers="one")
@@ -215,6 +233,12 @@ def fsp(ctx: MethodContext, *, weight: float = 1.0, kd_alpha: float = 0.0,
     points = _points(ctx, student_layers, teacher_layers, "output")
     if len(points) < 2:
         raise KdkitError("fsp needs at least two stage ends (a pair per section)")
+    for s, t, _, ss, ts in points:
+        if ss[1] != ts[1]:
+            raise KdkitError(
+                f"fsp: student {s} has {ss[1]} channels and teacher {t} {ts[1]}; FSP matrices "
+                "compare equal widths (the paper's students are shallower, not thinner)"
+            )
     name = _teacher(ctx)[0]
     return ce_and_kd(ctx, kd_alpha, temperature) + [
         Term(f"fsp{i + 1}", FSPLoss(), weight, (a[0], b[0]), (a[1], b[1]), teacher_name=name)

@@ -31,7 +31,8 @@ def _conditional(x: Tensor, off_diag: Tensor, eps: float) -> Tensor:
 
 
 def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
-    """KL(P_t ‖ P_s) summed over ordered pairs i ≠ j.
+    """KL(P_t ‖ P_s): for each anchor i, KL of its conditional distribution over j ≠ i,
+    averaged over the B anchors (kdkit's batch-mean contract; the paper sums them).
 
     Args: student (B, ...), teacher (B, ...) (flattened; dims may differ; no teacher
     gradient needed). Returns a scalar; 0 (keeping the graph) if B < 2.
@@ -47,7 +48,7 @@ def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
     off_diag = 1.0 - torch.eye(b, dtype=student.dtype, device=student.device)
     ps = _conditional(student, off_diag, eps)
     pt = _conditional(teacher.to(student.dtype), off_diag, eps)
-    return (pt * (torch.log(pt + eps) - torch.log(ps + eps))).sum()
+    return (pt * (torch.log(pt + eps) - torch.log(ps + eps))).sum() / b
 
 
 class PKTLoss(nn.Module):

@@ -47,8 +47,8 @@ def distill_chain(
         stage_dir = run_dir / f"stage{k}-{name}"
         s = train_one(run_dir=stage_dir, label=f"{label}/stage{k}-{name}", model_name=name,
                       model_kwargs=kwargs, teachers={"teacher": current}, **run_kwargs)
-        log(f"  {label}: assistant {name} (stage {k}) test {s['test_acc']:.2f}%, "
-            f"val {s['val_acc']:.2f}%")
+        log(f"  {label}: assistant {name} (stage {k}) test {s['test_acc']:.2f}%"
+            + (f", val {s['val_acc']:.2f}%" if s.get("val_acc") is not None else ""))
         stages.append({"model": name, "test_acc": s["test_acc"], "val_acc": s["val_acc"]})
         current, _ = load_model(stage_dir)
     path = [teacher_label] + [n for n, _ in assistants] + [student[0]]
@@ -76,16 +76,19 @@ def search_paths(
         summary: dict[str, Any] = json.loads((run_dir / SUMMARY).read_text())
         return summary
     results = []
-    for assistants in candidates:
-        cdir = run_dir / f"via-{_path_name(assistants) or 'none'}"
-        s = distill_chain(run_dir=cdir, label=f"{label}/via-{_path_name(assistants)}",
+    for j, assistants in enumerate(candidates, start=1):
+        # Indexed: two candidates may use the same models with other arguments.
+        name = f"via{j}-{_path_name(assistants) or 'none'}"
+        s = distill_chain(run_dir=run_dir / name, label=f"{label}/{name}",
                           assistants=assistants, log=log, **chain_kwargs)
+        cdir = run_dir / name
         results.append((s, cdir, assistants))
     best, best_dir, best_path = max(results, key=lambda r: r[0]["val_acc"])
     for suffix in (".safetensors", ".json"):
         shutil.copy2(best_dir / f"{MODEL_STEM}{suffix}", run_dir / f"{MODEL_STEM}{suffix}")
     summary = dict(best, label=label, chosen=[n for n, _ in best_path], search=[
-        {"via": [n for n, _ in a], "val_acc": s["val_acc"], "test_acc": s["test_acc"]}
+        {"via": [n for n, _ in a], "via_kwargs": [kw for _, kw in a], "val_acc": s["val_acc"],
+         "test_acc": s["test_acc"]}
         for s, _, a in results
     ])
     log(f"  {label}: chose via {summary['chosen']} by validation accuracy "

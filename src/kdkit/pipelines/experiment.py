@@ -58,6 +58,7 @@ def _teacher(
                 shutil.copy2(f, run_dir / f.name)
         summary = json.loads((run_dir / SUMMARY).read_text())
         summary["cached_from"] = str(cached)
+        summary["label"] = f"seed{seed}/{spec.label}"  # the cache may hold it under another
         atomic_write_json(run_dir / SUMMARY, summary)
         log(f"[seed {seed}] {spec.label}: reused from cache {cached}")
         return summary
@@ -110,7 +111,7 @@ def run_experiment(
         seed_dir = out_dir / f"seed{seed}"
         d = cfg.data
         teachers: dict[str, nn.Module] = {}
-        teacher_val: dict[str, float] = {}
+        teacher_val: dict[str, float | None] = {}
         for spec in cfg.all_teachers():
             full = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
                                 train_subset=spec.train_subset, seed=seed,
@@ -120,7 +121,7 @@ def run_experiment(
             runs.append(summary)
             _report(log, seed, summary)
             teachers[spec.label] = load_teacher(t_dir, full)
-            teacher_val[spec.label] = summary.get("val_acc") or 0.0
+            teacher_val[spec.label] = summary.get("val_acc")
         data = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
                             train_subset=d.train_subset, seed=seed, download=d.download, log=log)
         for run in cfg.students:
@@ -141,13 +142,13 @@ def run_experiment(
 
 
 def _select_teachers(
-    run: StudentRunSpec, teachers: dict[str, nn.Module], val: dict[str, float]
+    run: StudentRunSpec, teachers: dict[str, nn.Module], val: dict[str, float | None]
 ) -> dict[str, nn.Module]:
     """The teachers a run distils from: none, its chosen labels, the best by val, or all."""
     if method_teachers(run.method.name) == "none":
         return {}
     if run.teachers == "best":
-        best = max(teachers, key=lambda k: val[k])
+        best = max(teachers, key=lambda k: val[k] or 0.0)  # val split required by config
         return {best: teachers[best]}
     if isinstance(run.teachers, list):
         return {k: teachers[k] for k in run.teachers}

@@ -108,9 +108,12 @@ def train_one(
         last = k == len(stages)
         # Earlier stages keep their own run directory; the last one is the run itself.
         stage_dir = run_dir if last else run_dir / f"stage{k}-{stage.name}"
-        stage_settings = replace(settings, epochs=stage.epochs or settings.epochs,
-                                 lr=stage.lr or settings.lr,
-                                 optimizer=stage.optimizer or settings.optimizer)
+        stage_settings = replace(
+            settings,
+            epochs=settings.epochs if stage.epochs is None else stage.epochs,
+            lr=settings.lr if stage.lr is None else stage.lr,
+            optimizer=stage.optimizer or settings.optimizer,
+        )
         if not last and (stage_dir / SUMMARY).exists():
             tensors, _ = load_checkpoint(stage_dir / MODEL_STEM)
             load_state_strict(student, tensors, str(stage_dir / MODEL_STEM))

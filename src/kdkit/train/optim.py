@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -13,23 +13,23 @@ from kdkit.errors import KdkitError
 
 def build_optimizer(
     params: Iterable[nn.Parameter],
-    name: str,
+    kind: str,
     lr: float,
     *,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     nesterov: bool = False,
 ) -> torch.optim.Optimizer:
-    params = list(params)
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
-        )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise KdkitError(f"unknown optimizer '{name}'; use sgd, adam or adamw")
+    """SGD (with momentum), Adam or AdamW over ``params``."""
+    makers: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay, nesterov=nesterov),
+        "adam": lambda p: torch.optim.Adam(p, lr=lr, weight_decay=weight_decay),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=weight_decay),
+    }
+    if kind not in makers:
+        raise KdkitError(f"unknown optimizer '{kind}'; use sgd, adam or adamw")
+    return makers[kind](list(params))
 
 
 def lr_at(
