@@ -18,3 +18,21 @@ def _isolated_env(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits", val_fraction=0.2, seed=0)
+
+
+def kill_fit_call(monkeypatch, call: int, steps: int):
+    """Make the ``call``-th training run of the pipelines stop after ``steps`` steps, as if
+    the process had been killed there (it checkpoints and raises TrainingInterrupted).
+    Returns a function that puts the real ``fit`` back."""
+    from kdkit.pipelines import runs
+
+    real_fit, calls = runs.fit, {"n": 0}
+
+    def dying_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            kwargs["stop_after"] = steps
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "fit", dying_fit)
+    return lambda: monkeypatch.setattr(runs, "fit", real_fit)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import kill_fit_call
 from kdkit.config import load_config
 from kdkit.errors import KdkitError
 from kdkit.pipelines.experiment import run_experiment
@@ -80,21 +81,10 @@ def test_killed_experiment_resumes_to_same_result(tmp_path, monkeypatch):
     ref = run_experiment(cfg, tmp_path / "ref", cache_dir=None, progress=False,
                          log=lambda s: None)
 
-    from kdkit.pipelines import runs
-
-    real_fit = runs.fit
-    calls = {"n": 0}
-
-    def dying_fit(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # the KD student, killed after 10 steps
-            kwargs["stop_after"] = 10
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(runs, "fit", dying_fit)
+    restore = kill_fit_call(monkeypatch, 3, 10)  # the KD student, killed after 10 steps
     with pytest.raises(TrainingInterrupted):
         run_experiment(cfg, tmp_path / "b", cache_dir=None, progress=False, log=lambda s: None)
-    monkeypatch.setattr(runs, "fit", real_fit)
+    restore()
     res = run_experiment(cfg, tmp_path / "b", resume=True, cache_dir=None, progress=False,
                          log=lambda s: None)
     assert [r["test_acc"] for r in res["runs"]] == [r["test_acc"] for r in ref["runs"]]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import kill_fit_call
 from kdkit.config import config_from_dict
 from kdkit.errors import ConfigError
 from kdkit.pipelines.experiment import run_experiment
@@ -67,21 +68,12 @@ def test_chain_resumes_per_stage(tmp_path, monkeypatch):
                  "via": [{"name": "mlp", "hidden": [32]}, {"name": "mlp", "hidden": [24]}]}])
     ref = run_experiment(cfg, tmp_path / "ref", progress=False, log=lambda s: None)
 
-    from kdkit.pipelines import runs
     from kdkit.train.loop import TrainingInterrupted
 
-    real_fit, calls = runs.fit, {"n": 0}
-
-    def dying_fit(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # teachers are runs 1-2; stage 1 is run 3; kill stage 2
-            kwargs["stop_after"] = 5
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(runs, "fit", dying_fit)
+    restore = kill_fit_call(monkeypatch, 4, 5)  # teachers are runs 1-2; stage 1 is run 3; kill stage 2
     with pytest.raises(TrainingInterrupted):
         run_experiment(cfg, tmp_path / "b", progress=False, log=lambda s: None)
-    monkeypatch.setattr(runs, "fit", real_fit)
+    restore()
     res = run_experiment(cfg, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
     assert [r["test_acc"] for r in res["runs"]] == [r["test_acc"] for r in ref["runs"]]
     stage2 = json.loads((tmp_path / "b" / "seed0" / "takd" / "stage2-mlp" / "summary.json")
@@ -136,21 +128,12 @@ def test_staged_method_keeps_stage_runs_and_resumes(tmp_path, monkeypatch):
     final = tmp_path / "ref" / "seed0" / "fitnets" / "metrics.jsonl"
     assert len(final.read_text().splitlines()) == 3
 
-    from kdkit.pipelines import runs
     from kdkit.train.loop import TrainingInterrupted
 
-    real_fit, calls = runs.fit, {"n": 0}
-
-    def dying_fit(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # teacher, hint stage, then kill the KD stage
-            kwargs["stop_after"] = 4
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(runs, "fit", dying_fit)
+    restore = kill_fit_call(monkeypatch, 3, 4)  # teacher, hint stage, then kill the KD stage
     with pytest.raises(TrainingInterrupted):
         run_experiment(cfg, tmp_path / "b", progress=False, log=lambda s: None)
-    monkeypatch.setattr(runs, "fit", real_fit)
+    restore()
     res = run_experiment(cfg, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
     assert [r["test_acc"] for r in res["runs"]] == [r["test_acc"] for r in ref["runs"]]
 
