@@ -112,8 +112,8 @@ def fitnets(
     decaying linearly from 4 to 1 over the stage. ``hint_epochs`` defaults to the run's.
     The hint stage uses Adam (lr 1e-3) by default: the paper's loss sums over every feature
     element, so its gradient is thousands of times a classification loss's and SGD at the
-    run's rate diverges; Adam is invariant to that scale. (The paper trained with RMSProp,
-    also scale-invariant.)
+    run's rate diverges; Adam is invariant to that scale. ``hint_optimizer`` / ``hint_lr``
+    change it.
     """
     points = _points(ctx, student_layers, teacher_layers, "output")
     s, t, _, ss, ts = points[_check_stage(stage, len(points))]
