@@ -8,6 +8,7 @@ connectors are built from the probed shapes and trained with the student.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -34,6 +35,8 @@ from kdkit.losses.sp import SPLoss
 from kdkit.taps import LOGITS, Read, Tap, probe_shape, resolve_module
 
 Layers = list[str] | None
+Optimizer = Literal["sgd", "adam", "adamw"]
+ConnectorKind = Literal["conv_bn", "conv", "none"]
 
 
 def _teacher(ctx: MethodContext) -> tuple[str, nn.Module]:
@@ -86,7 +89,7 @@ def _check_stage(stage: int | None, n: int) -> int:
 @register_method("hint", teachers="one")
 def hint(
     ctx: MethodContext, *, weight: float = 1.0, stage: int | None = None,
-    connector: str = "conv_bn", kd_alpha: float = 0.0, temperature: float = 4.0,
+    connector: ConnectorKind = "conv_bn", kd_alpha: float = 0.0, temperature: float = 4.0,
     student_layers: Layers = None, teacher_layers: Layers = None,
 ) -> list[Term]:
     """Hint baseline: CE + plain L2 between connector(student) and teacher at one stage end."""
@@ -100,7 +103,7 @@ def hint(
 
 @register_method("fitnets", teachers="one")
 def fitnets(
-    ctx: MethodContext, *, hint_epochs: int | None = None, hint_optimizer: str = "adam",
+    ctx: MethodContext, *, hint_epochs: int | None = None, hint_optimizer: Optimizer = "adam",
     hint_lr: float = 1e-3, stage: int | None = None,
     temperature: float = 3.0, lambda_start: float = 4.0, lambda_end: float = 1.0,
     student_layers: Layers = None, teacher_layers: Layers = None,
@@ -164,7 +167,7 @@ def _margin(teacher: nn.Module, bn_path: str | None, tap: Tap) -> Tensor:
 @register_method("overhaul", teachers="one")
 def overhaul(
     ctx: MethodContext, *, beta: float = 1e-3, kd_alpha: float = 0.0, temperature: float = 4.0,
-    connector: str = "conv_bn", student_layers: Layers = None, teacher_layers: Layers = None,
+    connector: ConnectorKind = "conv_bn", student_layers: Layers = None, teacher_layers: Layers = None,
     teacher_bns: Layers = None,
 ) -> list[Term]:
     """Heo et al. 2019: CE + β·Σ_i partial-L2(conn(S_i), σ_m(T_i)) / 2^(n−i−1), pre-ReLU."""
@@ -248,7 +251,7 @@ def fsp(ctx: MethodContext, *, weight: float = 1.0, kd_alpha: float = 0.0,
 
 @register_method("ab", teachers="one")
 def ab(ctx: MethodContext, *, init_epochs: int | None = None, margin: float = 1.0,
-       kd_alpha: float = 0.0, temperature: float = 4.0, connector: str = "conv_bn",
+       kd_alpha: float = 0.0, temperature: float = 4.0, connector: ConnectorKind = "conv_bn",
        student_layers: Layers = None, teacher_layers: Layers = None) -> list[Stage]:
     """Activation boundaries (Heo et al. 2019): initialise by AB transfer, then CE (+KD)."""
     name = _teacher(ctx)[0]
