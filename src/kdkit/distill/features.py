@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
-from kdkit.taps import Read, Tap, probe_shape, resolve_module
+from kdkit.taps import Read, Tap, resolve_module
 
 _RELUS = (nn.ReLU, nn.ReLU6)
 
@@ -218,7 +218,3 @@ def paired_points(student: nn.Module, teacher: nn.Module, x: Tensor | None,
             "match explicitly (student_layers / teacher_layers)"
         )
     return [(s.tap, t.tap, t.bn) for s, t in zip(sp, tp, strict=True)]
-
-
-def shapes(model: nn.Module, taps: list[Tap], x: Tensor | None) -> list[tuple[int, ...]]:
-    return [probe_shape(model, t, x) for t in taps]

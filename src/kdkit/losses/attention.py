@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
+from kdkit.losses.feature import check_same_positions
 
 
 def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
@@ -42,17 +43,7 @@ def at_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
     Args: student (B, C_s, H, W), teacher (B, C_t, H, W) (no gradient needed); C_s may
     differ from C_t. Returns a scalar.
     """
-    if student.dim() < 3 or teacher.dim() < 3:
-        raise KdkitError(
-            f"attention transfer needs features (B, C, H, W); got student {tuple(student.shape)}, "
-            f"teacher {tuple(teacher.shape)}"
-        )
-    if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
-        raise KdkitError(
-            f"attention transfer: student feature {tuple(student.shape)} and teacher feature "
-            f"{tuple(teacher.shape)} must have the same batch size and spatial size (channels "
-            "may differ); tap layers of equal resolution or resize one of them"
-        )
+    check_same_positions(student, teacher, "attention transfer")
     return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
 
 

@@ -30,6 +30,21 @@ def check_same_shape(student: Tensor, teacher: Tensor, loss: str) -> None:
         raise KdkitError(f"{loss}: features need a batch dimension, got a 0-d tensor")
 
 
+def check_same_positions(student: Tensor, teacher: Tensor, loss: str) -> None:
+    """Raise unless both are (B, C, H, W) maps with equal B, H, W (channels may differ)."""
+    if student.dim() < 3 or teacher.dim() < 3:
+        raise KdkitError(
+            f"{loss} needs features (B, C, H, W); got student {tuple(student.shape)}, "
+            f"teacher {tuple(teacher.shape)}"
+        )
+    if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
+        raise KdkitError(
+            f"{loss}: student feature {tuple(student.shape)} and teacher feature "
+            f"{tuple(teacher.shape)} must have the same batch size and spatial size (channels "
+            "may differ); tap layers of equal resolution or resize one of them"
+        )
+
+
 def hint_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """FitNets hint loss ``½‖u_t − r(v_s)‖²``.
 

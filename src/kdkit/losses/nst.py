@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
+from kdkit.losses.feature import check_same_positions
 
 
 def _poly_mean(x: Tensor, y: Tensor, degree: int, c: float) -> Tensor:
@@ -31,17 +32,7 @@ def nst_loss(student: Tensor, teacher: Tensor, degree: int = 2, c: float = 0.0) 
     Args: student (B, C_s, H, W), teacher (B, C_t, H, W) (no gradient needed).
     Returns a scalar ≥ 0 (up to rounding) for c ≥ 0.
     """
-    if student.dim() < 3 or teacher.dim() < 3:
-        raise KdkitError(
-            f"NST needs features (B, C, H, W); got student {tuple(student.shape)}, "
-            f"teacher {tuple(teacher.shape)}"
-        )
-    if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
-        raise KdkitError(
-            f"NST: student feature {tuple(student.shape)} and teacher feature "
-            f"{tuple(teacher.shape)} must have the same batch size and spatial size (channels "
-            "may differ); tap layers of equal resolution or resize one of them"
-        )
+    check_same_positions(student, teacher, "NST")
     s = F.normalize(student.flatten(2), p=2.0, dim=2)
     t = F.normalize(teacher.flatten(2), p=2.0, dim=2)
     mmd2 = (
