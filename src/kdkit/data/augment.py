@@ -3,6 +3,12 @@
 Each augmentation maps ``x`` (N, C, H, W) to a tensor of the same shape (a crop may change
 H, W if asked). Random draws are made on the CPU generator, so the result depends only on
 the generator's seed, whatever device ``x`` is on.
+
+Two ways to draw: ``aug(x, generator)`` draws for a whole batch from one generator (the
+batch's view depends on the batch's seed), and ``aug.apply(x, u)`` takes ``n_draws``
+uniforms per sample (N, n_draws) in [0, 1): with per-sample uniforms from a counter-based
+hash (:mod:`kdkit.data.views`) a sample's view depends only on (sample, view number), never
+on the batch it lands in, which is what makes a teacher-output cache exact.
 """
 
 from __future__ import annotations
@@ -18,9 +24,17 @@ from kdkit.errors import KdkitError
 
 
 class Augment:
-    """Base class: ``aug(x, generator) -> x'`` on a whole batch (N, C, H, W)."""
+    """Base class: ``aug(x, generator) -> x'`` on a whole batch (N, C, H, W).
+
+    ``n_draws`` uniforms per sample drive ``apply(x, u)``; ``u`` is (N, n_draws) in [0, 1).
+    """
+
+    n_draws: int = 0
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def apply(self, x: Tensor, u: Tensor) -> Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -39,6 +53,11 @@ def _windows(padded: Tensor, top: Tensor, left: Tensor, h: int, w: int) -> Tenso
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def _uniform_int(u: Tensor, low: int, high: int) -> Tensor:
+    """Map uniforms in [0, 1) to integers in [low, high] (inclusive), elementwise."""
+    return (u * (high - low + 1)).floor().long().clamp_(max=high - low) + low
+
+
 class RandomShift(Augment):
     """Translate each image by integer offsets in [-max_shift, max_shift] per axis.
 
@@ -52,13 +71,25 @@ class RandomShift(Augment):
         self.max_shift = int(max_shift)
         self.fill = float(fill)
 
+    n_draws = 2
+
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         k = self.max_shift
         if k == 0 or x.shape[0] == 0:
             return x
-        n, _, h, w = x.shape
-        dy = torch.randint(-k, k + 1, (n,), generator=generator)
-        dx = torch.randint(-k, k + 1, (n,), generator=generator)
+        dy = torch.randint(-k, k + 1, (x.shape[0],), generator=generator)
+        dx = torch.randint(-k, k + 1, (x.shape[0],), generator=generator)
+        return self._shift(x, dy, dx)
+
+    def apply(self, x: Tensor, u: Tensor) -> Tensor:
+        k = self.max_shift
+        if k == 0 or x.shape[0] == 0:
+            return x
+        return self._shift(x, _uniform_int(u[:, 0], -k, k), _uniform_int(u[:, 1], -k, k))
+
+    def _shift(self, x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+        k = self.max_shift
+        h, w = x.shape[2:]
         padded = F.pad(x, (k, k, k, k), value=self.fill)
         # out[i, j] = x[i - dy, j - dx]: a pixel at (r, c) moves to (r + dy, c + dx)
         return _windows(padded, k - dy, k - dx, h, w)
@@ -79,19 +110,37 @@ class RandomCrop(Augment):
         self.padding = int(padding)
         self.fill = float(fill)
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        n, _, h, w = x.shape
+    n_draws = 2
+
+    def _geometry(self, x: Tensor) -> tuple[int, int, int, int]:
+        """(crop h, crop w, padded h, padded w), checked."""
+        h, w = x.shape[2:]
         ch, cw = self.size if self.size is not None else (h, w)
-        p = self.padding
-        hp, wp = h + 2 * p, w + 2 * p
+        hp, wp = h + 2 * self.padding, w + 2 * self.padding
         if ch > hp or cw > wp:
             raise KdkitError(
                 f"RandomCrop: crop {ch}x{cw} is larger than the padded image {hp}x{wp}"
             )
+        return ch, cw, hp, wp
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        n = x.shape[0]
+        ch, cw, hp, wp = self._geometry(x)
         if n == 0:
             return x.new_empty((0, x.shape[1], ch, cw))
         top = torch.randint(0, hp - ch + 1, (n,), generator=generator)
         left = torch.randint(0, wp - cw + 1, (n,), generator=generator)
+        return self._crop(x, top, left, ch, cw)
+
+    def apply(self, x: Tensor, u: Tensor) -> Tensor:
+        ch, cw, hp, wp = self._geometry(x)
+        if x.shape[0] == 0:
+            return x.new_empty((0, x.shape[1], ch, cw))
+        top, left = _uniform_int(u[:, 0], 0, hp - ch), _uniform_int(u[:, 1], 0, wp - cw)
+        return self._crop(x, top, left, ch, cw)
+
+    def _crop(self, x: Tensor, top: Tensor, left: Tensor, ch: int, cw: int) -> Tensor:
+        p = self.padding
         padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
         return _windows(padded, top, left, ch, cw)
 
@@ -104,8 +153,16 @@ class HorizontalFlip(Augment):
             raise KdkitError(f"HorizontalFlip: p must be in [0, 1], got {p}")
         self.p = float(p)
 
+    n_draws = 1
+
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        flip = torch.rand(x.shape[0], generator=generator) < self.p
+        return self._flip(x, torch.rand(x.shape[0], generator=generator) < self.p)
+
+    def apply(self, x: Tensor, u: Tensor) -> Tensor:
+        return self._flip(x, u[:, 0] < self.p)
+
+    @staticmethod
+    def _flip(x: Tensor, flip: Tensor) -> Tensor:
         return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
@@ -115,9 +172,20 @@ class Compose(Augment):
     def __init__(self, augments: Sequence[Augment]) -> None:
         self.augments = list(augments)
 
+    @property
+    def n_draws(self) -> int:  # type: ignore[override]
+        return sum(a.n_draws for a in self.augments)
+
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         for aug in self.augments:
             x = aug(x, generator)
+        return x
+
+    def apply(self, x: Tensor, u: Tensor) -> Tensor:
+        start = 0
+        for aug in self.augments:
+            x = aug.apply(x, u[:, start : start + aug.n_draws])
+            start += aug.n_draws
         return x
 
 

@@ -3,6 +3,10 @@
 The order of epoch ``e`` is a pure function of ``(seed, e)``, and the augmentation of
 batch ``step`` a pure function of ``(seed, e, step)``; so a run resumed at ``start_step``
 sees exactly the batches an uninterrupted run would have seen.
+
+With ``views=K`` the loader is in *view mode* (:mod:`kdkit.data.views`): sample ``i`` shows
+view ``pick_views(seed, e, i) mod K``, and each view is a pure function of (augmentation,
+i, view), whatever the batch; this is what the teacher-output cache needs.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from torch import Tensor
 
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import Augment
+from kdkit.data.views import make_views, pick_views
 from kdkit.errors import KdkitError
 
 _ORDER_STREAM = 0  # sub-stream tags, so order and augmentation seeds never coincide
 _AUGMENT_STREAM = 1
+_VIEW_STREAM = 3
 
 
 def derive_seed(*ints: int) -> int:
@@ -34,6 +40,7 @@ class BatchLoader:
     """Iterate an :class:`ArrayDataset` as ``(x, y, index)`` batches; no per-sample Python.
 
     ``x`` (B, C, H, W), ``y`` (B,), ``index`` (B,) LongTensor of positions in the dataset.
+    ``views``: None for batch-level augmentation; K >= 1 for view mode (see module doc).
     """
 
     def __init__(
@@ -45,9 +52,13 @@ class BatchLoader:
         seed: int = 0,
         augment: Augment | None = None,
         drop_last: bool = False,
+        views: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise KdkitError(f"batch_size must be >= 1, got {batch_size}")
+        if views is not None and views < 1:
+            raise KdkitError(f"views must be >= 1 (or None for batch augmentation), got {views}")
+        self.views = views
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -79,10 +90,18 @@ class BatchLoader:
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
             x = x_all[index.to(x_all.device)]
             y = y_all[index.to(y_all.device)]
-            if self.augment is not None:
+            if self.views is not None:
+                x = make_views(self.augment, x, index, self.view_ids(epoch, index))
+            elif self.augment is not None:
                 seed = derive_seed(self.seed, epoch, step, _AUGMENT_STREAM)
                 x = self.augment(x, torch.Generator().manual_seed(seed))
             yield x, y, index
+
+    def view_ids(self, epoch: int, index: Tensor) -> Tensor:
+        """In view mode, the view (B,) each sample of ``index`` shows in ``epoch``."""
+        if self.views is None:
+            raise KdkitError("view_ids needs a loader in view mode (views=K)")
+        return pick_views(derive_seed(self.seed, epoch, _VIEW_STREAM), index, self.views)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         return self.epoch_batches(0)

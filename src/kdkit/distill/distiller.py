@@ -99,6 +99,11 @@ class Distiller(nn.Module):
     def teachers(self) -> dict[str, nn.Module]:
         return dict(self._teachers)
 
+    @property
+    def teacher_taps(self) -> dict[str, list[str]]:
+        """Teacher name -> keys of the taps read from it (what a teacher-output cache stores)."""
+        return {name: sorted(taps) for name, taps in self._teacher_taps.items()}
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Distiller:
         super()._apply(fn, recurse)
         for t in self._teachers.values():

@@ -34,6 +34,7 @@ from kdkit.train.checkpoint import (
 )
 from kdkit.train.metrics import evaluate
 from kdkit.train.optim import build_optimizer, lr_at, set_lr
+from kdkit.train.teacher_cache import TeacherCache
 
 _DROPOUT_STREAM = 2  # keeps per-step torch seeds apart from the loader's streams
 
@@ -119,6 +120,7 @@ def fit(
     label: str = "train",
     stop_after: int | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> FitResult:
     """Train ``distiller``'s trainable part on ``loader`` for ``settings.epochs`` epochs.
 
@@ -128,6 +130,8 @@ def fit(
         resume: continue from ``run_dir/checkpoint/last`` if it exists.
         stop_after: stop, checkpoint and raise :class:`TrainingInterrupted` after this many
             global steps (a step budget; also how tests simulate a crash).
+        teacher_cache: precomputed teacher outputs, looked up by (sample, view) instead of
+            running the teachers; needs a loader in view mode with the cache's K views.
     Raises:
         NonFiniteLossError: a term became NaN/inf; the last good checkpoint is kept.
         TrainingInterrupted: Ctrl-C or ``stop_after``; a checkpoint is written first.
@@ -138,6 +142,11 @@ def fit(
         raise KdkitError(
             f"{label}: no training batches (dataset of {len(loader.dataset)} samples, "
             f"batch size {loader.batch_size}, drop_last={loader.drop_last})"
+        )
+    if teacher_cache is not None and loader.views != teacher_cache.views:
+        raise KdkitError(
+            f"{label}: the teacher cache holds {teacher_cache.views} view(s) per sample but the "
+            f"loader draws views={loader.views}; build the loader with views={teacher_cache.views}"
         )
     total_steps = s.epochs * steps_per_epoch
     opt = build_optimizer(
@@ -193,7 +202,7 @@ def fit(
         while epoch < s.epochs:
             sums: dict[str, float] = dict(partial) or {"n": 0.0, "correct": 0.0}
             t_epoch = time.perf_counter()
-            for step, (x, y, _index) in enumerate(
+            for step, (x, y, index) in enumerate(
                 loader.epoch_batches(epoch, start_step), start=start_step
             ):
                 gstep = epoch * steps_per_epoch + step
@@ -203,7 +212,10 @@ def fit(
                            gamma=s.gamma, warmup=s.warmup_epochs / s.epochs)
                 set_lr(opt, lr)
 
-                out = distiller(x, y, progress=prog)
+                cached = None
+                if teacher_cache is not None:
+                    cached = teacher_cache.lookup(index, loader.view_ids(epoch, index))
+                out = distiller(x, y, progress=prog, teacher_outputs=cached)
                 _check_finite(out, distiller, gstep, epoch)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()

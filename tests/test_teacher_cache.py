@@ -1,0 +1,225 @@
+"""Teacher-output cache: per-sample views, exact cached losses, invalidation by hash."""
+
+import json
+
+import pytest
+import torch
+
+from kdkit.data.arrays import ArrayDataset
+from kdkit.data.augment import RandomShift, build_augment
+from kdkit.data.loader import BatchLoader
+from kdkit.data.views import make_views
+from kdkit.distill import Distiller, build_method
+from kdkit.errors import KdkitError
+from kdkit.models import create_model
+from kdkit.train import teacher_cache as tc
+from kdkit.train.loop import LoopSettings, fit
+from kdkit.train.teacher_cache import CacheSettings, TeacherCache
+
+
+def _aug(digits, spec=None):
+    return build_augment(spec or {"shift": 1, "hflip": True}, fill=digits.black)
+
+
+def _teacher(seed=0, name="mlp", **kw):
+    torch.manual_seed(seed)
+    kw = kw or ({"hidden": [48]} if name == "mlp" else {})
+    return create_model(name, input_size=8, **kw).eval()
+
+
+def _kd(teacher, seed=1, method="kd", student="mlp", **kw):
+    torch.manual_seed(seed)
+    s = create_model(student, input_size=8, **(kw or ({"hidden": [16]} if student == "mlp" else {})))
+    terms = build_method(method, s, {"teacher": teacher}, example_input=torch.zeros(2, 1, 8, 8))
+    return Distiller(s, {"teacher": teacher}, terms)
+
+
+def test_views_depend_on_sample_and_view_only(digits):
+    aug = _aug(digits)
+    batches = [torch.cat([x for x, _, _ in BatchLoader(digits.train, bs, shuffle=True, seed=s,
+                                                        augment=aug, views=4).epoch_batches(0)])
+               for bs, s in ((64, 3), (17, 3))]
+    assert torch.equal(batches[0], batches[1])  # batch size does not change a sample's view
+    idx = torch.arange(40)
+    v = torch.tensor([0, 1, 2, 3] * 10)
+    a = make_views(aug, digits.train.x[idx], idx, v)
+    # the same (sample, view) pairs in another order and another batch give the same images
+    perm = torch.randperm(40)
+    b = make_views(aug, digits.train.x[idx[perm]], idx[perm], v[perm])
+    assert torch.equal(a[perm], b)
+    # views really differ, from each other and from the original image
+    other = make_views(aug, digits.train.x[idx], idx, (v + 1) % 4)
+    assert (a != other).flatten(1).any(1).float().mean() > 0.5
+    assert (a != digits.train.x[idx]).flatten(1).any(1).float().mean() > 0.5
+
+
+def test_view_mode_loader_picks_views_per_epoch_and_seed(digits):
+    ld = BatchLoader(digits.train, 32, shuffle=True, seed=0, augment=_aug(digits), views=3)
+    idx = torch.arange(len(digits.train))
+    e0, e1 = ld.view_ids(0, idx), ld.view_ids(1, idx)
+    assert set(e0.tolist()) == {0, 1, 2} and not torch.equal(e0, e1)
+    other_seed = BatchLoader(digits.train, 32, shuffle=True, seed=1, augment=_aug(digits), views=3)
+    assert not torch.equal(e0, other_seed.view_ids(0, idx))
+    assert torch.equal(e0, ld.view_ids(0, idx))
+
+
+def test_uniform_shift_covers_the_range():
+    shift = RandomShift(2)
+    x = torch.zeros(2, 1, 5, 5)
+    x[:, 0, 2, 2] = 1.0  # one bright pixel in the centre
+    # u = 0 -> offset -2; u just below 1 -> offset +2 (rows then columns)
+    out = shift.apply(x, torch.tensor([[0.0, 0.0], [0.9999, 0.9999]], dtype=torch.float64))
+    assert out[0, 0, 0, 0] == 1.0 and out[1, 0, 4, 4] == 1.0
+
+
+@pytest.mark.parametrize("method", ["kd", "overhaul"])
+def test_cached_run_gives_the_live_losses(digits, tmp_path, method):
+    """One epoch of training with the cache = the same epoch with the live teacher."""
+    if method == "overhaul":
+        teacher = _teacher(0, "plain_cnn4")
+        make = lambda: _kd(teacher, method="overhaul", student="plain_cnn2")  # noqa: E731
+    else:
+        teacher = _teacher()
+        make = lambda: _kd(teacher)  # noqa: E731
+    aug = _aug(digits)
+    settings = LoopSettings(epochs=2, lr=0.05, seed=3, log_every=1)
+    loader = BatchLoader(digits.train, 64, shuffle=True, seed=3, augment=aug, views=3)
+    live = make()
+    res_live = fit(live, loader, settings, run_dir=tmp_path / "live", progress=False)
+    cached_d = make()
+    cache = TeacherCache.open_or_build(tmp_path / "cache", cached_d, digits.train, aug,
+                                       CacheSettings(views=3, dtype="float32"))
+    res_cached = fit(cached_d, loader, settings, run_dir=tmp_path / "cached", progress=False,
+                     teacher_cache=cache)
+    steps_live = (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()
+    steps_cached = (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()
+    for a, b in zip(steps_live, steps_cached, strict=True):
+        la, lb = json.loads(a)["train/loss"], json.loads(b)["train/loss"]
+        assert lb == pytest.approx(la, rel=1e-4, abs=1e-6)
+    terms = [k for k in res_live.history[-1] if k.startswith("train/")]
+    assert len(terms) >= 3
+    for k in terms:
+        assert res_cached.history[-1][k] == pytest.approx(res_live.history[-1][k], rel=1e-4)
+    for p, q in zip(live.parameters(), cached_d.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+def test_cache_outputs_equal_teacher_outputs(digits, tmp_path):
+    teacher = _teacher()
+    d = _kd(teacher)
+    aug = _aug(digits)
+    cache = TeacherCache.open_or_build(tmp_path, d, digits.train, aug, CacheSettings(views=2))
+    idx = torch.tensor([5, 0, 99, 7, 5])
+    view = torch.tensor([1, 0, 1, 1, 0])
+    want = d.teacher_outputs(make_views(aug, digits.train.x[idx], idx, view))["teacher"]
+    got = cache.lookup(idx, view)["teacher"]
+    assert set(got) == set(want) == {"<model>:output"}
+    # float16 storage: the logits to half precision
+    torch.testing.assert_close(got["<model>:output"], want["<model>:output"], rtol=1e-3, atol=2e-3)
+    assert not torch.equal(got["<model>:output"][0], got["<model>:output"][4])  # two views
+
+
+def test_topk_keeps_the_largest_logits(digits, tmp_path):
+    teacher = _teacher()
+    d = _kd(teacher)
+    idx, view = torch.arange(30), torch.zeros(30, dtype=torch.long)
+    full = d.teacher_outputs(digits.train.x[idx])["teacher"]["<model>:output"]
+    exact = TeacherCache.open_or_build(tmp_path, d, digits.train, None,
+                                       CacheSettings(dtype="float32", topk=10))
+    torch.testing.assert_close(exact.lookup(idx, view)["teacher"]["<model>:output"], full)
+    top3 = TeacherCache.open_or_build(tmp_path, d, digits.train, None,
+                                      CacheSettings(dtype="float32", topk=3))
+    got = top3.lookup(idx, view)["teacher"]["<model>:output"]
+    vals, pos = full.topk(3, dim=1)
+    torch.testing.assert_close(got.gather(1, pos), vals)
+    rest_mean = (full.sum(1) - vals.sum(1)) / 7
+    mask = torch.ones_like(full, dtype=torch.bool).scatter_(1, pos, False)
+    torch.testing.assert_close(got[mask].view(30, 7), rest_mean[:, None].expand(30, 7))
+
+
+def _count_builds(monkeypatch):
+    calls = {"n": 0}
+    real = tc._build
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(tc, "_build", counting)
+    return calls
+
+
+def test_cache_is_reused_and_invalidated(digits, tmp_path, monkeypatch):
+    builds = _count_builds(monkeypatch)
+    aug = _aug(digits)
+    teacher = _teacher()
+    c1 = TeacherCache.open_or_build(tmp_path, _kd(teacher, seed=1), digits.train, aug,
+                                    CacheSettings(views=2))
+    # another student and seed, same teacher/data/augmentation: reused
+    c2 = TeacherCache.open_or_build(tmp_path, _kd(teacher, seed=9, hidden=[8]), digits.train,
+                                    aug, CacheSettings(views=2))
+    assert builds["n"] == 1 and c1.folder == c2.folder
+    # each change makes another cache
+    with torch.no_grad():
+        changed = _teacher()
+        changed.fc_out.bias[0] += 1e-3
+    variants = [
+        (changed, digits.train, aug, CacheSettings(views=2)),
+        (teacher, ArrayDataset(digits.train.x.flip(0), digits.train.y.flip(0), "d"), aug,
+         CacheSettings(views=2)),
+        (teacher, digits.train, _aug(digits, {"shift": 2}), CacheSettings(views=2)),
+        (teacher, digits.train, aug, CacheSettings(views=3)),
+        (teacher, digits.train, aug, CacheSettings(views=2, dtype="float32")),
+    ]
+    folders = {c1.folder}
+    for t, data, a, s in variants:
+        folders.add(TeacherCache.open_or_build(tmp_path, _kd(t), data, a, s).folder)
+    assert builds["n"] == 1 + len(variants) and len(folders) == 1 + len(variants)
+    # the cache of a changed teacher holds that teacher's outputs, not the old ones
+    idx, v = torch.arange(8), torch.zeros(8, dtype=torch.long)
+    new = TeacherCache.open_or_build(tmp_path, _kd(changed), digits.train, aug,
+                                     CacheSettings(views=2))
+    assert not torch.equal(new.lookup(idx, v)["teacher"]["<model>:output"],
+                           c1.lookup(idx, v)["teacher"]["<model>:output"])
+
+
+def test_wrong_or_torn_cache_is_rebuilt(digits, tmp_path, monkeypatch):
+    builds = _count_builds(monkeypatch)
+    d = _kd(_teacher())
+    c = TeacherCache.open_or_build(tmp_path, d, digits.train, None, CacheSettings())
+    manifest = c.folder / tc.MANIFEST
+    doc = json.loads(manifest.read_text())
+    doc["identity"]["teachers"]["teacher"] = "0" * 64  # a manifest of another teacher
+    manifest.write_text(json.dumps(doc))
+    TeacherCache.open_or_build(tmp_path, d, digits.train, None, CacheSettings())
+    assert builds["n"] == 2
+    next(c.folder.glob("*.npy")).unlink()  # a missing array file
+    again = TeacherCache.open_or_build(tmp_path, d, digits.train, None, CacheSettings())
+    assert builds["n"] == 3
+    assert json.loads((again.folder / tc.MANIFEST).read_text())["identity"] == c.manifest["identity"]
+
+
+def test_build_crash_leaves_no_cache(digits, tmp_path, monkeypatch):
+    d = _kd(_teacher())
+    monkeypatch.setattr(tc, "atomic_write_json", lambda *a: (_ for _ in ()).throw(OSError("full")))
+    with pytest.raises(OSError):
+        TeacherCache.open_or_build(tmp_path, d, digits.train, None, CacheSettings())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_cache_settings_name_the_fix(digits, tmp_path):
+    teacher = _teacher()
+    with pytest.raises(KdkitError, match="set views to 1"):
+        TeacherCache.open_or_build(tmp_path, _kd(teacher), digits.train, None,
+                                   CacheSettings(views=2))
+    s = create_model("mlp", input_size=8, hidden=[8])
+    d = Distiller(s, {"teacher": teacher}, build_method("kd", s, {"teacher": teacher}),
+                  teacher_mode="train")
+    with pytest.raises(KdkitError, match="teacher_mode 'eval'"):
+        TeacherCache.open_or_build(tmp_path, d, digits.train, None, CacheSettings())
+    with pytest.raises(KdkitError, match="views must be >= 1"):
+        CacheSettings(views=0)
+    cache = TeacherCache.open_or_build(tmp_path, _kd(teacher), digits.train, None, CacheSettings())
+    loader = BatchLoader(digits.train, 64, shuffle=True)  # batch mode, not view mode
+    with pytest.raises(KdkitError, match="views=1"):
+        fit(_kd(teacher), loader, LoopSettings(epochs=1), progress=False, teacher_cache=cache)
