@@ -28,6 +28,9 @@ examples:
   kdkit validate CONFIG                      list every problem in a config
   kdkit train --model resnet8 --data digits  train a teacher (or any plain model)
   kdkit distill --teacher runs/train-resnet8-digits-s0 --student mlp --method kd --data digits
+  kdkit distill ... --teacher-cache          reuse teacher outputs computed once (see README)
+  kdkit bench --data mnist --teacher mlp_hinton_1200 --student mlp_hinton_800
+                                             time plain vs live vs cached distillation
   kdkit eval runs/digits-kd                  print an experiment's table, or evaluate a model
   kdkit models | kdkit methods | kdkit data list
 """
@@ -92,6 +95,7 @@ def _train_spec(args: argparse.Namespace) -> TrainSpec:
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "weight_decay": args.weight_decay,
         "schedule": args.schedule, "augment": _kv_pairs(args.augment, "--augment") or None,
+        "teacher_cache": _teacher_cache_flags(args),
     }
     from kdkit.config import TrainSpec
 
@@ -127,6 +131,8 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
         settings=train.loop_settings(args.seed), batch_size=train.batch_size,
         augment=train.augment, resume=args.resume, progress=not args.no_progress,
         extra={"teacher": teacher} if teacher else None,
+        teacher_cache=train.teacher_cache.model_dump() if train.teacher_cache else None,
+        cache_root=_teacher_outputs_dir(args),
     )
     val = f", val {summary['val_acc']:.2f}%" if summary.get("val_acc") is not None else ""
     print(f"{summary['label']}: test {summary['test_acc']:.2f}%{val}, "
@@ -236,6 +242,91 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_cache_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--teacher-cache`` and its options as a ``train.teacher_cache`` section (or None)."""
+    if not getattr(args, "teacher_cache", False):
+        return None
+    spec: dict[str, Any] = {"views": args.cache_views, "dtype": args.cache_dtype}
+    if args.cache_topk is not None:
+        spec["topk"] = args.cache_topk
+    return spec
+
+
+def _teacher_outputs_dir(args: argparse.Namespace) -> Path | None:
+    if not getattr(args, "teacher_cache", False):
+        return None
+    root = _cache_dir(getattr(args, "cache_dir", None), False)
+    return root / "teacher-outputs" if root else None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdkit.pipelines.bench import BenchSpec, format_bench, run_bench
+
+    spec = BenchSpec(
+        data=args.data, data_root=args.data_root, train_subset=args.train_subset,
+        val_fraction=args.val_fraction, teacher=args.teacher,
+        teacher_kwargs=_kv_pairs(args.teacher_arg, "--teacher-arg"), student=args.student,
+        student_kwargs=_kv_pairs(args.student_arg, "--student-arg"),
+        feature_method=args.feature_method,
+        feature_kwargs=_kv_pairs(args.feature_arg, "--feature-arg"), epochs=args.epochs,
+        teacher_epochs=args.teacher_epochs, teacher_run=args.teacher_run,
+        batch_size=args.batch_size, lr=args.lr,
+        augment=_kv_pairs(args.augment, "--augment") or None, views=args.views,
+        dtype=args.cache_dtype, target=args.target, compile=args.compile,
+        channels_last=args.channels_last, threads=torch.get_num_threads(), seed=args.seed,
+    )
+    out = Path(args.out or f"runs/bench-{args.data}-{args.student}")
+    report = run_bench(spec, out)
+    print()
+    print(format_bench(report))
+    print(f"-> {out}/bench.json, {out}/bench.md")
+    return 0
+
+
+def _add_teacher_cache_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher-cache", action="store_true",
+                   help="compute the teacher's outputs once per (sample, view) and reuse them")
+    p.add_argument("--cache-views", type=int, default=1, metavar="K",
+                   help="augmented views kept per sample (default 1; >1 needs --augment)")
+    p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--cache-topk", type=int, metavar="K", help="keep only the top-K logits")
+    p.add_argument("--cache-dir", help="where caches live (default $KDKIT_CACHE or ~/.cache/kdkit)")
+
+
+def _add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", help="measure plain vs distilled training speed (live teacher, cache)",
+        description="Times plain student training, KD with a live teacher and with the "
+        "teacher-output cache, a feature method live and cached, and one teacher forward; "
+        "writes bench.json and bench.md. Run it on a quiet machine.")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--teacher", required=True, help="teacher model (trained first, untimed)")
+    p.add_argument("--teacher-arg", action="append", metavar="K=V")
+    p.add_argument("--teacher-run", help="use this trained teacher instead of training one")
+    p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument("--student", required=True)
+    p.add_argument("--student-arg", action="append", metavar="K=V")
+    p.add_argument("--feature-method", default="overhaul", help="the feature method timed")
+    p.add_argument("--feature-arg", action="append", metavar="K=V")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per row")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--augment", action="append", metavar="K=V")
+    p.add_argument("--views", type=int, default=1, help="views per sample (view mode)")
+    p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--target", type=float, help="val accuracy (%%) for 'epochs to target'")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    p.add_argument("--channels-last", action="store_true", help="add a channels-last row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default runs/bench-DATA-STUDENT)")
+    p.set_defaults(fn=cmd_bench)
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -302,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher run directory or model.safetensors")
     p.add_argument("--student", required=True, help="registered student model")
     _add_run_flags(p, default_method="kd")
+    _add_teacher_cache_flags(p)
     p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("eval", help="evaluate a run, a model file, or print an experiment table")
@@ -327,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("name", choices=["mnist", "fashion_mnist"])
     df.add_argument("--root", help="data folder (default $KDKIT_DATA or ~/.cache/kdkit/data)")
     df.set_defaults(fn=cmd_data)
+    _add_bench_parser(sub)
     return ap
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdkit.errors import ConfigError
 from kdkit.train.loop import LoopSettings
@@ -56,6 +56,19 @@ class DataSpec(_Strict):
     download: bool = True
 
 
+class TeacherCacheSpec(_Strict):
+    """``teacher_cache:``: teacher outputs computed once per (sample, view), memory-mapped.
+
+    ``views``: augmented views kept per sample (1 without augmentation); ``dtype``: storage
+    precision; ``topk``: keep only the k largest logits (approximate; for many classes).
+    ``teacher_cache: true`` takes the defaults.
+    """
+
+    views: int = Field(1, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    topk: int | None = Field(None, ge=1)
+
+
 class TrainSpec(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -71,9 +84,17 @@ class TrainSpec(_Strict):
     grad_clip: float | None = Field(None, gt=0)
     augment: dict[str, Any] | None = None
     log_every: int = Field(0, ge=0)
+    teacher_cache: TeacherCacheSpec | None = None
+
+    @field_validator("teacher_cache", mode="before")
+    @classmethod
+    def _cache_shorthand(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        return None if v is False else v
 
     def loop_settings(self, seed: int) -> LoopSettings:
-        d = self.model_dump(exclude={"batch_size", "augment"})
+        d = self.model_dump(exclude={"batch_size", "augment", "teacher_cache"})
         d["milestones"] = tuple(d["milestones"])
         return LoopSettings(seed=seed, **d)
 
@@ -289,6 +310,8 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
             except ValidationError as e:
                 problems += _pydantic_problems(e, TrainSpec, f"{where}.train")
             check_augment(override, f"{where}.train")
+        problems.extend(_check_teacher_cache(section(raw, "train") or {}, override or {}, run,
+                                             where))
         method = section(run, "method")
         if method is None or not isinstance(method.get("name"), str):
             continue
@@ -307,6 +330,29 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
         for j, path in enumerate(search if isinstance(search, list) else []):
             for k, m in enumerate(path if isinstance(path, list) else []):
                 check_model(m if isinstance(m, dict) else None, f"{where}.via_search[{j}][{k}]")
+    return problems
+
+
+def _check_teacher_cache(
+    train: dict[str, Any], override: dict[str, Any], run: dict[str, Any], where: str
+) -> list[str]:
+    """A teacher cache needs an eval-mode teacher, and several views need an augmentation."""
+    merged = {**train, **override}
+    spec = merged.get("teacher_cache")
+    if spec is True:
+        spec = {}
+    if not isinstance(spec, dict):
+        return []
+    key = f"{where}.train.teacher_cache" if "teacher_cache" in override else "train.teacher_cache"
+    problems = []
+    views = spec.get("views", 1)
+    if isinstance(views, int) and views > 1 and not merged.get("augment"):
+        problems.append(f"{key}.views: {views} views but run '{run.get('label')}' has no "
+                        "augment, so every view is the same; set views: 1")
+    if run.get("teacher_mode") == "train":
+        problems.append(f"{where}.teacher_mode: 'train' (BN batch statistics) cannot use "
+                        f"{key}: a sample's teacher output depends on its batch; use "
+                        "teacher_mode: eval or remove teacher_cache")
     return problems
 
 

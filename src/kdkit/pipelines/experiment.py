@@ -38,7 +38,7 @@ def teacher_cache_key(spec: TeacherSpec, cfg: ExperimentConfig, seed: int) -> st
     blob = {
         "format": CACHE_FORMAT,
         "model": spec.model.model_dump(),
-        "train": spec.train.model_dump(),
+        "train": spec.train.model_dump(exclude={"teacher_cache"}),
         "train_subset": spec.train_subset,
         "data": {"name": cfg.data.name, "val_fraction": cfg.data.val_fraction},
         "seed": seed,
@@ -127,7 +127,7 @@ def run_experiment(
         for run in cfg.students:
             summary = _student(cfg, run, data, seed, seed_dir / run.label,
                                _select_teachers(run, teachers, teacher_val),
-                               resume=resume, progress=progress, log=log)
+                               resume=resume, progress=progress, log=log, cache_dir=cache_dir)
             runs.append(summary)
             _report(log, seed, summary)
     table_rows = aggregate(runs, out_dir, cfg.seeds[0], cfg.eval.latency_repeats)
@@ -158,6 +158,7 @@ def _select_teachers(
 def _student(
     cfg: ExperimentConfig, run: StudentRunSpec, data: DatasetSplits, seed: int, run_dir: Path,
     teachers: dict[str, nn.Module], *, resume: bool, progress: bool, log: Callable[[str], None],
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """One student run: direct, along a teacher-assistant path, or a search over paths."""
     train = cfg.student_train(run)
@@ -167,6 +168,8 @@ def _student(
         settings=train.loop_settings(seed), batch_size=train.batch_size, augment=train.augment,
         teacher_mode=run.teacher_mode, resume=resume, progress=progress,
         eval_batch_size=cfg.eval.batch_size,
+        teacher_cache=train.teacher_cache.model_dump() if train.teacher_cache else None,
+        cache_root=cache_dir / "teacher-outputs" if cache_dir else None,
     )
     label = f"seed{seed}/{run.label}"
     if run.via is None and run.via_search is None:

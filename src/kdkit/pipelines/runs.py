@@ -25,6 +25,7 @@ from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
 from kdkit.train.checkpoint import atomic_write_json, load_checkpoint, load_state_strict
 from kdkit.train.loop import LoopSettings, fit
 from kdkit.train.metrics import count_parameters, evaluate
+from kdkit.train.teacher_cache import CacheSettings, TeacherCache
 
 SUMMARY = "summary.json"
 _INIT_STREAM = 7  # torch seed stream for model initialisation
@@ -86,10 +87,15 @@ def train_one(
     eval_batch_size: int = 1024,
     stop_after: int | None = None,
     extra: dict[str, Any] | None = None,
+    teacher_cache: dict[str, Any] | None = None,
+    cache_root: Path | None = None,
 ) -> dict[str, Any]:
     """Train one model with one method; return its summary (also written to summary.json).
 
     A run whose summary already exists is complete and is returned as is.
+    ``teacher_cache``: :class:`CacheSettings` fields; the loader then runs in view mode
+    (for every method, so that runs with and without a teacher see the same views) and the
+    teachers' outputs come from a cache under ``cache_root`` (default: the run directory).
     """
     summary_path = run_dir / SUMMARY
     if summary_path.exists():
@@ -98,9 +104,11 @@ def train_one(
     student = build_model(model_name, model_kwargs, data, settings.seed)
     stages = build_stages(method, student, teachers, example_input=data.train.x[:2],
                           **method_kwargs)
+    aug = build_augment(augment, fill=data.black)
+    cache_settings = CacheSettings(**teacher_cache) if teacher_cache is not None else None
     loader = BatchLoader(
-        data.train, batch_size, shuffle=True, seed=settings.seed,
-        augment=build_augment(augment, fill=data.black),
+        data.train, batch_size, shuffle=True, seed=settings.seed, augment=aug,
+        views=cache_settings.views if cache_settings else None,
     )
     val = (data.val.x, data.val.y) if len(data.val) else None
     t0 = time.perf_counter()
@@ -119,10 +127,15 @@ def train_one(
             load_state_strict(student, tensors, str(stage_dir / MODEL_STEM))
             continue
         distiller = Distiller(student, teachers, stage.terms, teacher_mode=teacher_mode)
+        cache = None
+        if cache_settings is not None and distiller.teacher_taps:
+            cache = TeacherCache.open_or_build(
+                cache_root or run_dir / "teacher-outputs", distiller, data.train, aug,
+                cache_settings, batch_size=eval_batch_size, log=print if progress else None)
         result = fit(
             distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,
             progress=progress, label=label if last else f"{label}/{stage.name}",
-            stop_after=stop_after,
+            stop_after=stop_after, teacher_cache=cache,
         )
         if not last:
             save_model(stage_dir, student, name=model_name, kwargs=model_kwargs,

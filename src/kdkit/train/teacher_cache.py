@@ -241,7 +241,7 @@ def _build(
     was_training = distiller.training
     distiller.eval()
     try:
-        arrays: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        arrays: dict[tuple[str, str], dict[str, np.memmap[Any, Any]]] = {}
         entries: list[dict[str, Any]] = []
         num_classes = 0
         for view in range(k_views):
