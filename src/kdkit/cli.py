@@ -96,6 +96,7 @@ def _train_spec(args: argparse.Namespace) -> TrainSpec:
         "optimizer": args.optimizer, "weight_decay": args.weight_decay,
         "schedule": args.schedule, "augment": _kv_pairs(args.augment, "--augment") or None,
         "teacher_cache": _teacher_cache_flags(args),
+        "channels_last": args.channels_last or None,
     }
     from kdkit.config import TrainSpec
 
@@ -130,7 +131,7 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
         method=method, method_kwargs=method_kwargs, teachers=teachers,
         settings=train.loop_settings(args.seed), batch_size=train.batch_size,
         augment=train.augment, resume=args.resume, progress=not args.no_progress,
-        extra={"teacher": teacher} if teacher else None,
+        extra={"teacher": teacher} if teacher else None, channels_last=train.channels_last,
         teacher_cache=train.teacher_cache.model_dump() if train.teacher_cache else None,
         cache_root=_teacher_outputs_dir(args),
     )
@@ -276,6 +277,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         augment=_kv_pairs(args.augment, "--augment") or None, views=args.views,
         dtype=args.cache_dtype, target=args.target, compile=args.compile,
         channels_last=args.channels_last, threads=torch.get_num_threads(), seed=args.seed,
+        repeats=args.repeats,
     )
     out = Path(args.out or f"runs/bench-{args.data}-{args.student}")
     report = run_bench(spec, out)
@@ -314,6 +316,8 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--feature-method", default="overhaul", help="the feature method timed")
     p.add_argument("--feature-arg", action="append", metavar="K=V")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per row")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the rows round-robin this often; each keeps its fastest repeat")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--augment", action="append", metavar="K=V")
@@ -346,6 +350,8 @@ def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) ->
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=["cosine", "step", "constant"])
     p.add_argument("--augment", action="append", metavar="K=V", help="e.g. shift=2, hflip=true")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format for the student (faster CPU convolutions)")
     p.add_argument("--seed", type=int, default=0)
     _add_out_flags(p)
 

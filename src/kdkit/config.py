@@ -85,6 +85,7 @@ class TrainSpec(_Strict):
     augment: dict[str, Any] | None = None
     log_every: int = Field(0, ge=0)
     teacher_cache: TeacherCacheSpec | None = None
+    channels_last: bool = False
 
     @field_validator("teacher_cache", mode="before")
     @classmethod
@@ -94,7 +95,7 @@ class TrainSpec(_Strict):
         return None if v is False else v
 
     def loop_settings(self, seed: int) -> LoopSettings:
-        d = self.model_dump(exclude={"batch_size", "augment", "teacher_cache"})
+        d = self.model_dump(exclude={"batch_size", "augment", "teacher_cache", "channels_last"})
         d["milestones"] = tuple(d["milestones"])
         return LoopSettings(seed=seed, **d)
 

@@ -38,7 +38,10 @@ def teacher_cache_key(spec: TeacherSpec, cfg: ExperimentConfig, seed: int) -> st
     blob = {
         "format": CACHE_FORMAT,
         "model": spec.model.model_dump(),
-        "train": spec.train.model_dump(exclude={"teacher_cache"}),
+        # keys added later are left out at their defaults, so existing caches stay valid
+        "train": spec.train.model_dump(
+            exclude={"teacher_cache"} | ({"channels_last"} if not spec.train.channels_last else set())
+        ),
         "train_subset": spec.train_subset,
         "data": {"name": cfg.data.name, "val_fraction": cfg.data.val_fraction},
         "seed": seed,
@@ -69,7 +72,7 @@ def _teacher(
         method="ce", method_kwargs={}, teachers={},
         settings=train.loop_settings(seed), batch_size=train.batch_size, augment=train.augment,
         resume=resume, progress=progress, eval_batch_size=cfg.eval.batch_size,
-        extra={"role": "teacher"},
+        extra={"role": "teacher"}, channels_last=train.channels_last,
     )
     if cached is not None and not (cached / SUMMARY).exists():
         # Copy into a temporary sibling and rename, so the cache never holds half a teacher.
@@ -170,6 +173,7 @@ def _student(
         eval_batch_size=cfg.eval.batch_size,
         teacher_cache=train.teacher_cache.model_dump() if train.teacher_cache else None,
         cache_root=cache_dir / "teacher-outputs" if cache_dir else None,
+        channels_last=train.channels_last,
     )
     label = f"seed{seed}/{run.label}"
     if run.via is None and run.via_search is None:

@@ -89,6 +89,7 @@ def train_one(
     extra: dict[str, Any] | None = None,
     teacher_cache: dict[str, Any] | None = None,
     cache_root: Path | None = None,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Train one model with one method; return its summary (also written to summary.json).
 
@@ -102,6 +103,8 @@ def train_one(
         return json.loads(summary_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     student = build_model(model_name, model_kwargs, data, settings.seed)
+    if channels_last:
+        student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     stages = build_stages(method, student, teachers, example_input=data.train.x[:2],
                           **method_kwargs)
     aug = build_augment(augment, fill=data.black)
@@ -127,6 +130,8 @@ def train_one(
             load_state_strict(student, tensors, str(stage_dir / MODEL_STEM))
             continue
         distiller = Distiller(student, teachers, stage.terms, teacher_mode=teacher_mode)
+        if channels_last:  # not distiller.to(): that would convert the teachers too
+            distiller.adapters.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         cache = None
         if cache_settings is not None and distiller.teacher_taps:
             cache = TeacherCache.open_or_build(

@@ -1,0 +1,104 @@
+"""`kdkit bench` and the teacher cache wired into runs: correctness only, never timings."""
+
+import json
+
+import pytest
+import yaml
+
+from kdkit.cli import main
+from kdkit.config import DEFAULT_CONFIG, config_from_dict
+from kdkit.errors import ConfigError
+from kdkit.pipelines.bench import BenchSpec, Row, _report, bench_rows, format_bench, measure
+
+FAST = ["--epochs", "2", "--no-progress"]
+
+
+def _teacher(tmp_path):
+    teacher = tmp_path / "t"
+    assert main(["train", "--model", "mlp", "--model-arg", "hidden=[64]", "--data", "digits",
+                 "--out", str(teacher), "--lr", "0.1", *FAST]) == 0
+    return teacher
+
+
+def test_distill_with_teacher_cache_matches_live_and_reuses_it(tmp_path, capsys):
+    teacher = _teacher(tmp_path)
+    common = ["distill", "--teacher", str(teacher), "--student", "mlp", "--model-arg",
+              "hidden=[8]", "--data", "digits", "--augment", "shift=1", *FAST]
+    cache = ["--teacher-cache", "--cache-views", "2", "--cache-dtype", "float32",
+             "--cache-dir", str(tmp_path / "c")]
+    assert main([*common, "--out", str(tmp_path / "a"), *cache]) == 0
+    folders = list((tmp_path / "c" / "teacher-outputs").iterdir())
+    assert len(folders) == 1 and (folders[0] / "manifest.json").exists()
+    stamp = (folders[0] / "manifest.json").stat().st_mtime_ns
+    # another student reuses the same cache
+    other = [c if c != "hidden=[8]" else "hidden=[12]" for c in common]
+    assert main([*other, "--out", str(tmp_path / "b"), *cache]) == 0
+    assert list((tmp_path / "c" / "teacher-outputs").iterdir()) == folders
+    assert (folders[0] / "manifest.json").stat().st_mtime_ns == stamp
+    # another seed draws another validation split, hence other training data: its own cache
+    assert main([*common, "--out", str(tmp_path / "e"), "--seed", "1", *cache]) == 0
+    assert len(list((tmp_path / "c" / "teacher-outputs").iterdir())) == 2
+    # --cache-views without an augmentation is refused with the fix
+    no_aug = [c for c in common if c not in ("--augment", "shift=1")]
+    assert main([*no_aug, "--out", str(tmp_path / "d"), *cache]) == 2
+    assert "set views to 1" in capsys.readouterr().err
+
+
+def _raw():
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def test_config_teacher_cache_is_strict():
+    raw = _raw()
+    raw["train"]["teacher_cache"] = True
+    cfg = config_from_dict(raw)
+    assert cfg.train.teacher_cache is not None and cfg.train.teacher_cache.views == 1
+    assert "teacher_cache" not in vars(cfg.train.loop_settings(0))
+    raw["train"]["teacher_cache"] = {"views": 4, "dtype": "float8", "topk": 0, "veiws": 2}
+    raw["students"][1]["teacher_mode"] = "train"
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    msg = str(e.value)
+    assert "train.teacher_cache.dtype: Input should be 'float16' or 'float32'" in msg
+    assert "train.teacher_cache.topk: Input should be greater than or equal to 1" in msg
+    assert "train.teacher_cache.veiws: unknown key; did you mean 'views'" in msg
+    assert "students[1].teacher_mode: 'train'" in msg and "remove teacher_cache" in msg
+    raw = _raw()
+    del raw["train"]["augment"]
+    raw["students"][1]["train"] = {"teacher_cache": {"views": 3}}
+    with pytest.raises(ConfigError, match=r"students\[1\]\.train\.teacher_cache\.views: 3 "
+                                          r"views but run 'kd' has no augment"):
+        config_from_dict(raw)
+
+
+def test_bench_rows_and_report(digits, tmp_path):
+    teacher = _teacher(tmp_path)
+    spec = BenchSpec(data="digits", teacher="mlp", student="mlp", student_kwargs={"hidden": [8]},
+                     feature_method="pkt", epochs=2, teacher_run=str(teacher),
+                     augment={"shift": 1}, views=2, target=10.0)
+    names = [r.name for r in bench_rows(spec)]
+    assert names == ["plain", "teacher_forward", "kd_live", "kd_cache", "pkt_live", "pkt_cache"]
+    live = measure(spec, Row("kd_live", "kd"), tmp_path)
+    cached = measure(spec, Row("kd_cache", "kd", cached=True), tmp_path)
+    # the same training, so the same accuracies; only the timings differ
+    assert cached["val_acc"] == live["val_acc"] and len(live["val_acc"]) == 2
+    assert cached["cache_build_s"] is not None and cached["epochs_to_target"] == 1
+    fake = [dict(live, row=r, epoch_s=t) for r, t in (
+        ("plain", 1.0), ("teacher_forward", 0.5), ("kd_live", 1.4), ("kd_cache", 1.05),
+        ("pkt_live", 2.0), ("pkt_cache", 1.2))]
+    report = _report(spec, fake)
+    assert report["ratios"]["kd_cache / plain"] == 1.05
+    assert report["ratios"]["kd_live / (plain + teacher_forward)"] == pytest.approx(0.933, abs=1e-3)
+    md = format_bench(report)
+    assert "kd_cache / plain = 1.050 (target ≤ 1.10: met)" in md
+    assert md.count("\n| ") == 7  # header + 6 rows
+
+
+def test_channels_last_training_runs_and_saves(tmp_path, capsys):
+    out = tmp_path / "cl"
+    assert main(["train", "--model", "plain_cnn2", "--data", "digits", "--channels-last",
+                 "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["test_acc"], abs=1e-3)
