@@ -102,3 +102,18 @@ def test_channels_last_training_runs_and_saves(tmp_path, capsys):
     assert main(["eval", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["test_acc"], abs=1e-3)
+
+
+def test_experiment_with_teacher_cache(tmp_path):
+    from kdkit.config import load_config
+    from kdkit.pipelines.experiment import run_experiment
+
+    cfg = load_config(None, ["seeds=[0]", "teacher.train.epochs=3", "train.epochs=3",
+                             "train.teacher_cache={views: 2}"])
+    result = run_experiment(cfg, tmp_path / "x", cache_dir=tmp_path / "c", progress=False,
+                            log=lambda s: None)
+    caches = list((tmp_path / "c" / "teacher-outputs").iterdir())
+    assert len(caches) == 1  # the kd run's; scratch reads no teacher
+    manifest = json.loads((caches[0] / "manifest.json").read_text())
+    assert manifest["identity"]["views"] == 2 and "shift" in manifest["identity"]["augment"].lower()
+    assert {r["label"] for r in result["rows"]} == {"teacher", "scratch", "kd"}
