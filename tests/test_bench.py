@@ -117,3 +117,11 @@ def test_experiment_with_teacher_cache(tmp_path):
     manifest = json.loads((caches[0] / "manifest.json").read_text())
     assert manifest["identity"]["views"] == 2 and "shift" in manifest["identity"]["augment"].lower()
     assert {r["label"] for r in result["rows"]} == {"teacher", "scratch", "kd"}
+
+
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--repeats" in out and "--channels-last" in out and "--feature-method" in out

@@ -223,3 +223,23 @@ def test_bad_cache_settings_name_the_fix(digits, tmp_path):
     loader = BatchLoader(digits.train, 64, shuffle=True)  # batch mode, not view mode
     with pytest.raises(KdkitError, match="views=1"):
         fit(_kd(teacher), loader, LoopSettings(epochs=1), progress=False, teacher_cache=cache)
+
+
+def test_cached_run_resumes_to_identical_weights(digits, tmp_path):
+    teacher = _teacher()
+    aug = _aug(digits)
+    settings = LoopSettings(epochs=2, lr=0.05, seed=4)
+    loader = BatchLoader(digits.train, 64, shuffle=True, seed=4, augment=aug, views=2)
+    cache = TeacherCache.open_or_build(tmp_path / "c", _kd(teacher), digits.train, aug,
+                                       CacheSettings(views=2))
+    full = _kd(teacher)
+    fit(full, loader, settings, run_dir=tmp_path / "a", progress=False, teacher_cache=cache)
+    part = _kd(teacher)
+    with pytest.raises(KdkitError, match="continue with --resume"):
+        fit(part, loader, settings, run_dir=tmp_path / "b", progress=False, teacher_cache=cache,
+            stop_after=20)
+    again = _kd(teacher, seed=7)  # other init: the checkpoint must overwrite it
+    fit(again, loader, settings, run_dir=tmp_path / "b", progress=False, teacher_cache=cache,
+        resume=True)
+    for p, q in zip(full.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q)
