@@ -8,7 +8,7 @@ import torch
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import RandomShift, build_augment
 from kdkit.data.loader import BatchLoader
-from kdkit.data.views import make_views
+from kdkit.data.views import make_views, sample_keys
 from kdkit.distill import Distiller, build_method
 from kdkit.errors import KdkitError
 from kdkit.models import create_model
@@ -40,17 +40,18 @@ def test_views_depend_on_sample_and_view_only(digits):
                                                         augment=aug, views=4).epoch_batches(0)])
                for bs, s in ((64, 3), (17, 3))]
     assert torch.equal(batches[0], batches[1])  # batch size does not change a sample's view
-    idx = torch.arange(40)
+    x = digits.train.x[:40]
+    keys = sample_keys(x)
     v = torch.tensor([0, 1, 2, 3] * 10)
-    a = make_views(aug, digits.train.x[idx], idx, v)
+    a = make_views(aug, x, keys, v)
     # the same (sample, view) pairs in another order and another batch give the same images
     perm = torch.randperm(40)
-    b = make_views(aug, digits.train.x[idx[perm]], idx[perm], v[perm])
+    b = make_views(aug, x[perm], keys[perm], v[perm])
     assert torch.equal(a[perm], b)
     # views really differ, from each other and from the original image
-    other = make_views(aug, digits.train.x[idx], idx, (v + 1) % 4)
+    other = make_views(aug, x, keys, (v + 1) % 4)
     assert (a != other).flatten(1).any(1).float().mean() > 0.5
-    assert (a != digits.train.x[idx]).flatten(1).any(1).float().mean() > 0.5
+    assert (a != x).flatten(1).any(1).float().mean() > 0.5
 
 
 def test_view_mode_loader_picks_views_per_epoch_and_seed(digits):
@@ -111,7 +112,8 @@ def test_cache_outputs_equal_teacher_outputs(digits, tmp_path):
     cache = TeacherCache.open_or_build(tmp_path, d, digits.train, aug, CacheSettings(views=2))
     idx = torch.tensor([5, 0, 99, 7, 5])
     view = torch.tensor([1, 0, 1, 1, 0])
-    want = d.teacher_outputs(make_views(aug, digits.train.x[idx], idx, view))["teacher"]
+    x = digits.train.x[idx]
+    want = d.teacher_outputs(make_views(aug, x, sample_keys(x), view))["teacher"]
     got = cache.lookup(idx, view)["teacher"]
     assert set(got) == set(want) == {"<model>:output"}
     # float16 storage: the logits to half precision
@@ -135,6 +137,34 @@ def test_topk_keeps_the_largest_logits(digits, tmp_path):
     rest_mean = (full.sum(1) - vals.sum(1)) / 7
     mask = torch.ones_like(full, dtype=torch.bool).scatter_(1, pos, False)
     torch.testing.assert_close(got[mask].view(30, 7), rest_mean[:, None].expand(30, 7))
+
+
+def test_one_cache_serves_every_split_of_a_pool(digits, tmp_path, monkeypatch):
+    """Another seed splits train+val differently; the cache over the pool serves it as is."""
+    builds = _count_builds(monkeypatch)
+    teacher = _teacher()
+    aug = _aug(digits)
+    pool = ArrayDataset(torch.cat([digits.train.x, digits.val.x]),
+                        torch.cat([digits.train.y, digits.val.y]), "pool")
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1))
+    split_a, split_b = pool.subset(perm[:700]), pool.subset(perm[300:])  # overlapping splits
+    settings = CacheSettings(views=2, dtype="float32")
+    ca = TeacherCache.open_or_build(tmp_path, _kd(teacher), split_a, aug, settings,
+                                    pool=[split_a, pool.subset(perm[700:])])
+    cb = TeacherCache.open_or_build(tmp_path, _kd(teacher), split_b, aug, settings,
+                                    pool=[pool.subset(perm[:300]), split_b])
+    assert builds["n"] == 1 and ca.folder == cb.folder
+    # sample perm[400] is row 400 of split a and row 100 of split b: the same outputs
+    v = torch.tensor([1])
+    got_a = ca.lookup(torch.tensor([400]), v)["teacher"]["<model>:output"]
+    got_b = cb.lookup(torch.tensor([100]), v)["teacher"]["<model>:output"]
+    assert torch.equal(got_a, got_b)
+    x = pool.x[perm[400:401]]
+    want = _kd(teacher).teacher_outputs(make_views(aug, x, sample_keys(x), v))["teacher"]
+    torch.testing.assert_close(got_a, want["<model>:output"])
+    with pytest.raises(KdkitError, match="not in the teacher cache"):
+        TeacherCache.open_or_build(tmp_path, _kd(teacher), split_b, aug, settings,
+                                   pool=[split_a])
 
 
 def _count_builds(monkeypatch):
@@ -165,7 +195,7 @@ def test_cache_is_reused_and_invalidated(digits, tmp_path, monkeypatch):
         changed.fc_out.bias[0] += 1e-3
     variants = [
         (changed, digits.train, aug, CacheSettings(views=2)),
-        (teacher, ArrayDataset(digits.train.x.flip(0), digits.train.y.flip(0), "d"), aug,
+        (teacher, ArrayDataset(digits.train.x * 1.01, digits.train.y, "d"), aug,
          CacheSettings(views=2)),
         (teacher, digits.train, _aug(digits, {"shift": 2}), CacheSettings(views=2)),
         (teacher, digits.train, aug, CacheSettings(views=3)),

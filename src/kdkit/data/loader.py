@@ -6,7 +6,8 @@ sees exactly the batches an uninterrupted run would have seen.
 
 With ``views=K`` the loader is in *view mode* (:mod:`kdkit.data.views`): sample ``i`` shows
 view ``pick_views(seed, e, i) mod K``, and each view is a pure function of (augmentation,
-i, view), whatever the batch; this is what the teacher-output cache needs.
+the sample's content, view), whatever the batch; this is what the teacher-output cache
+needs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import Augment
-from kdkit.data.views import make_views, pick_views
+from kdkit.data.views import make_views, pick_views, sample_keys
 from kdkit.errors import KdkitError
 
 _ORDER_STREAM = 0  # sub-stream tags, so order and augmentation seeds never coincide
@@ -59,6 +60,7 @@ class BatchLoader:
         if views is not None and views < 1:
             raise KdkitError(f"views must be >= 1 (or None for batch augmentation), got {views}")
         self.views = views
+        self._keys: Tensor | None = None
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -91,11 +93,18 @@ class BatchLoader:
             x = x_all[index.to(x_all.device)]
             y = y_all[index.to(y_all.device)]
             if self.views is not None:
-                x = make_views(self.augment, x, index, self.view_ids(epoch, index))
+                x = make_views(self.augment, x, self.sample_keys()[index],
+                               self.view_ids(epoch, index))
             elif self.augment is not None:
                 seed = derive_seed(self.seed, epoch, step, _AUGMENT_STREAM)
                 x = self.augment(x, torch.Generator().manual_seed(seed))
             yield x, y, index
+
+    def sample_keys(self) -> Tensor:
+        """Content keys (N,) of the dataset's samples, computed once (view mode)."""
+        if self._keys is None:
+            self._keys = sample_keys(self.dataset.x)
+        return self._keys
 
     def view_ids(self, epoch: int, index: Tensor) -> Tensor:
         """In view mode, the view (B,) each sample of ``index`` shows in ``epoch``."""

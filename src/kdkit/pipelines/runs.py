@@ -134,9 +134,11 @@ def train_one(
             distiller.adapters.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         cache = None
         if cache_settings is not None and distiller.teacher_taps:
+            # over train + val: every seed splits the same pool, so all seeds share it
             cache = TeacherCache.open_or_build(
                 cache_root or run_dir / "teacher-outputs", distiller, data.train, aug,
-                cache_settings, batch_size=eval_batch_size, log=print if progress else None)
+                cache_settings, pool=[data.train, data.val] if len(data.val) else None,
+                batch_size=eval_batch_size, log=print if progress else None)
         result = fit(
             distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,
             progress=progress, label=label if last else f"{label}/{stage.name}",

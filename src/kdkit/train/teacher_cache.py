@@ -3,7 +3,9 @@
 Distillation otherwise pays a teacher forward pass in every step of every epoch. The cache
 runs each teacher once over ``K`` augmented *views* of every training sample and stores
 what the distiller reads from it (the tensors of :meth:`Distiller.teacher_outputs`), keyed
-by (sample index, view). The training loader then runs in view mode
+by (sample, view); a sample is named by a hash of its content
+(:func:`kdkit.data.views.sample_keys`), so the cache does not depend on where a sample
+sits in a split. The training loader then runs in view mode
 (``BatchLoader(views=K)``), which draws exactly those views, so a cached run computes the
 same losses as a run with the live teacher (tests/test_teacher_cache.py checks it).
 
@@ -12,13 +14,18 @@ augmentation depends on the batch a sample lands in (the seed, the batch size), 
 outputs could not be reused by another student or seed. A view here depends only on
 (augmentation, sample, view number), so one cache serves every student and every seed;
 the price is that a student sees K distinct views of each sample instead of a fresh one
-every epoch (K = 1 without augmentation, where nothing is lost).
+every epoch (K = 1 without augmentation, where nothing is lost). The run seed also picks
+the validation split, so the training split differs from seed to seed; built over a
+*pool* (the train and validation splits together, which every seed splits differently but
+which is the same set of samples), one cache serves all seeds.
 
 On disk, one folder per key (a hash of everything the outputs depend on)::
 
     <root>/<key>/manifest.json            what was stored, and the hashes it was built from
-    <root>/<key>/<teacher>.<n>.npy        (K, N, *shape) float16/float32, one per tap
-    <root>/<key>/<teacher>.<n>.topk.npy   top-k mode: values, indices and the rest's mean
+    <root>/<key>/<teacher>.<n>.full.npy   (K, N, *shape) float16/float32, one per tap, rows
+                                          in the order of the samples' content keys
+    <root>/<key>/<teacher>.<n>.values.npy top-k mode, with .indices.npy and .rest.npy (the
+                                          mean of the other logits)
 
 The folder is written under a temporary name and renamed when complete, so a crash never
 leaves a torn cache; a folder whose manifest does not match what is asked (another teacher,
@@ -45,7 +52,7 @@ from torch import Tensor, nn
 
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import Augment
-from kdkit.data.views import augment_fingerprint, make_views
+from kdkit.data.views import augment_fingerprint, make_views, sample_keys
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import KdkitError
 from kdkit.taps import LOGITS
@@ -83,18 +90,25 @@ def module_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def dataset_fingerprint(dataset: ArrayDataset) -> str:
-    """SHA-256 of a dataset's inputs and labels (their bytes, dtypes and shapes)."""
-    h = hashlib.sha256()
-    for t in (dataset.x, dataset.y):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}:{list(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+def tensor_fingerprint(t: Tensor) -> str:
+    """SHA-256 of a tensor's bytes, dtype and shape."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{list(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
+def _pool(parts: list[ArrayDataset]) -> tuple[Tensor, Tensor]:
+    """The distinct samples of ``parts`` in the order of their content keys: (keys, x)."""
+    x = torch.cat([d.x for d in parts]) if len(parts) > 1 else parts[0].x
+    keys, order = torch.sort(sample_keys(x))
+    distinct = torch.ones_like(keys, dtype=torch.bool)
+    distinct[1:] = keys[1:] != keys[:-1]  # identical images: one row serves them all
+    return keys[distinct], x[order[distinct]]
+
+
 def cache_identity(
-    distiller: Distiller, dataset: ArrayDataset, augment: Augment | None, settings: CacheSettings
+    distiller: Distiller, x: Tensor, augment: Augment | None, settings: CacheSettings
 ) -> dict[str, Any]:
     """Everything the cached outputs depend on; its hash names the cache folder."""
     if distiller.teacher_mode != "eval":
@@ -114,8 +128,8 @@ def cache_identity(
         "format": FORMAT,
         "teachers": {name: module_fingerprint(distiller.teachers[name]) for name in sorted(taps)},
         "taps": {name: sorted(keys) for name, keys in sorted(taps.items())},
-        "data": dataset_fingerprint(dataset),
-        "samples": len(dataset),
+        "data": tensor_fingerprint(x),
+        "samples": int(x.shape[0]),
         "augment": augment_fingerprint(augment),
         **asdict(settings),
     }
@@ -126,14 +140,16 @@ def _key(identity: dict[str, Any]) -> str:
 
 
 class TeacherCache:
-    """Read-only view of a built cache: ``lookup(index, view)`` -> teacher outputs.
+    """Read-only view of a built cache, bound to one training set: ``lookup(index, view)``.
 
-    Build or reuse one with :meth:`open_or_build`.
+    Build or reuse one with :meth:`open_or_build`. ``rows[i]`` is the cache row of sample
+    ``i`` of the bound dataset.
     """
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, manifest: dict[str, Any], rows: Tensor) -> None:
         self.folder = folder
         self.manifest = manifest
+        self.rows = rows
         # (teacher, tap key) -> memory-mapped arrays, opened read-only
         self._arrays: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         for entry in manifest["entries"]:
@@ -159,33 +175,37 @@ class TeacherCache:
         augment: Augment | None,
         settings: CacheSettings,
         *,
+        pool: list[ArrayDataset] | None = None,
         batch_size: int = 512,
         log: Callable[[str], None] | None = None,
     ) -> TeacherCache:
-        """The cache for this distiller's teachers and taps on ``dataset``; built if needed.
+        """The cache for this distiller's teachers and taps, bound to ``dataset``; built if needed.
 
-        A folder whose manifest does not match (or is missing, or unreadable) is rebuilt.
+        ``pool``: the datasets whose samples the cache covers (default: ``dataset``); pass
+        the train and validation splits so that every seed's training split is covered by
+        one cache. A folder whose manifest does not match (or is missing, or unreadable) is
+        rebuilt.
         """
-        identity = cache_identity(distiller, dataset, augment, settings)
+        keys, x = _pool(pool or [dataset])
+        identity = cache_identity(distiller, x, augment, settings)
         folder = root / _key(identity)
         manifest = _read_manifest(folder)
-        if manifest is not None and manifest.get("identity") == identity:
-            return cls(folder, manifest)
-        if log is not None:
-            why = "does not match (rebuilding)" if folder.exists() else "is new"
-            log(f"teacher cache {folder} {why}: {settings.views} view(s) of "
-                f"{len(dataset)} samples")
-        _build(folder, identity, distiller, dataset, augment, settings, batch_size)
-        manifest = _read_manifest(folder)
-        assert manifest is not None
-        return cls(folder, manifest)
+        if manifest is None or manifest.get("identity") != identity:
+            if log is not None:
+                why = "does not match (rebuilding)" if folder.exists() else "is new"
+                log(f"teacher cache {folder} {why}: {settings.views} view(s) of "
+                    f"{len(keys)} samples")
+            _build(folder, identity, distiller, keys, x, augment, settings, batch_size)
+            manifest = _read_manifest(folder)
+            assert manifest is not None
+        return cls(folder, manifest, _rows_of(keys, dataset))
 
     def lookup(self, index: Tensor, view: Tensor) -> dict[str, dict[str, Tensor]]:
         """Teacher outputs of samples ``index`` (B,) in views ``view`` (B,), as float32.
 
         Same layout as :meth:`Distiller.teacher_outputs`: teacher name -> tap key -> (B, ...).
         """
-        i, v = index.cpu().numpy(), view.cpu().numpy()
+        i, v = self.rows[index.cpu()].numpy(), view.cpu().numpy()
         out: dict[str, dict[str, Tensor]] = {}
         for (teacher, tap), parts in self._arrays.items():
             if "values" in parts:
@@ -196,6 +216,19 @@ class TeacherCache:
             else:
                 out.setdefault(teacher, {})[tap] = torch.from_numpy(parts["full"][v, i]).float()
         return out
+
+
+def _rows_of(keys: Tensor, dataset: ArrayDataset) -> Tensor:
+    """Cache row (N,) of each sample of ``dataset``, found by content key."""
+    want = sample_keys(dataset.x)
+    rows = torch.searchsorted(keys, want).clamp_(max=max(0, len(keys) - 1))
+    missing = int((keys[rows] != want).sum()) if len(keys) else len(want)
+    if missing:
+        raise KdkitError(
+            f"{missing} of the {len(want)} training samples are not in the teacher cache's "
+            "pool; build the cache over data that includes the training set"
+        )
+    return rows
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -227,16 +260,18 @@ def _build(
     folder: Path,
     identity: dict[str, Any],
     distiller: Distiller,
-    dataset: ArrayDataset,
+    keys: Tensor,
+    x_pool: Tensor,
     augment: Augment | None,
     settings: CacheSettings,
     batch_size: int,
 ) -> None:
-    """Run the teachers over every view of every sample; write into a temporary folder, rename."""
+    """Run the teachers over every view of every pool sample; write to a temporary folder,
+    then rename it."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-", suffix=".tmp"))
     t0 = time.perf_counter()
-    n, k_views = len(dataset), settings.views
+    n, k_views = len(keys), settings.views
     dtype = np.dtype(settings.dtype)
     was_training = distiller.training
     distiller.eval()
@@ -247,8 +282,7 @@ def _build(
         for view in range(k_views):
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(n, start + batch_size))
-                x = make_views(augment, dataset.x[index], index,
-                               torch.full_like(index, view))
+                x = make_views(augment, x_pool[index], keys[index], torch.full_like(index, view))
                 outs = distiller.teacher_outputs(x)
                 for teacher, taps in outs.items():
                     for tap, t in taps.items():
