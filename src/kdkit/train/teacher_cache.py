@@ -58,7 +58,7 @@ from kdkit.errors import KdkitError
 from kdkit.taps import LOGITS
 from kdkit.train.checkpoint import atomic_write_json
 
-FORMAT = "kdkit-teacher-cache-1"
+FORMAT = "kdkit-teacher-cache-1"  # bump when views, keys or the row layout change
 MANIFEST = "manifest.json"
 CacheDtype = Literal["float16", "float32"]
 
