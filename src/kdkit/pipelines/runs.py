@@ -86,10 +86,12 @@ def train_one(
     eval_batch_size: int = 1024,
     stop_after: int | None = None,
     extra: dict[str, Any] | None = None,
+    loader: Any = None,
 ) -> dict[str, Any]:
     """Train one model with one method; return its summary (also written to summary.json).
 
-    A run whose summary already exists is complete and is returned as is.
+    A run whose summary already exists is complete and is returned as is. ``loader``
+    replaces the batches of ``data.train`` (e.g. a DAFL generator's samples).
     """
     summary_path = run_dir / SUMMARY
     if summary_path.exists():
@@ -98,10 +100,11 @@ def train_one(
     student = build_model(model_name, model_kwargs, data, settings.seed)
     stages = build_stages(method, student, teachers, example_input=data.train.x[:2],
                           **method_kwargs)
-    loader = BatchLoader(
-        data.train, batch_size, shuffle=True, seed=settings.seed,
-        augment=build_augment(augment, fill=data.black),
-    )
+    if loader is None:
+        loader = BatchLoader(
+            data.train, batch_size, shuffle=True, seed=settings.seed,
+            augment=build_augment(augment, fill=data.black),
+        )
     val = (data.val.x, data.val.y) if len(data.val) else None
     t0 = time.perf_counter()
     for k, stage in enumerate(stages, start=1):
@@ -141,7 +144,7 @@ def train_one(
         "params": count_parameters(student), "size_bytes": model_path.stat().st_size,
         "test_acc": test["acc"], "test_loss": test["loss"],
         "val_acc": final.get("val/acc"), "epochs": stage_settings.epochs,
-        "train_samples": len(data.train), "wall_s": round(time.perf_counter() - t0, 2),
+        "train_samples": len(loader.dataset), "wall_s": round(time.perf_counter() - t0, 2),
         "resumed_from": result.resumed_from, **(extra or {}),
     }
     atomic_write_json(summary_path, summary)
