@@ -113,7 +113,7 @@ def train_generator(
         loss.backward()
         opt.step()
         if step % max(1, steps // 10) == 0 or step == steps - 1:
-            history.append({"step": step, **{k: float(v) for k, v in terms.items()}})
+            history.append({"step": step, **{k: float(v.detach()) for k, v in terms.items()}})
     generator.eval()
     return history
 
