@@ -483,3 +483,12 @@ def test_config_trains_students_on_a_synthetic_set_per_seed(tmp_path, mlp_teache
     cfg.seeds = [1]  # no set was made for seed 1
     with pytest.raises(KdkitError, match="no transfer set at .*seed1"):
         run_experiment(cfg, tmp_path / "run1", progress=False, log=lambda s: None)
+
+
+def test_default_layers_skip_dropout_and_take_the_pool():
+    mlp = create_model("mlp_hinton_1200", num_classes=10, in_channels=1, input_size=8)
+    chain = leaf_chain(mlp, torch.zeros(2, 1, 8, 8))
+    assert default_layers(mlp, chain) == ["relu1", "relu2", "fc_out"]
+    lenet = create_model("lenet5", num_classes=10, in_channels=1, input_size=8, padding=4)
+    chain = leaf_chain(lenet, torch.zeros(2, 1, 8, 8))
+    assert default_layers(lenet, chain) == ["pool1", "pool2", "relu3", "relu4", "fc3"]

@@ -70,7 +70,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         for g in rec.groups)
     print(f"record {args.kind}: layers {[p or '<logits>' for p in rec.layers]}; {groups}")
     print(f"record size {rec.size_bytes:,} bytes; teacher weights {meta['weights_bytes']:,} "
-          f"bytes ({rec.size_bytes / meta['weights_bytes']:.1%} of the teacher); "
+          f"bytes ({rec.size_bytes / meta['weights_bytes']:.2%} of the teacher); "
           f"{time.perf_counter() - t0:.1f} s -> {out}/record.safetensors")
     return 0
 

@@ -100,8 +100,9 @@ def default_layers(model: nn.Module, chain: Sequence[str]) -> list[str]:
             while j + 1 < len(chain) and isinstance(mods[chain[j + 1]], nn.Dropout):
                 j += 1
             if j + 1 < len(chain) and isinstance(mods[chain[j + 1]], _POOLS):
-                j += 1
-            layers.append(chain[j])
+                layers.append(chain[j + 1])
+            else:
+                layers.append(chain[i])  # the activation itself (dropout is off in eval)
             i = j + 1
         else:
             i += 1
