@@ -492,3 +492,24 @@ def test_default_layers_skip_dropout_and_take_the_pool():
     lenet = create_model("lenet5", num_classes=10, in_channels=1, input_size=8, padding=4)
     chain = leaf_chain(lenet, torch.zeros(2, 1, 8, 8))
     assert default_layers(lenet, chain) == ["pool1", "pool2", "relu3", "relu4", "fc3"]
+
+
+def test_lenet_with_batch_norm_graph_and_deepinversion(digits):
+    net = create_model("lenet5", num_classes=10, in_channels=1, input_size=8, padding=4,
+                       batch_norm=True)
+    assert isinstance(net.bn1, nn.BatchNorm2d) and isinstance(net.bn2, nn.BatchNorm2d)
+    with torch.no_grad():
+        net.bn2.running_var.fill_(4.0)
+        net.bn2.weight.fill_(-3.0)  # |γ| / sqrt(var + eps) = 1.5
+    net.eval()
+    chain = leaf_chain(net, digits.train.x[:2])
+    with_bn = layer_adjacency(net, chain, "pool1", "pool2", [6, 6, 6])
+    plain = create_model("lenet5", num_classes=10, in_channels=1, input_size=8, padding=4)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if "bn" not in k})
+    plain.eval()
+    without = layer_adjacency(plain, leaf_chain(plain, digits.train.x[:2]), "pool1", "pool2",
+                              [6, 6, 6])
+    assert torch.allclose(with_bn, without * 3.0 / math.sqrt(4.0 + 1e-5), rtol=1e-5)
+    assert len(DeepInversionObjective(net).bns) == 2
+    with pytest.raises(KdkitError, match="batch_norm must be true or false"):
+        create_model("lenet5", batch_norm="yes")
