@@ -17,6 +17,7 @@ tanh, BN without affine); ``width`` scales its channels (the paper uses 128).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,11 @@ def dafl_generator(
             return g
     torch.manual_seed(derive_seed(seed, _INIT_STREAM))
     g = Generator(latent_dim, c, h, width)
+    t0 = time.perf_counter()
     history = train_generator(teacher, g, latent_dim=latent_dim, seed=seed, progress=progress,
                               **train_kwargs)
-    save_generator(folder, g, {**meta, "history": history})
+    save_generator(folder, g, {**meta, "history": history,
+                               "wall_s": round(time.perf_counter() - t0, 2)})
     return g
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,6 +245,7 @@ def compute_record(
         fraction: spectral kinds keep this fraction of each graph's Fourier coefficients.
         dropout: ``all_layers_dropout``'s filter rate p (units matched with probability 1 − p).
     """
+    t_start = time.perf_counter()
     if kind not in KINDS:
         raise KdkitError(f"unknown record kind '{kind}'; choose one of {', '.join(KINDS)}")
     if temperature <= 0:
@@ -320,6 +322,7 @@ def compute_record(
         num_classes=num_classes, groups=meta_groups, tensors=tensors,
         teacher=teacher_fingerprint(teacher), input_shape=list(x.shape[1:]),
         class_counts=counts.tolist(), fraction=float(fraction), dropout=float(dropout),
+        extra={"wall_s": round(time.perf_counter() - t_start, 2)},
     )
 
 
@@ -356,6 +359,7 @@ def load_record(path: str | Path) -> MetadataRecord:
         temperature=meta["temperature"], num_classes=meta["num_classes"], groups=meta["groups"],
         tensors=tensors, teacher=meta["teacher"], input_shape=meta["input_shape"],
         class_counts=meta["class_counts"], fraction=meta["fraction"], dropout=meta["dropout"],
+        extra={"wall_s": meta.get("wall_s", 0.0)},
     )
 
 
@@ -382,7 +386,7 @@ class RecordObjective:
 
     def __init__(self, teacher: nn.Module, record: MetadataRecord, source: str = "record") -> None:
         check_record_fits(record, teacher, source)
-        self.teacher = teacher.eval()
+        self.teacher = teacher.eval().requires_grad_(False)
         self.record = record
 
     def sample_targets(self, y: Tensor, gen: torch.Generator) -> list[Tensor]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,7 @@ def optimise_inputs(
             loss_fn = objective(y, gen)
             opt = torch.optim.Adam([pixels], lr=lr, betas=betas)
             value = float("nan")
+            t0 = time.perf_counter()
             for step in range(steps):
                 loss = loss_fn((pixels - mean) / std)
                 value = float(loss.detach())
@@ -156,14 +158,17 @@ def optimise_inputs(
                 if step % 25 == 0:
                     bar.set_postfix(batch=f"{b + 1}/{n_batches}", loss=f"{value:.4g}")
             x = ((pixels.detach() - mean) / std).float()
-            save_checkpoint(stem, {"x": x, "y": y}, {"final_loss": value, "batch": b})
-    xs, ys, losses = [], [], []
+            save_checkpoint(stem, {"x": x, "y": y}, {"final_loss": value, "batch": b,
+                                                     "wall_s": time.perf_counter() - t0})
+    xs, ys, losses, wall = [], [], [], 0.0
     for b in range(n_batches):
         tensors, m = load_checkpoint(out_dir / "batches" / f"b{b:05d}")
         xs.append(tensors["x"])
         ys.append(tensors["y"])
         losses.append(m["final_loss"])
-    final = {**settings, "final_loss_mean": sum(losses) / len(losses)}
+        wall += m.get("wall_s", 0.0)
+    final = {**settings, "final_loss_mean": sum(losses) / len(losses),
+             "synthesis_s": round(wall, 2)}
     return save_transfer(out_dir, torch.cat(xs), torch.cat(ys), final)
 
 

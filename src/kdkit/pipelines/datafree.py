@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from kdkit.data import ArrayDataset, DatasetSplits
-from kdkit.datafree.dafl import GeneratorLoader, dafl_generator
+from kdkit.datafree.dafl import GeneratorLoader, dafl_generator, load_generator
 from kdkit.datafree.deepinversion import DI_BETAS, DeepInversionObjective
 from kdkit.datafree.records import (
     RecordObjective,
@@ -149,7 +149,8 @@ def build_transfer(
         )
         loader = GeneratorLoader(generator, teacher, latent_dim=opts.get("latent_dim", 100),
                                  batch_size=batch_size, steps_per_epoch=spe, seed=seed)
-        info.update(transfer_s=round(time.perf_counter() - t0, 2),
+        gen_meta = load_generator(folder)[1]
+        info.update(transfer_s=gen_meta.get("wall_s", 0.0),
                     generator_params=sum(p.numel() for p in generator.parameters()))
         return data, loader, info
     else:
@@ -160,7 +161,8 @@ def build_transfer(
                               **{k: opts.pop(k) for k in ("temperature", "fraction", "dropout",
                                                           "layers") if k in opts})
             objective = RecordObjective(teacher, rec, str(folder / "record")).batch_loss
-            info.update(record=kind, record_bytes=rec.size_bytes)
+            info.update(record=kind, record_bytes=rec.size_bytes,
+                        record_s=rec.extra.get("wall_s", 0.0))
             base["record"] = kind
         else:
             objective = DeepInversionObjective(teacher, **opts)
@@ -173,7 +175,10 @@ def build_transfer(
             label=f"{source} synthesis", **init,
         )
         info["final_objective"] = ts.meta.get("final_loss_mean")
-    info.update(transfer_s=round(time.perf_counter() - t0, 2), transfer_samples=len(ts.y))
+    # The time spent making the set, as recorded when it was made (a resumed run reuses it).
+    made_s = ts.meta.get("synthesis_s", time.perf_counter() - t0)
+    info.update(transfer_s=round(made_s + info.get("record_s", 0.0), 2),
+                transfer_samples=len(ts.y))
     check_transfer_fits(ts, data, str(folder))
     log(f"  transfer set: {source}, {len(ts.y)} samples ({info['transfer_s']:.1f} s)")
     return with_transfer(data, ts), None, info
