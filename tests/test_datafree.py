@@ -58,6 +58,7 @@ def _train(model: nn.Module, data, epochs: int = 60) -> nn.Module:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    model.zero_grad(set_to_none=True)
     return model.eval()
 
 
@@ -65,7 +66,7 @@ def _train(model: nn.Module, data, epochs: int = 60) -> nn.Module:
 def mlp_teacher(digits):
     torch.manual_seed(0)
     return _train(create_model("mlp", num_classes=10, in_channels=1, input_size=8,
-                               hidden=[32, 32]), digits)
+                               hidden=[32, 32], dropout=0.2), digits)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_loss_reference_values():
 
 def test_graph_of_an_mlp_is_its_absolute_weights(mlp_teacher, digits):
     chain = leaf_chain(mlp_teacher, digits.train.x[:2])
-    assert chain == ["flatten", "fc1", "relu1", "fc2", "relu2", "fc_out"]
+    assert chain == ["flatten", "fc1", "relu1", "drop1", "fc2", "relu2", "drop2", "fc_out"]
     assert default_layers(mlp_teacher, chain) == ["relu1", "relu2", "fc_out"]
     adj = layer_adjacency(mlp_teacher, chain, "relu1", "relu2", [32])
     assert torch.allclose(adj, mlp_teacher.fc2.weight.abs().T)
@@ -178,6 +179,11 @@ def test_top_layer_record_is_the_class_statistics_of_logits_over_t(mlp_teacher, 
 def test_every_kind_records_saves_loads_and_reconstructs(kind, mlp_teacher, lenet_teacher,
                                                          digits, tmp_path):
     for teacher in (mlp_teacher, lenet_teacher):
+        if kind == "all_layers_dropout" and teacher is lenet_teacher:
+            with pytest.raises(KdkitError, match="has none; use all_layers"):
+                compute_record(teacher, digits.train.x, digits.train.y, kind=kind,
+                               num_classes=10, progress=False)
+            continue
         rec = compute_record(teacher, digits.train.x, digits.train.y, kind=kind,
                              num_classes=10, progress=False)
         folder = save_record(rec, tmp_path / f"rec-{id(teacher)}")
@@ -228,15 +234,32 @@ def test_spectral_objectives_use_the_graph_coefficients(mlp_teacher, digits):
     assert losses["spectral_pairs"] != pytest.approx(losses["all_layers"], rel=1e-3)
 
 
-def test_dropout_filters_change_the_objective(mlp_teacher, digits):
+def test_dropout_filters_are_fixed_per_batch_inside_the_teacher(mlp_teacher, digits):
     kw = dict(num_classes=10, progress=False)
     plain = compute_record(mlp_teacher, digits.train.x, digits.train.y, kind="all_layers", **kw)
     drop = compute_record(mlp_teacher, digits.train.x, digits.train.y,
                           kind="all_layers_dropout", dropout=0.5, **kw)
-    x, y = digits.train.x[:10], digits.train.y[:10]
-    a = RecordObjective(mlp_teacher, plain).batch_loss(y, torch.Generator().manual_seed(0))(x)
-    b = RecordObjective(mlp_teacher, drop).batch_loss(y, torch.Generator().manual_seed(0))(x)
-    assert a.item() != pytest.approx(b.item(), rel=1e-4)
+    assert drop.meta()["dropout"] == 0.5
+    x, y = digits.train.x[:40], digits.train.y[:40] % 10
+    a = RecordObjective(mlp_teacher, plain).batch_loss(y, torch.Generator().manual_seed(0))
+    loss = RecordObjective(mlp_teacher, drop).batch_loss(y, torch.Generator().manual_seed(0))
+    first = loss(x).item()
+    assert loss(x).item() == first  # the same filters at every step of the batch
+    assert first != pytest.approx(a(x).item(), rel=1e-4)
+    # The filters act inside the teacher: relu2 sees relu1 thinned by drop1's mask (p = 0.5,
+    # kept units scaled by 2), and the teacher is left as it was (eval, no hooks).
+    from kdkit.datafree.records import fixed_dropout
+
+    masks: dict[int, torch.Tensor] = {}
+    with fixed_dropout(mlp_teacher, masks, torch.Generator().manual_seed(3), 0.5):
+        acts = layer_activations(mlp_teacher, x, ["relu1", "relu2"], 8.0)
+    m1 = masks[id(mlp_teacher.drop1)]
+    assert 0.35 < m1.mean().item() < 0.65
+    h2 = torch.relu(mlp_teacher.fc2(acts[0] * m1 * 2.0))
+    assert torch.allclose(acts[1], h2, atol=1e-5)
+    assert not mlp_teacher.training and not mlp_teacher.drop1._forward_hooks
+    with torch.no_grad():
+        assert torch.equal(mlp_teacher(x), mlp_teacher(x))
 
 
 def test_record_errors(mlp_teacher, lenet_teacher, digits, tmp_path):
@@ -292,8 +315,7 @@ def test_synthesis_is_deterministic_and_resumes_after_a_kill(mlp_teacher, digits
     assert resumed.y.tolist() == [i % 10 for i in range(60)]
     other_seed = _synth(obj, digits, tmp_path / "c", samples=60, steps=20, seed=1)
     assert not torch.equal(other_seed.x, full.x)
-    (tmp_path / "b" / "transfer.json").unlink()
-    with pytest.raises(KdkitError, match="other settings"):
+    with pytest.raises(KdkitError, match="other settings"):  # finished, but not like this
         _synth(obj, digits, tmp_path / "b", samples=60, steps=21)
     assert torch.equal(load_transfer(tmp_path / "a").x, full.x)
 
@@ -324,8 +346,13 @@ def test_deepinversion_matches_bn_statistics(digits, tmp_path, mlp_teacher):
     feats = net.conv(x0)
     assert terms["bn"].item() == pytest.approx(
         bn_statistics_loss(feats, net.bn.running_mean, net.bn.running_var).item(), rel=1e-5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     ts = _synth(obj, digits, tmp_path / "di", samples=20, steps=150, lr=0.05)
     after = obj.terms(ts.x, ts.y)
+    # The teacher is untouched: no BN statistics updated, no gradients, no hooks left.
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert not net.bn._forward_pre_hooks
     assert after["bn"] < 0.5 * terms["bn"]
     assert after["ce"] < 0.5 * terms["ce"]
     assert (net(ts.x).argmax(1) == ts.y).float().mean() >= 0.6
@@ -337,6 +364,47 @@ def test_deepinversion_matches_bn_statistics(digits, tmp_path, mlp_teacher):
     student = create_model("mlp", num_classes=10, in_channels=1, input_size=8, hidden=[8])
     adi = DeepInversionObjective(net, competition_weight=1.0, student=student)
     assert 0.0 <= adi.terms(x0, y)["competition"].item() <= 1.0
+    agree = competition_loss(torch.tensor([[4.0, 0.0]]), torch.tensor([[4.0, 0.0]]))
+    disagree = competition_loss(torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 4.0]]))
+    assert disagree.item() < 0.2 < 0.99 < agree.item()  # minimised where the two disagree
+
+
+class _Reordered(nn.Module):
+    """BN layers defined in the opposite order to their use, with different widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_late = nn.BatchNorm2d(4)
+        self.bn_early = nn.BatchNorm2d(1)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn_late(self.conv(self.bn_early(x))).mean((2, 3)))
+
+
+def test_deepinversion_pairs_each_bn_with_its_own_input():
+    net = _Reordered().eval()
+    with torch.no_grad():
+        net.bn_late.running_mean.fill_(1.0)
+    x = torch.randn(6, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    terms = DeepInversionObjective(net).terms(x, torch.zeros(6, dtype=torch.long))
+    early = bn_statistics_loss(x, net.bn_early.running_mean, net.bn_early.running_var)
+    late = bn_statistics_loss(net.conv(net.bn_early(x)), net.bn_late.running_mean,
+                              net.bn_late.running_var)
+    assert terms["bn"].item() == pytest.approx((early + late).item(), rel=1e-5)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1)
+            self.fc = nn.Linear(25, 10)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.bn(x)).flatten(1))
+
+    with pytest.raises(KdkitError, match="ran 2 times"):
+        DeepInversionObjective(Twice().eval()).terms(x, torch.zeros(6, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------- DAFL
@@ -391,6 +459,10 @@ def test_transfer_spec_errors():
            {"label": "c", "method": {"name": "ensemble_mean"},
             "transfer": {"source": "noise"}},
            {"label": "d", "method": KD8, "transfer": {"source": "record", "kind": "spectra"}}]
+    with pytest.raises(ConfigError, match="data.synthetic trains every student"):
+        config_from_dict({**BASE, "data": {**BASE["data"], "synthetic": "sets/s{seed}"},
+                          "students": [{"label": "n", "method": KD8,
+                                        "transfer": {"source": "noise"}}]})
     with pytest.raises(ConfigError) as e:
         config_from_dict({**BASE, "students": bad})
     msg = str(e.value)
@@ -461,6 +533,10 @@ def test_cli_record_synthesize_distill(tmp_path, capsys):
     assert main(["datafree", "synthesize", "--teacher", str(t), "--record", str(tmp_path / "no"),
                  "--out", str(tmp_path / "y"), "--no-progress"]) == 2
     assert "no metadata record" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(t2), "--student", "mlp", "--data", "digits",
+                 "--synthetic", str(tmp_path / "set"), "--out", str(tmp_path / "s2"),
+                 "--no-progress"]) == 2
+    assert "made from another teacher" in capsys.readouterr().err
     assert main(["datafree", "deepinversion", "--teacher", str(t), "--out",
                  str(tmp_path / "z"), "--no-progress"]) == 2
     err = capsys.readouterr().err

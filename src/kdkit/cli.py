@@ -115,14 +115,14 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
     train = _train_spec(args)
     data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
                         train_subset=args.train_subset, seed=args.seed)
-    if getattr(args, "synthetic", None):
-        from kdkit.pipelines.datafree import load_synthetic
-
-        data = load_synthetic(args.synthetic, data)
     teachers = {}
     if teacher is not None:
         # The teacher's own train split is irrelevant here: only its weights are used.
         teachers = {"teacher": load_teacher(teacher, data)}
+    if getattr(args, "synthetic", None):
+        from kdkit.pipelines.datafree import load_synthetic
+
+        data = load_synthetic(args.synthetic, data, teachers.get("teacher"))
     out = Path(args.out)
     prepare_run_dir(out, resume=args.resume, force=args.force)
     summary = train_one(

@@ -19,6 +19,12 @@ from pathlib import Path
 from typing import Any
 
 
+def teacher_fingerprint(model: Any) -> str:
+    from kdkit.datafree.records import teacher_fingerprint as fingerprint
+
+    return fingerprint(model)
+
+
 def _teacher(path: str) -> tuple[Any, dict[str, Any]]:
     from kdkit.train.artifacts import load_model, model_stem
 
@@ -81,7 +87,7 @@ def _synth_common(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from kdkit.datafree.records import RecordObjective, load_record
+    from kdkit.datafree.records import RecordObjective, load_record, record_digest
     from kdkit.datafree.synthesis import optimise_inputs
 
     teacher, meta = _teacher(args.teacher)
@@ -93,7 +99,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     ts = optimise_inputs(
         objective.batch_loss, out_dir=out, num_classes=g["num_classes"],
         input_shape=g["input_shape"], mean=g["mean"], std=g["std"],
-        meta={"source": "record", "record": rec.kind, "data": meta["data"]},
+        meta={"source": "record", "record": rec.kind, "data": meta["data"],
+              "record_sha256": record_digest(args.record), "teacher": rec.teacher},
         lr=args.lr or 0.07, init_mean=args.init_mean, init_std=args.init_std,
         steps=args.steps or 1000, **{k: v for k, v in _synth_common(args).items() if k != "steps"},
     )
@@ -116,7 +123,8 @@ def cmd_deepinversion(args: argparse.Namespace) -> int:
     ts = optimise_inputs(
         objective, out_dir=out, num_classes=g["num_classes"], input_shape=g["input_shape"],
         mean=g["mean"], std=g["std"],
-        meta={"source": "deepinversion", "weights": weights, "data": meta["data"]},
+        meta={"source": "deepinversion", "weights": weights, "data": meta["data"],
+              "teacher": teacher_fingerprint(teacher)},
         lr=args.lr or 0.05, betas=DI_BETAS, init_mean=args.init_mean, init_std=args.init_std,
         steps=args.steps or 2000, **{k: v for k, v in _synth_common(args).items() if k != "steps"},
     )
@@ -139,7 +147,8 @@ def cmd_dafl(args: argparse.Namespace) -> int:
     )
     x, y = sample_generator(generator, teacher, samples=args.samples,
                             latent_dim=args.latent_dim, seed=args.seed)
-    save_transfer(out, x, y, {"source": "dafl", "data": meta["data"], "seed": args.seed})
+    save_transfer(out, x, y, {"source": "dafl", "data": meta["data"], "seed": args.seed,
+                              "teacher": teacher_fingerprint(teacher)})
     print(f"generator: {sum(p.numel() for p in generator.parameters()):,} parameters "
           f"-> {out}/generator.safetensors")
     return _finish(out, len(y), t0, "dafl")
@@ -153,7 +162,8 @@ def cmd_noise(args: argparse.Namespace) -> int:
     out = _prepare(args)
     t0 = time.perf_counter()
     x, y = noise_set(teacher, samples=args.samples, input_shape=g["input_shape"], seed=args.seed)
-    save_transfer(out, x, y, {"source": "noise", "data": meta["data"], "seed": args.seed})
+    save_transfer(out, x, y, {"source": "noise", "data": meta["data"], "seed": args.seed,
+                              "teacher": teacher_fingerprint(teacher)})
     return _finish(out, len(y), t0, "noise")
 
 
@@ -189,7 +199,8 @@ def add_parser(sub: Any, add_out_flags: Any) -> None:
     a.add_argument("--temperature", type=float, default=8.0)
     a.add_argument("--fraction", type=float, default=0.1,
                    help="spectral kinds: fraction of graph Fourier coefficients kept")
-    a.add_argument("--dropout", type=float, default=0.5, help="all_layers_dropout filter rate")
+    a.add_argument("--dropout", type=float, default=None,
+                   help="all_layers_dropout: filter rate (default: each dropout layer's own)")
     a.add_argument("--layers", help="comma-separated module paths (default: every activation)")
 
     a = action("synthesize", cmd_synthesize, "reconstruct a transfer set from a record")

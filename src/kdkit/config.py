@@ -121,7 +121,7 @@ class TransferSpec(_Strict):
                   "spectral_pairs"] | None = None
     temperature: float = Field(8.0, gt=0)
     fraction: float = Field(0.1, gt=0, le=1)
-    dropout: float = Field(0.5, ge=0, lt=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
     layers: list[str] | None = None
     init_mean: float = 0.15
     init_std: float = Field(0.1, ge=0)
@@ -202,6 +202,16 @@ class ExperimentConfig(_Strict):
     train: TrainSpec = TrainSpec()
     students: list[StudentRunSpec] = Field(min_length=1)
     eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _one_kind_of_synthetic_data(self) -> ExperimentConfig:
+        both = [s.label for s in self.students if s.transfer is not None]
+        if self.data.synthetic and both:
+            raise ValueError(
+                f"data.synthetic trains every student on one transfer set, but runs {both} "
+                "make their own ('transfer'); use one or the other"
+            )
+        return self
 
     @model_validator(mode="after")
     def _labels_unique(self) -> ExperimentConfig:

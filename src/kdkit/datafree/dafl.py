@@ -145,8 +145,9 @@ def dafl_generator(
         g, old = load_generator(folder)
         if {k: old.get(k) for k in meta} == meta:
             return g
-    torch.manual_seed(derive_seed(seed, _INIT_STREAM))
-    g = Generator(latent_dim, c, h, width)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
+        torch.manual_seed(derive_seed(seed, _INIT_STREAM))
+        g = Generator(latent_dim, c, h, width)
     t0 = time.perf_counter()
     history = train_generator(teacher, g, latent_dim=latent_dim, seed=seed, progress=progress,
                               **train_kwargs)

@@ -74,9 +74,9 @@ class DeepInversionObjective:
 
     def terms(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Each unweighted term on inputs ``x`` (B, C, H, W) for labels ``y`` (B,)."""
-        inputs: list[Tensor] = []
-        handles = [m.register_forward_pre_hook(lambda _m, a: inputs.append(a[0]))
-                   for _, m in self.bns]
+        inputs: dict[str, list[Tensor]] = {name: [] for name, _ in self.bns}
+        handles = [m.register_forward_pre_hook(
+            lambda _m, a, name=name: inputs[name].append(a[0])) for name, m in self.bns]
         try:
             logits = self.teacher(x)
         finally:
@@ -84,9 +84,16 @@ class DeepInversionObjective:
                 h.remove()
         out = {"ce": F.cross_entropy(logits, y), "tv": total_variation(x), "l2": l2_prior(x)}
         out["bn"] = x.new_zeros(())
-        for (_, bn), inp in zip(self.bns, inputs, strict=True):
+        for name, bn in self.bns:  # each BN layer with its own input, whatever the call order
             assert bn.running_mean is not None and bn.running_var is not None
-            out["bn"] = out["bn"] + bn_statistics_loss(inp, bn.running_mean, bn.running_var)
+            if len(inputs[name]) != 1:
+                raise KdkitError(
+                    f"deepinversion: BN layer '{name}' ran {len(inputs[name])} times in one "
+                    "forward pass; its statistics term needs exactly one call (set "
+                    "bn_weight=0 for the priors-only variant)"
+                )
+            out["bn"] = out["bn"] + bn_statistics_loss(inputs[name][0], bn.running_mean,
+                                                       bn.running_var)
         if self.student is not None and self.w["competition"] > 0:
             out["competition"] = competition_loss(logits, self.student(x))
         return out

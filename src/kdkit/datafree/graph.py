@@ -149,6 +149,12 @@ def layer_adjacency(
     mods = dict(model.named_modules())
     i, j = chain.index(src), chain.index(dst)
     n = math.prod(src_shape)
+    if n > MAX_VERTICES:
+        raise KdkitError(
+            f"layer '{src}' has {n} neurons (> {MAX_VERTICES}); its graph is too large for a "
+            "dense eigendecomposition: record later/smaller layers (layers=[...]), or use "
+            "all_layers or DeepInversion"
+        )
     x = torch.eye(n, dtype=torch.float32).view(n, *src_shape)
     with torch.no_grad():
         for name in chain[i + 1 : j + 1]:

@@ -13,10 +13,12 @@ input optimiser minimises (see :mod:`kdkit.datafree.synthesis`). Kinds:
   per-unit standard deviations (a full 1200×1200 covariance per class would make the
   record larger than the teacher). The objective sums per-layer mean squared errors, so
   every layer counts once whatever its width.
-* ``all_layers_dropout`` — the same record; during reconstruction each batch draws fixed
-  dropout filters (Bernoulli masks, kept with probability 1 − p) that choose which units
-  of each layer are matched, so targets sampled independently per unit need not all be
-  met at once.
+* ``all_layers_dropout`` — the same record, for a teacher trained with dropout; during
+  reconstruction the teacher's own dropout layers are switched on with filters (Bernoulli
+  masks, scaled by 1/(1 − p)) drawn once per batch and fixed for all its optimisation
+  steps, so each batch is reconstructed through one thinned sub-network of the teacher
+  (why the paper has no such row for LeNet-5, which has no dropout). ``dropout`` overrides
+  the layers' own rates.
 * ``spectral_all`` — neurons of all recorded layers form one graph weighted by the
   network's absolute weights (:mod:`kdkit.datafree.graph`); the activations are projected
   on its graph Fourier basis and the ``fraction`` of coefficients with the most energy on
@@ -32,9 +34,11 @@ teacher fingerprint, size) and refuse to load against another teacher.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -90,7 +94,7 @@ class MetadataRecord:
     input_shape: list[int]
     class_counts: list[int]
     fraction: float = 0.1
-    dropout: float = 0.5
+    dropout: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -233,7 +237,7 @@ def compute_record(
     temperature: float = 8.0,
     layers: Sequence[str] | None = None,
     fraction: float = 0.1,
-    dropout: float = 0.5,
+    dropout: float | None = None,
     batch_size: int = 1000,
     progress: bool = True,
 ) -> MetadataRecord:
@@ -243,7 +247,8 @@ def compute_record(
         kind: one of :data:`KINDS`. temperature: logits are recorded as logits / T (T = 8).
         layers: module paths to record (default: after every activation/pooling).
         fraction: spectral kinds keep this fraction of each graph's Fourier coefficients.
-        dropout: ``all_layers_dropout``'s filter rate p (units matched with probability 1 − p).
+        dropout: ``all_layers_dropout``: the rate of the fixed dropout filters (default: each
+            dropout layer's own rate).
     """
     t_start = time.perf_counter()
     if kind not in KINDS:
@@ -252,8 +257,13 @@ def compute_record(
         raise KdkitError(f"temperature must be > 0, got {temperature}")
     if not 0.0 < fraction <= 1.0:
         raise KdkitError(f"fraction must be in (0, 1], got {fraction}")
-    if not 0.0 <= dropout < 1.0:
+    if dropout is not None and not 0.0 <= dropout < 1.0:
         raise KdkitError(f"dropout must be in [0, 1), got {dropout}")
+    if kind == "all_layers_dropout" and not dropout_layers(teacher):
+        raise KdkitError(
+            "all_layers_dropout reconstructs through the teacher's own dropout layers, and "
+            "this teacher has none; use all_layers"
+        )
     counts = torch.bincount(y, minlength=num_classes)
     if len(counts) > num_classes or bool((counts == 0).any()):
         raise KdkitError(
@@ -321,7 +331,7 @@ def compute_record(
         kind=kind, layers=names, shapes=shapes, temperature=float(temperature),
         num_classes=num_classes, groups=meta_groups, tensors=tensors,
         teacher=teacher_fingerprint(teacher), input_shape=list(x.shape[1:]),
-        class_counts=counts.tolist(), fraction=float(fraction), dropout=float(dropout),
+        class_counts=counts.tolist(), fraction=float(fraction), dropout=dropout,
         extra={"wall_s": round(time.perf_counter() - t_start, 2)},
     )
 
@@ -344,6 +354,12 @@ def save_record(record: MetadataRecord, path: str | Path) -> Path:
     return stem.parent
 
 
+def record_digest(path: str | Path) -> str:
+    """The SHA-256 of a saved record's tensors (what a synthesis from it depends on)."""
+    meta = json.loads(record_stem(path).with_suffix(".json").read_text())
+    return str(meta["sha256"])
+
+
 def load_record(path: str | Path) -> MetadataRecord:
     """Load and verify a record (SHA-256 of its tensors); a clear error if it is not one."""
     stem = record_stem(path)
@@ -359,7 +375,7 @@ def load_record(path: str | Path) -> MetadataRecord:
         temperature=meta["temperature"], num_classes=meta["num_classes"], groups=meta["groups"],
         tensors=tensors, teacher=meta["teacher"], input_shape=meta["input_shape"],
         class_counts=meta["class_counts"], fraction=meta["fraction"], dropout=meta["dropout"],
-        extra={"wall_s": meta.get("wall_s", 0.0)},
+        extra={k: meta[k] for k in ("wall_s", "requested_layers") if k in meta},
     )
 
 
@@ -378,6 +394,33 @@ def check_record_fits(record: MetadataRecord, teacher: nn.Module, source: str = 
 
 
 BatchLoss = Callable[[Tensor], Tensor]
+
+
+def dropout_layers(model: nn.Module) -> list[nn.Dropout]:
+    return [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+
+
+@contextmanager
+def fixed_dropout(
+    model: nn.Module, masks: dict[int, Tensor], gen: torch.Generator, rate: float | None
+) -> Iterator[None]:
+    """Apply dropout filters to ``model``'s dropout layers (in eval mode): each layer's mask
+    is drawn from ``gen`` on its first call and kept in ``masks``, so every later call
+    of the same batch reuses it."""
+
+    def hook(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        p = float(rate if rate is not None else mod.p)  # type: ignore[arg-type]
+        key = id(mod)
+        if key not in masks:
+            masks[key] = (torch.rand(args[0].shape, generator=gen) >= p).to(args[0].dtype)
+        return args[0] * masks[key] / (1.0 - p)
+
+    handles = [m.register_forward_hook(hook) for m in dropout_layers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class RecordObjective:
@@ -406,19 +449,22 @@ class RecordObjective:
         """The loss of one batch (targets and dropout filters fixed for all its steps)."""
         rec = self.record
         targets = self.sample_targets(y, gen)
-        masks: list[Tensor | None] = [None] * len(targets)
-        if rec.kind == "all_layers_dropout" and rec.dropout > 0:
-            masks = [(torch.rand(t.shape, generator=gen) >= rec.dropout).float() for t in targets]
+        filters: dict[int, Tensor] = {}  # this batch's dropout masks, drawn on first use
+        mask_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
 
         def loss(x: Tensor) -> Tensor:
-            acts = layer_activations(self.teacher, x, rec.layers, rec.temperature)
+            if rec.kind == "all_layers_dropout":
+                with fixed_dropout(self.teacher, filters, mask_gen, rec.dropout):
+                    acts = layer_activations(self.teacher, x, rec.layers, rec.temperature)
+            else:
+                acts = layer_activations(self.teacher, x, rec.layers, rec.temperature)
             total = x.new_zeros(())
             for g, group in enumerate(rec.groups):
                 s = torch.cat([acts[i] for i in group["layers"]], 1)
                 basis = rec.tensors.get(f"group{g}/basis")
                 if basis is not None:
                     s = s @ basis
-                total = total + matching_loss(s, targets[g], masks[g])
+                total = total + matching_loss(s, targets[g])
             return total
 
         return loss

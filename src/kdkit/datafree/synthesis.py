@@ -109,8 +109,6 @@ def optimise_inputs(
             raise KdkitError(f"{label}: {name} must be >= 1, got {v}")
     if lr <= 0 or init_std < 0:
         raise KdkitError(f"{label}: lr must be > 0 and init_std >= 0 (got {lr}, {init_std})")
-    if (out_dir / f"{TRANSFER_STEM}.json").exists():
-        return load_transfer(out_dir)
     settings = {
         "samples": samples, "num_classes": num_classes, "input_shape": list(input_shape),
         "mean": mean, "std": std, "batch_size": batch_size, "steps": steps, "lr": lr,
@@ -124,6 +122,8 @@ def optimise_inputs(
             f"{out_dir} holds a synthesis with other settings ({state_path}); continue it "
             "with the same settings, or start over with --force"
         )
+    if state_path.exists() and (out_dir / f"{TRANSFER_STEM}.json").exists():
+        return load_transfer(out_dir)  # finished, with these very settings
     atomic_write_json(state_path, settings)
     y_all = balanced_labels(samples, num_classes)
     n_batches = math.ceil(samples / batch_size)
@@ -178,6 +178,8 @@ def noise_set(
 ) -> tuple[Tensor, Tensor]:
     """The floor: standard Gaussian noise in normalised input space, labelled by the
     teacher's argmax. Returns x (N, C, H, W), y (N,)."""
+    if samples < 1:
+        raise KdkitError(f"noise: samples must be >= 1, got {samples}")
     gen = torch.Generator().manual_seed(derive_seed(seed, _NOISE_STREAM))
     x = torch.randn((samples, *input_shape), generator=gen)
     teacher.eval()

@@ -33,8 +33,10 @@ from kdkit.datafree.records import (
     check_record_fits,
     compute_record,
     load_record,
+    record_digest,
     record_stem,
     save_record,
+    teacher_fingerprint,
 )
 from kdkit.datafree.synthesis import (
     TransferSet,
@@ -53,12 +55,13 @@ DEFAULT_LR = {"record": 0.07, "deepinversion": 0.05, "dafl": 0.2}
 
 def make_record(
     teacher: nn.Module, train: ArrayDataset, num_classes: int, folder: Path, *, kind: str,
-    temperature: float = 8.0, fraction: float = 0.1, dropout: float = 0.5,
+    temperature: float = 8.0, fraction: float = 0.1, dropout: float | None = None,
     layers: Sequence[str] | None = None, progress: bool = True,
 ) -> Any:
-    """Record ``teacher``'s metadata on ``train`` into ``folder`` (reused if already there)."""
+    """Record ``teacher``'s metadata on ``train`` into ``folder`` (reused if already there
+    with the same settings and teacher)."""
     settings = {"record": kind, "temperature": temperature, "fraction": fraction,
-                "dropout": dropout}
+                "dropout": dropout, "requested_layers": list(layers) if layers else None}
     if record_stem(folder).with_suffix(".json").exists():
         rec = load_record(folder)
         if all(rec.meta().get(k) == v for k, v in settings.items()):
@@ -67,6 +70,7 @@ def make_record(
     rec = compute_record(teacher, train.x, train.y, kind=kind, num_classes=num_classes,
                          temperature=temperature, layers=layers, fraction=fraction,
                          dropout=dropout, progress=progress)
+    rec.extra["requested_layers"] = settings["requested_layers"]
     save_record(rec, folder)
     return rec
 
@@ -94,10 +98,21 @@ def with_transfer(data: DatasetSplits, ts: TransferSet) -> DatasetSplits:
     return replace(data, train=ArrayDataset(ts.x, ts.y, f"{data.name}/transfer"))
 
 
-def load_synthetic(path: str | Path, data: DatasetSplits) -> DatasetSplits:
-    """``data`` trained on the transfer set at ``path`` (``data: {synthetic: PATH}``)."""
+def load_synthetic(
+    path: str | Path, data: DatasetSplits, teacher: nn.Module | None = None
+) -> DatasetSplits:
+    """``data`` trained on the transfer set at ``path`` (``data: {synthetic: PATH}``).
+
+    With ``teacher``, a set made from another teacher is refused.
+    """
     ts = load_transfer(path)
     check_transfer_fits(ts, data, str(path))
+    made_from = ts.meta.get("teacher")
+    if teacher is not None and made_from and made_from != teacher_fingerprint(teacher):
+        raise KdkitError(
+            f"transfer set {path} was made from another teacher (fingerprint "
+            f"{made_from[:12]}…); distil from that teacher, or make a set from this one"
+        )
     return with_transfer(data, ts)
 
 
@@ -130,7 +145,8 @@ def build_transfer(
     steps = steps or DEFAULT_STEPS.get(source, 0)
     lr = lr or DEFAULT_LR.get(source, 0.0)
     c, h, w = data.input_shape
-    base = {"source": source, "data": data_meta(data), "seed": seed}
+    base = {"source": source, "data": data_meta(data), "seed": seed,
+            "teacher": teacher_fingerprint(teacher)}
     info: dict[str, Any] = {"transfer": source}
     init: dict[str, Any] = {k: opts.pop(k) for k in ("init_mean", "init_std") if k in opts}
     if source == "noise":
@@ -163,7 +179,7 @@ def build_transfer(
             objective = RecordObjective(teacher, rec, str(folder / "record")).batch_loss
             info.update(record=kind, record_bytes=rec.size_bytes,
                         record_s=rec.extra.get("wall_s", 0.0))
-            base["record"] = kind
+            base.update(record=kind, record_sha256=record_digest(folder / "record"))
         else:
             objective = DeepInversionObjective(teacher, **opts)
             base["weights"] = opts
