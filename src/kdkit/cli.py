@@ -124,6 +124,10 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
     if teacher is not None:
         # The teacher's own train split is irrelevant here: only its weights are used.
         teachers = {"teacher": load_teacher(teacher, data)}
+    if getattr(args, "synthetic", None):
+        from kdkit.pipelines.datafree import load_synthetic
+
+        data = load_synthetic(args.synthetic, data, teachers.get("teacher"))
     out = Path(args.out)
     prepare_run_dir(out, resume=args.resume, force=args.force)
     summary = train_one(
@@ -398,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil one student from a trained teacher")
     p.add_argument("--teacher", required=True, help="teacher run directory or model.safetensors")
     p.add_argument("--student", required=True, help="registered student model")
+    p.add_argument("--synthetic", metavar="SET",
+                   help="train on this transfer set (from `kdkit datafree`) instead of --data's "
+                   "train split; --data still gives the test set")
     _add_run_flags(p, default_method="kd")
     _add_teacher_cache_flags(p)
     p.set_defaults(fn=cmd_distill)
@@ -416,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list distillation methods and their arguments")
     p.set_defaults(fn=cmd_methods)
+
+    from kdkit.cli_datafree import add_parser as add_datafree_parser
+
+    add_datafree_parser(sub, _add_out_flags)
 
     p = sub.add_parser("data", help="datasets: list, fetch")
     dsub = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)

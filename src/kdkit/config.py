@@ -54,6 +54,10 @@ class DataSpec(_Strict):
         None, ge=1, description="class-balanced subset of the train split used by students"
     )
     download: bool = True
+    synthetic: str | None = Field(
+        None, description="train students on this transfer set (a folder from `kdkit datafree`); "
+        "'{seed}' in the path is replaced by the run's seed"
+    )
 
 
 class TeacherCacheSpec(_Strict):
@@ -109,6 +113,71 @@ class TeacherSpec(_Strict):
     )
 
 
+# Options of each data-free transfer source, beside the common ones (see TransferSpec).
+_TRANSFER_OPTIONS: dict[str, set[str]] = {
+    "record": {"kind", "temperature", "fraction", "dropout", "layers", "init_mean", "init_std"},
+    "deepinversion": {"init_mean", "init_std", "ce_weight", "bn_weight", "tv_weight",
+                      "l2_weight"},
+    "dafl": {"latent_dim", "width", "oh_weight", "a_weight", "ie_weight", "steps_per_epoch"},
+    "noise": set(),
+}
+_TRANSFER_COMMON = {"source", "samples", "batch_size", "steps", "lr"}
+
+
+class TransferSpec(_Strict):
+    """Where a data-free student's training inputs come from (``students[i].transfer``).
+
+    ``source``: ``record`` (Lopes et al. metadata of ``kind``, then input reconstruction),
+    ``deepinversion``, ``dafl`` (a generator; the student sees fresh samples every step) or
+    ``noise``. ``steps``/``lr`` default per source: record 1000 / 0.07, deepinversion
+    2000 / 0.05, dafl 1500 generator steps / 0.2. Options that do not belong to the source
+    are refused.
+    """
+
+    source: Literal["record", "deepinversion", "dafl", "noise"]
+    samples: int = Field(10000, ge=1)
+    batch_size: int = Field(256, ge=2)
+    steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    kind: Literal["top_layer", "all_layers", "all_layers_dropout", "spectral_all",
+                  "spectral_pairs"] | None = None
+    temperature: float = Field(8.0, gt=0)
+    fraction: float = Field(0.1, gt=0, le=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    layers: list[str] | None = None
+    init_mean: float = 0.15
+    init_std: float = Field(0.1, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    bn_weight: float = Field(10.0, ge=0)
+    tv_weight: float = Field(1e-3, ge=0)
+    l2_weight: float = Field(1e-4, ge=0)
+    latent_dim: int = Field(100, ge=1)
+    width: int = Field(128, ge=2)
+    oh_weight: float = Field(1.0, ge=0)
+    a_weight: float = Field(0.1, ge=0)
+    ie_weight: float = Field(5.0, ge=0)
+    steps_per_epoch: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _options_of_source(self) -> TransferSpec:
+        own = _TRANSFER_OPTIONS[self.source]
+        stray = sorted(self.model_fields_set - own - _TRANSFER_COMMON)
+        if stray:
+            owners = [f"{k} ({', '.join(s for s, o in _TRANSFER_OPTIONS.items() if k in o)})"
+                      for k in stray]
+            raise ValueError(f"options {', '.join(owners)} do not apply to source "
+                             f"'{self.source}'; it takes: {', '.join(sorted(own)) or 'none'}")
+        if self.source == "record" and self.kind is None:
+            raise ValueError("source 'record' needs a kind: top_layer, all_layers, "
+                             "all_layers_dropout, spectral_all or spectral_pairs")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`kdkit.pipelines.datafree.build_transfer`."""
+        keys = (_TRANSFER_COMMON - {"source"}) | _TRANSFER_OPTIONS[self.source]
+        return {k: getattr(self, k) for k in sorted(keys)}
+
+
 class StudentRunSpec(_Strict):
     """One student run: a method, and optionally its own model, training and teachers.
 
@@ -127,11 +196,14 @@ class StudentRunSpec(_Strict):
     teachers: list[str] | Literal["best"] | None = None
     via: list[ModelSpec] | None = None
     via_search: list[list[ModelSpec]] | None = Field(None, min_length=1)
+    transfer: TransferSpec | None = None
 
     @model_validator(mode="after")
     def _one_path_option(self) -> StudentRunSpec:
         if self.via is not None and self.via_search is not None:
             raise ValueError("give either 'via' (one path) or 'via_search' (candidates), not both")
+        if self.transfer is not None and (self.via is not None or self.via_search is not None):
+            raise ValueError("a data-free run ('transfer') cannot also take an assistant path")
         return self
 
 
@@ -152,6 +224,16 @@ class ExperimentConfig(_Strict):
     train: TrainSpec = TrainSpec()
     students: list[StudentRunSpec] = Field(min_length=1)
     eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _one_kind_of_synthetic_data(self) -> ExperimentConfig:
+        both = [s.label for s in self.students if s.transfer is not None]
+        if self.data.synthetic and both:
+            raise ValueError(
+                f"data.synthetic trains every student on one transfer set, but runs {both} "
+                "make their own ('transfer'); use one or the other"
+            )
+        return self
 
     @model_validator(mode="after")
     def _labels_unique(self) -> ExperimentConfig:
@@ -368,6 +450,9 @@ def _check_run_teachers(
     problems = []
     if (run.get("via") or run.get("via_search")) and count != "one":
         problems.append(f"{where}.via: assistant chains need a one-teacher method, not '{method}'")
+    if run.get("transfer") is not None and count != "one":
+        problems.append(f"{where}.transfer: data-free runs distil from one teacher; use a "
+                        f"one-teacher method such as kd, not '{method}'")
     if (chosen == "best" or run.get("via_search")) and not val_fraction:
         problems.append(
             f"{where}: 'teachers: best' and 'via_search' choose on the validation split, but "

@@ -25,6 +25,7 @@ from kdkit.data import DatasetSplits, load_dataset
 from kdkit.distill.methods import method_teachers
 from kdkit.errors import KdkitError
 from kdkit.pipelines.chain import distill_chain, search_paths
+from kdkit.pipelines.datafree import build_transfer, load_synthetic
 from kdkit.pipelines.runs import SUMMARY, load_teacher, prepare_run_dir, train_one
 from kdkit.train.artifacts import MODEL_STEM, load_model
 from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json
@@ -115,6 +116,7 @@ def run_experiment(
         d = cfg.data
         teachers: dict[str, nn.Module] = {}
         teacher_val: dict[str, float | None] = {}
+        teacher_data: dict[str, DatasetSplits] = {}
         for spec in cfg.all_teachers():
             full = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
                                 train_subset=spec.train_subset, seed=seed,
@@ -125,12 +127,17 @@ def run_experiment(
             _report(log, seed, summary)
             teachers[spec.label] = load_teacher(t_dir, full)
             teacher_val[spec.label] = summary.get("val_acc")
+            teacher_data[spec.label] = full
         data = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
                             train_subset=d.train_subset, seed=seed, download=d.download, log=log)
+        if d.synthetic:
+            data = load_synthetic(d.synthetic.replace("{seed}", str(seed)), data)
         for run in cfg.students:
-            summary = _student(cfg, run, data, seed, seed_dir / run.label,
-                               _select_teachers(run, teachers, teacher_val),
-                               resume=resume, progress=progress, log=log, cache_dir=cache_dir)
+            chosen = _select_teachers(run, teachers, teacher_val)
+            summary = _student(cfg, run, data, seed, seed_dir / run.label, chosen,
+                               resume=resume, progress=progress, log=log,
+                               teacher_data={k: teacher_data[k] for k in chosen},
+                               cache_dir=cache_dir)
             runs.append(summary)
             _report(log, seed, summary)
     table_rows = aggregate(runs, out_dir, cfg.seeds[0], cfg.eval.latency_repeats)
@@ -161,11 +168,24 @@ def _select_teachers(
 def _student(
     cfg: ExperimentConfig, run: StudentRunSpec, data: DatasetSplits, seed: int, run_dir: Path,
     teachers: dict[str, nn.Module], *, resume: bool, progress: bool, log: Callable[[str], None],
+    teacher_data: dict[str, DatasetSplits] | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """One student run: direct, along a teacher-assistant path, or a search over paths."""
+    """One student run: direct, data-free (``transfer``), along a teacher-assistant path,
+    or a search over paths."""
     train = cfg.student_train(run)
     model = cfg.student_model(run)
+    extra: dict[str, Any] = {"role": "student", "teachers": sorted(teachers)}
+    loader = None
+    if run.transfer is not None and not (run_dir / SUMMARY).exists():
+        (t_label, teacher), = teachers.items()
+        t_data = (teacher_data or {}).get(t_label, data)
+        data, loader, info = build_transfer(
+            run.transfer.source, teacher=teacher, teacher_data=t_data, data=data,
+            folder=run_dir / "transfer", seed=seed, progress=progress, log=log,
+            **run.transfer.options(),
+        )
+        extra.update(info)
     common: dict[str, Any] = dict(
         data=data, method=run.method.name, method_kwargs=run.method.kwargs,
         settings=train.loop_settings(seed), batch_size=train.batch_size, augment=train.augment,
@@ -178,8 +198,8 @@ def _student(
     label = f"seed{seed}/{run.label}"
     if run.via is None and run.via_search is None:
         return train_one(run_dir=run_dir, label=label, model_name=model.name,
-                         model_kwargs=model.kwargs, teachers=teachers,
-                         extra={"role": "student", "teachers": sorted(teachers)}, **common)
+                         model_kwargs=model.kwargs, teachers=teachers, loader=loader,
+                         extra=extra, **common)
     (t_label, teacher), = teachers.items()
     chain: dict[str, Any] = dict(run_dir=run_dir, label=label, teacher=teacher,
                                  teacher_label=t_label, student=(model.name, model.kwargs),
@@ -226,7 +246,7 @@ def aggregate(
             "latency_ms": round(cpu_latency_ms(model, (c, h, w), repeats=latency_repeats), 4),
             "test_acc_mean": acc_m, "test_acc_std": acc_s, "val_acc_mean": val_m,
             "val_acc_std": val_s, "n_seeds": len(rs),
-            "wall_s_mean": statistics.fmean(r["wall_s"] for r in rs),
+            "wall_s_mean": statistics.fmean(r["wall_s"] + r.get("transfer_s", 0.0) for r in rs),
         })
     return rows
 
@@ -238,15 +258,16 @@ def _size(n: int) -> str:
 def format_table(rows: list[dict[str, Any]], cfg: ExperimentConfig | None = None) -> str:
     """Markdown table: model, parameters, size on disk, CPU latency, top-1 mean ± std."""
     head = ("| run | model | method | params | size on disk | CPU latency (ms/sample) "
-            "| top-1 test (%) | top-1 val (%) |")
-    lines = [head, "|" + "---|" * 8]
+            "| top-1 test (%) | top-1 val (%) | wall per seed (s) |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         val = (f"{r['val_acc_mean']:.2f} ± {r['val_acc_std']:.2f}"
                if r["val_acc_mean"] is not None else "–")
         lines.append(
             f"| {r['label']} | {r['model']} | {r['method']} | {r['params']:,} | "
             f"{_size(r['size_bytes'])} | {r['latency_ms']:.3f} | "
-            f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | {val} |"
+            f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | {val} | "
+            f"{r.get('wall_s_mean', 0.0):.1f} |"
         )
     if cfg is not None:
         lines.append("")

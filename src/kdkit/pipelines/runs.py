@@ -90,6 +90,7 @@ def train_one(
     teacher_cache: dict[str, Any] | None = None,
     cache_root: Path | None = None,
     channels_last: bool = False,
+    loader: Any = None,
 ) -> dict[str, Any]:
     """Train one model with one method; return its summary (also written to summary.json).
 
@@ -99,7 +100,8 @@ def train_one(
     teachers' outputs come from a cache under ``cache_root`` (default: the run directory).
     ``channels_last``: the student's and adapters' conv weights in NHWC memory format (CPU
     convolutions ran about 1.65x faster in the Fashion-MNIST bench of docs/RESULTS.md).
-    The teachers are left as they are: runs may share them.
+    The teachers are left as they are: runs may share them. ``loader`` replaces the
+    batches of ``data.train`` (e.g. a DAFL generator's samples).
     """
     summary_path = run_dir / SUMMARY
     if summary_path.exists():
@@ -112,10 +114,16 @@ def train_one(
                           **method_kwargs)
     aug = build_augment(augment, fill=data.black)
     cache_settings = CacheSettings(**teacher_cache) if teacher_cache is not None else None
-    loader = BatchLoader(
-        data.train, batch_size, shuffle=True, seed=settings.seed, augment=aug,
-        views=cache_settings.views if cache_settings else None,
-    )
+    if loader is not None and cache_settings is not None:
+        raise KdkitError(
+            f"{label}: a teacher-output cache cannot serve fresh generator samples (DAFL); "
+            "remove train.teacher_cache from this run"
+        )
+    if loader is None:
+        loader = BatchLoader(
+            data.train, batch_size, shuffle=True, seed=settings.seed, augment=aug,
+            views=cache_settings.views if cache_settings else None,
+        )
     val = (data.val.x, data.val.y) if len(data.val) else None
     t0 = time.perf_counter()
     for k, stage in enumerate(stages, start=1):
@@ -164,7 +172,7 @@ def train_one(
         "params": count_parameters(student), "size_bytes": model_path.stat().st_size,
         "test_acc": test["acc"], "test_loss": test["loss"],
         "val_acc": final.get("val/acc"), "epochs": stage_settings.epochs,
-        "train_samples": len(data.train), "wall_s": round(time.perf_counter() - t0, 2),
+        "train_samples": len(loader.dataset), "wall_s": round(time.perf_counter() - t0, 2),
         "resumed_from": result.resumed_from, **(extra or {}),
     }
     atomic_write_json(summary_path, summary)

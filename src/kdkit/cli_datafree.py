@@ -1,0 +1,225 @@
+"""``kdkit datafree``: record a teacher's metadata, and make transfer sets without data.
+
+    kdkit datafree record     --teacher RUN --data mnist --kind spectral_pairs --out REC
+    kdkit datafree synthesize --teacher RUN --record REC --samples 10000 --out SET
+    kdkit datafree deepinversion --teacher RUN --samples 10000 --out SET
+    kdkit datafree dafl       --teacher RUN --samples 10000 --out SET
+    kdkit datafree noise      --teacher RUN --samples 10000 --out SET
+    kdkit distill --teacher RUN --student S --data mnist --synthetic SET
+
+Only ``record`` reads the training data; the others need just the teacher (its
+``model.json`` gives the input geometry and normalisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+
+def teacher_fingerprint(model: Any) -> str:
+    from kdkit.datafree.records import teacher_fingerprint as fingerprint
+
+    return fingerprint(model)
+
+
+def _teacher(path: str) -> tuple[Any, dict[str, Any]]:
+    from kdkit.train.artifacts import load_model, model_stem
+
+    model, meta = load_model(path)
+    meta["weights_bytes"] = model_stem(path).with_suffix(".safetensors").stat().st_size
+    return model, meta
+
+
+def _geometry(meta: dict[str, Any]) -> dict[str, Any]:
+    d = meta["data"]
+    return {"input_shape": tuple(d["input_shape"]), "mean": d["mean"], "std": d["std"],
+            "num_classes": d["num_classes"]}
+
+
+def _prepare(args: argparse.Namespace) -> Path:
+    from kdkit.pipelines.runs import prepare_run_dir
+
+    out = Path(args.out)
+    prepare_run_dir(out, resume=args.resume, force=args.force)
+    return out
+
+
+def _finish(out: Path, x_len: int, t0: float, source: str) -> int:
+    print(f"{source}: {x_len} samples in {time.perf_counter() - t0:.1f} s -> {out}/transfer.safetensors")
+    print(f"distil from it: kdkit distill --teacher RUN --student MODEL --data DATA "
+          f"--synthetic {out}")
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from kdkit.data import load_dataset
+    from kdkit.datafree.records import compute_record, save_record
+    from kdkit.pipelines.runs import check_teacher_fits
+
+    teacher, meta = _teacher(args.teacher)
+    data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
+                        seed=args.seed)
+    check_teacher_fits(meta, data, args.teacher)
+    out = _prepare(args)
+    layers = [s for s in args.layers.split(",") if s] if args.layers else None
+    t0 = time.perf_counter()
+    rec = compute_record(teacher, data.train.x, data.train.y, kind=args.kind,
+                         num_classes=data.num_classes, temperature=args.temperature,
+                         layers=layers, fraction=args.fraction, dropout=args.dropout,
+                         progress=not args.no_progress)
+    save_record(rec, out)
+    groups = ", ".join(
+        f"{g['dim']} units" + (f" -> {g['coefficients']} coefficients" if g["coefficients"] else "")
+        for g in rec.groups)
+    print(f"record {args.kind}: layers {[p or '<logits>' for p in rec.layers]}; {groups}")
+    print(f"record size {rec.size_bytes:,} bytes; teacher weights {meta['weights_bytes']:,} "
+          f"bytes ({rec.size_bytes / meta['weights_bytes']:.2%} of the teacher); "
+          f"{time.perf_counter() - t0:.1f} s -> {out}/record.safetensors")
+    return 0
+
+
+def _synth_common(args: argparse.Namespace) -> dict[str, Any]:
+    return {"samples": args.samples, "batch_size": args.batch_size, "steps": args.steps,
+            "seed": args.seed, "progress": not args.no_progress}
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from kdkit.datafree.records import RecordObjective, load_record, record_digest
+    from kdkit.datafree.synthesis import optimise_inputs
+
+    teacher, meta = _teacher(args.teacher)
+    rec = load_record(args.record)
+    objective = RecordObjective(teacher, rec, f"record {args.record}")
+    g = _geometry(meta)
+    out = _prepare(args)
+    t0 = time.perf_counter()
+    ts = optimise_inputs(
+        objective.batch_loss, out_dir=out, num_classes=g["num_classes"],
+        input_shape=g["input_shape"], mean=g["mean"], std=g["std"],
+        meta={"source": "record", "record": rec.kind, "data": meta["data"],
+              "record_sha256": record_digest(args.record), "teacher": rec.teacher},
+        lr=args.lr or 0.07, init_mean=args.init_mean, init_std=args.init_std,
+        steps=args.steps or 1000, **{k: v for k, v in _synth_common(args).items() if k != "steps"},
+    )
+    return _finish(out, len(ts.y), t0, f"synthesize ({rec.kind})")
+
+
+def cmd_deepinversion(args: argparse.Namespace) -> int:
+    from kdkit.datafree.deepinversion import DI_BETAS, DeepInversionObjective
+    from kdkit.datafree.synthesis import optimise_inputs
+
+    teacher, meta = _teacher(args.teacher)
+    student = _teacher(args.student)[0] if args.student else None
+    weights = {"ce_weight": args.ce_weight, "bn_weight": args.bn_weight,
+               "tv_weight": args.tv_weight, "l2_weight": args.l2_weight,
+               "competition_weight": args.competition_weight}
+    objective = DeepInversionObjective(teacher, student=student, **weights)
+    g = _geometry(meta)
+    out = _prepare(args)
+    t0 = time.perf_counter()
+    ts = optimise_inputs(
+        objective, out_dir=out, num_classes=g["num_classes"], input_shape=g["input_shape"],
+        mean=g["mean"], std=g["std"],
+        meta={"source": "deepinversion", "weights": weights, "data": meta["data"],
+              "teacher": teacher_fingerprint(teacher)},
+        lr=args.lr or 0.05, betas=DI_BETAS, init_mean=args.init_mean, init_std=args.init_std,
+        steps=args.steps or 2000, **{k: v for k, v in _synth_common(args).items() if k != "steps"},
+    )
+    return _finish(out, len(ts.y), t0, "deepinversion")
+
+
+def cmd_dafl(args: argparse.Namespace) -> int:
+    from kdkit.datafree.dafl import dafl_generator, sample_generator
+    from kdkit.datafree.synthesis import save_transfer
+
+    teacher, meta = _teacher(args.teacher)
+    g = _geometry(meta)
+    out = _prepare(args)
+    t0 = time.perf_counter()
+    generator = dafl_generator(
+        teacher, out, input_shape=g["input_shape"], seed=args.seed, latent_dim=args.latent_dim,
+        width=args.width, progress=not args.no_progress, steps=args.steps or 1500,
+        batch_size=args.batch_size, lr=args.lr or 0.2, oh_weight=args.oh_weight,
+        a_weight=args.a_weight, ie_weight=args.ie_weight,
+    )
+    x, y = sample_generator(generator, teacher, samples=args.samples,
+                            latent_dim=args.latent_dim, seed=args.seed)
+    save_transfer(out, x, y, {"source": "dafl", "data": meta["data"], "seed": args.seed,
+                              "teacher": teacher_fingerprint(teacher)})
+    print(f"generator: {sum(p.numel() for p in generator.parameters()):,} parameters "
+          f"-> {out}/generator.safetensors")
+    return _finish(out, len(y), t0, "dafl")
+
+
+def cmd_noise(args: argparse.Namespace) -> int:
+    from kdkit.datafree.synthesis import noise_set, save_transfer
+
+    teacher, meta = _teacher(args.teacher)
+    g = _geometry(meta)
+    out = _prepare(args)
+    t0 = time.perf_counter()
+    x, y = noise_set(teacher, samples=args.samples, input_shape=g["input_shape"], seed=args.seed)
+    save_transfer(out, x, y, {"source": "noise", "data": meta["data"], "seed": args.seed,
+                              "teacher": teacher_fingerprint(teacher)})
+    return _finish(out, len(y), t0, "noise")
+
+
+def add_parser(sub: Any, add_out_flags: Any) -> None:
+    """Register ``kdkit datafree ACTION`` on the main parser's subcommands."""
+    from kdkit.datafree.records import KINDS
+
+    p = sub.add_parser("datafree", help="data-free KD: metadata records and transfer sets",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = p.add_subparsers(dest="datafree_cmd", metavar="ACTION", required=True)
+
+    def action(name: str, fn: Any, help_: str, *, synth: bool = True) -> argparse.ArgumentParser:
+        a = dsub.add_parser(name, help=help_)
+        a.add_argument("--teacher", required=True, help="teacher run directory or model file")
+        a.add_argument("--seed", type=int, default=0)
+        if synth:
+            a.add_argument("--samples", type=int, default=10000, help="transfer set size")
+            a.add_argument("--batch-size", type=int, default=256)
+            a.add_argument("--steps", type=int, default=None,
+                           help="optimisation steps per batch (generator steps for dafl)")
+            a.add_argument("--lr", type=float, default=None)
+        add_out_flags(a)
+        a.set_defaults(fn=fn)
+        return a
+
+    a = action("record", cmd_record, "record a teacher's metadata on its training data",
+               synth=False)
+    a.add_argument("--data", required=True, help="the teacher's training dataset")
+    a.add_argument("--data-root", default=None)
+    a.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held out as when the teacher was trained (default 0.1)")
+    a.add_argument("--kind", choices=KINDS, default="spectral_pairs")
+    a.add_argument("--temperature", type=float, default=8.0)
+    a.add_argument("--fraction", type=float, default=0.1,
+                   help="spectral kinds: fraction of graph Fourier coefficients kept")
+    a.add_argument("--dropout", type=float, default=None,
+                   help="all_layers_dropout: filter rate (default: each dropout layer's own)")
+    a.add_argument("--layers", help="comma-separated module paths (default: every activation)")
+
+    a = action("synthesize", cmd_synthesize, "reconstruct a transfer set from a record")
+    a.add_argument("--record", required=True, help="record folder from `datafree record`")
+    a.add_argument("--init-mean", type=float, default=0.15)
+    a.add_argument("--init-std", type=float, default=0.1)
+
+    a = action("deepinversion", cmd_deepinversion, "DeepInversion transfer set (BN teachers)")
+    a.add_argument("--init-mean", type=float, default=0.15)
+    a.add_argument("--init-std", type=float, default=0.1)
+    for flag, default in (("ce-weight", 1.0), ("bn-weight", 10.0), ("tv-weight", 1e-3),
+                          ("l2-weight", 1e-4), ("competition-weight", 0.0)):
+        a.add_argument(f"--{flag}", type=float, default=default)
+    a.add_argument("--student", help="student run for Adaptive DeepInversion's competition term")
+
+    a = action("dafl", cmd_dafl, "train a DAFL generator and sample a transfer set from it")
+    a.add_argument("--latent-dim", type=int, default=100)
+    a.add_argument("--width", type=int, default=128, help="generator channels (paper: 128)")
+    for flag, default in (("oh-weight", 1.0), ("a-weight", 0.1), ("ie-weight", 5.0)):
+        a.add_argument(f"--{flag}", type=float, default=default)
+
+    action("noise", cmd_noise, "Gaussian-noise transfer set labelled by the teacher (the floor)")

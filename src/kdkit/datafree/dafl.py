@@ -1,0 +1,205 @@
+"""DAFL (Chen et al., ICCV 2019): a generator trained against the teacher alone.
+
+The generator G maps z ~ N(0, I) to inputs; it is trained (module 1 of the paper's
+algorithm) to minimise
+
+    L_G = oh·L_oh + a·L_a + ie·L_ie
+    L_oh = CE(T(G(z)), argmax T(G(z)))      (confident, one-hot-like outputs)
+    L_a  = −mean |f_T(G(z))|                (large features before the classifier)
+    L_ie = Σ_c p̄_c log p̄_c                  (balanced classes over the batch)
+
+and the student is then distilled (module 2) on fresh samples G(z) every step with KL at
+T = 1 (:class:`GeneratorLoader` feeds them to the normal training loop). The generator
+follows the paper's MNIST/CIFAR design (fc → 2× (upsample, conv3, BN, LeakyReLU) → conv3,
+tanh, BN without affine); ``width`` scales its channels (the paper uses 128).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kdkit.data.loader import derive_seed
+from kdkit.errors import KdkitError
+from kdkit.losses.datafree import activation_loss, information_entropy_loss, one_hot_loss
+from kdkit.taps import Tap, penultimate, run_with_taps
+from kdkit.train.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+
+GENERATOR_STEM = "generator"
+_TRAIN_STREAM = 21
+_SAMPLE_STREAM = 22
+_INIT_STREAM = 23
+
+
+class Generator(nn.Module):
+    """DAFL's generator: z (B, latent_dim) → images (B, channels, size, size), size % 4 == 0."""
+
+    def __init__(self, latent_dim: int = 100, channels: int = 1, size: int = 28,
+                 width: int = 128) -> None:
+        super().__init__()
+        if size % 4 or size < 4:
+            raise KdkitError(f"DAFL generator: image size must be a multiple of 4, got {size}")
+        if latent_dim < 1 or width < 2:
+            raise KdkitError(f"DAFL generator: latent_dim >= 1 and width >= 2 needed "
+                             f"(got {latent_dim}, {width})")
+        self.init_size = size // 4
+        self.width = width
+        self.fc = nn.Linear(latent_dim, width * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.up1 = nn.Upsample(scale_factor=2)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.LeakyReLU(0.2)
+        self.up2 = nn.Upsample(scale_factor=2)
+        self.conv2 = nn.Conv2d(width, width // 2, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.act2 = nn.LeakyReLU(0.2)
+        self.conv3 = nn.Conv2d(width // 2, channels, 3, padding=1)
+        self.out_bn = nn.BatchNorm2d(channels, affine=False)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.fc(z).view(z.shape[0], self.width, self.init_size, self.init_size)
+        h = self.bn0(h)
+        h = self.act1(self.bn1(self.conv1(self.up1(h))))
+        h = self.act2(self.bn2(self.conv2(self.up2(h))))
+        return self.out_bn(torch.tanh(self.conv3(h)))
+
+
+def train_generator(
+    teacher: nn.Module,
+    generator: nn.Module,
+    *,
+    latent_dim: int,
+    steps: int = 1500,
+    batch_size: int = 256,
+    lr: float = 0.2,
+    oh_weight: float = 1.0,
+    a_weight: float = 0.1,
+    ie_weight: float = 5.0,
+    feature_tap: Tap | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Module 1 of DAFL: train ``generator`` with Adam against the frozen ``teacher``.
+
+    ``feature_tap``: the teacher features of L_a (default: the input of its last Linear).
+    Returns a short history (every 10 % of the steps) of the three terms.
+    """
+    if steps < 1 or batch_size < 2:
+        raise KdkitError(f"dafl: steps >= 1 and batch_size >= 2 needed (got {steps}, {batch_size})")
+    teacher.eval().requires_grad_(False)
+    tap = feature_tap or penultimate(teacher)
+    opt = torch.optim.Adam(generator.parameters(), lr=lr)
+    generator.train()
+    history: list[dict[str, float]] = []
+    for step in tqdm(range(steps), desc="dafl generator", disable=not progress, leave=False,
+                     dynamic_ncols=True, mininterval=0.5):
+        gen = torch.Generator().manual_seed(derive_seed(seed, step, _TRAIN_STREAM))
+        z = torch.randn((batch_size, latent_dim), generator=gen)
+        logits, feats = run_with_taps(teacher, generator(z), {"f": tap})
+        terms = {"oh": one_hot_loss(logits), "a": activation_loss(feats["f"]),
+                 "ie": information_entropy_loss(logits)}
+        loss = oh_weight * terms["oh"] + a_weight * terms["a"] + ie_weight * terms["ie"]
+        if not torch.isfinite(loss):
+            raise KdkitError(f"dafl: the generator loss became {float(loss)} at step {step}; "
+                             "lower the generator learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            history.append({"step": step, **{k: float(v.detach()) for k, v in terms.items()}})
+    generator.eval()
+    return history
+
+
+def save_generator(folder: Path, generator: Generator, meta: dict[str, Any]) -> None:
+    save_checkpoint(folder / GENERATOR_STEM, dict(generator.state_dict()),
+                    {"kind": "dafl-generator", **meta})
+
+
+def load_generator(folder: Path) -> tuple[Generator, dict[str, Any]]:
+    tensors, meta = load_checkpoint(folder / GENERATOR_STEM)
+    if meta.get("kind") != "dafl-generator":
+        raise KdkitError(f"{folder / GENERATOR_STEM}.json is not a DAFL generator")
+    g = Generator(meta["latent_dim"], meta["channels"], meta["size"], meta["width"])
+    load_state_strict(g, tensors, str(folder / GENERATOR_STEM))
+    return g.eval(), meta
+
+
+def dafl_generator(
+    teacher: nn.Module, folder: Path, *, input_shape: tuple[int, int, int], seed: int,
+    latent_dim: int = 100, width: int = 128, progress: bool = True, **train_kwargs: Any,
+) -> Generator:
+    """Train (or reload, if ``folder`` holds a finished one with these settings) a generator."""
+    c, h, _ = input_shape
+    meta = json.loads(json.dumps({"latent_dim": latent_dim, "channels": c, "size": h,
+                                  "width": width, "seed": seed, "train": train_kwargs}))
+    if (folder / f"{GENERATOR_STEM}.json").exists():
+        g, old = load_generator(folder)
+        if {k: old.get(k) for k in meta} == meta:
+            return g
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
+        torch.manual_seed(derive_seed(seed, _INIT_STREAM))
+        g = Generator(latent_dim, c, h, width)
+    t0 = time.perf_counter()
+    history = train_generator(teacher, g, latent_dim=latent_dim, seed=seed, progress=progress,
+                              **train_kwargs)
+    save_generator(folder, g, {**meta, "history": history,
+                               "wall_s": round(time.perf_counter() - t0, 2)})
+    return g
+
+
+class GeneratorLoader:
+    """Fresh generator samples for the training loop: ``(x, teacher argmax, index)`` batches.
+
+    Batch ``step`` of ``epoch`` is drawn from z seeded by (seed, epoch, step), so a resumed
+    run sees the same samples. Same interface as :class:`kdkit.data.BatchLoader`.
+    """
+
+    drop_last = False
+
+    def __init__(self, generator: nn.Module, teacher: nn.Module, *, latent_dim: int,
+                 batch_size: int, steps_per_epoch: int, seed: int) -> None:
+        if steps_per_epoch < 1 or batch_size < 1:
+            raise KdkitError("dafl: steps_per_epoch and batch_size must be >= 1")
+        self.generator = generator.eval()
+        self.teacher = teacher
+        self.latent_dim = latent_dim
+        self.batch_size = batch_size
+        self.steps = steps_per_epoch
+        self.seed = seed
+        self.dataset = range(batch_size * steps_per_epoch)  # only its length is read
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for step in range(start_step, self.steps):
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, step, _SAMPLE_STREAM))
+            z = torch.randn((self.batch_size, self.latent_dim), generator=gen)
+            with torch.no_grad():
+                x = self.generator(z)
+                y = self.teacher(x).argmax(1)
+            yield x, y, torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        return self.epoch_batches(0)
+
+
+def sample_generator(generator: nn.Module, teacher: nn.Module, *, samples: int,
+                     latent_dim: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A fixed transfer set of ``samples`` generator outputs, labelled by the teacher."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, _SAMPLE_STREAM, -1))
+    z = torch.randn((samples, latent_dim), generator=gen)
+    generator.eval()
+    with torch.no_grad():
+        x = torch.cat([generator(z[i : i + 1000]) for i in range(0, samples, 1000)])
+        y = torch.cat([teacher(x[i : i + 1000]).argmax(1) for i in range(0, samples, 1000)])
+    return x, y
