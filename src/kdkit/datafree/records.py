@@ -6,7 +6,9 @@ input optimiser minimises (see :mod:`kdkit.datafree.synthesis`). Kinds:
 
 * ``top_layer`` — per class, the mean and Cholesky factor of the covariance of the
   teacher's logits / T. Reconstruction samples a target from the class's Gaussian and
-  matches the teacher's logits / T to it.
+  matches the teacher's logits / T to it. (Above ``FULL_COV_MAX`` classes the factor
+  would not be small: per-unit standard deviations are kept instead, and the manifest's
+  ``groups[i].covariance`` says ``diagonal``.)
 * ``all_layers`` — per class, statistics of every recorded layer (the output of each
   activation, after the pooling that follows it, and logits / T). A layer of at most
   ``FULL_COV_MAX`` units keeps its full covariance (Cholesky factor); a wider one keeps
