@@ -589,3 +589,29 @@ def test_lenet_with_batch_norm_graph_and_deepinversion(digits):
     assert len(DeepInversionObjective(net).bns) == 2
     with pytest.raises(KdkitError, match="batch_norm must be true or false"):
         create_model("lenet5", batch_norm="yes")
+
+
+def test_dafl_generator_training_resumes_to_the_same_weights(mlp_teacher, tmp_path, monkeypatch):
+    from kdkit.datafree import dafl as dafl_module
+
+    kw = dict(input_shape=(1, 8, 8), seed=0, latent_dim=8, width=8, progress=False,
+              steps=20, batch_size=16, lr=0.01)
+    full = dafl_module.dafl_generator(mlp_teacher, tmp_path / "a", **kw)
+    real, calls = dafl_module.one_hot_loss, {"n": 0}
+
+    def dying(logits):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise KeyboardInterrupt  # killed in step 14: the checkpoint after step 13 is kept
+        return real(logits)
+
+    monkeypatch.setattr(dafl_module, "one_hot_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        dafl_module.dafl_generator(mlp_teacher, tmp_path / "b", **kw)
+    meta = json.loads((tmp_path / "b" / "generator-partial.json").read_text())
+    assert meta["step"] == 14
+    monkeypatch.setattr(dafl_module, "one_hot_loss", real)
+    resumed = dafl_module.dafl_generator(mlp_teacher, tmp_path / "b", **kw)
+    for (k, v), (_, w) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+    assert not (tmp_path / "b" / "generator-partial.json").exists()

@@ -30,7 +30,13 @@ from kdkit.data.loader import derive_seed
 from kdkit.errors import KdkitError
 from kdkit.losses.datafree import activation_loss, information_entropy_loss, one_hot_loss
 from kdkit.taps import Tap, penultimate, run_with_taps
-from kdkit.train.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from kdkit.train.checkpoint import (
+    load_checkpoint,
+    load_state_strict,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
 
 GENERATOR_STEM = "generator"
 _TRAIN_STREAM = 21
@@ -86,11 +92,14 @@ def train_generator(
     feature_tap: Tap | None = None,
     seed: int = 0,
     progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> list[dict[str, float]]:
     """Module 1 of DAFL: train ``generator`` with Adam against the frozen ``teacher``.
 
     ``feature_tap``: the teacher features of L_a (default: the input of its last Linear).
-    Returns a short history (every 10 % of the steps) of the three terms.
+    ``checkpoint``: a file stem; the generator and optimiser are saved there every 10 % of
+    the steps and training continues from it, to the same result (step ``s`` draws its z
+    from (seed, s)). Returns a short history (every 10 % of the steps) of the three terms.
     """
     if steps < 1 or batch_size < 2:
         raise KdkitError(f"dafl: steps >= 1 and batch_size >= 2 needed (got {steps}, {batch_size})")
@@ -99,8 +108,21 @@ def train_generator(
     opt = torch.optim.Adam(generator.parameters(), lr=lr)
     generator.train()
     history: list[dict[str, float]] = []
-    for step in tqdm(range(steps), desc="dafl generator", disable=not progress, leave=False,
-                     dynamic_ncols=True, mininterval=0.5):
+    start = 0
+    every = max(1, steps // 10)
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "oh_weight": oh_weight,
+                "a_weight": a_weight, "ie_weight": ie_weight, "seed": seed,
+                "latent_dim": latent_dim, "tap": str(tap)}
+    if checkpoint is not None and checkpoint.with_suffix(".json").exists():
+        tensors, meta = load_checkpoint(checkpoint)
+        if meta.get("settings") == settings:
+            load_state_strict(generator, {k[4:]: v for k, v in tensors.items()
+                                          if k.startswith("gen/")}, str(checkpoint))
+            restore_optimizer(opt, tensors, meta["optimizer"])
+            start, history = meta["step"], meta["history"]
+    for step in tqdm(range(start, steps), desc="dafl generator", disable=not progress,
+                     leave=False, dynamic_ncols=True, mininterval=0.5, initial=start,
+                     total=steps):
         gen = torch.Generator().manual_seed(derive_seed(seed, step, _TRAIN_STREAM))
         z = torch.randn((batch_size, latent_dim), generator=gen)
         logits, feats = run_with_taps(teacher, generator(z), {"f": tap})
@@ -113,8 +135,14 @@ def train_generator(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
+        if step % every == 0 or step == steps - 1:
             history.append({"step": step, **{k: float(v.detach()) for k, v in terms.items()}})
+        if checkpoint is not None and (step + 1) % every == 0 and step + 1 < steps:
+            opt_t, opt_meta = optimizer_tensors(opt)
+            state = {f"gen/{k}": v for k, v in generator.state_dict().items()}
+            save_checkpoint(checkpoint, {**state, **opt_t},
+                            {"step": step + 1, "settings": settings, "history": history,
+                             "optimizer": opt_meta})
     generator.eval()
     return history
 
@@ -150,9 +178,11 @@ def dafl_generator(
         g = Generator(latent_dim, c, h, width)
     t0 = time.perf_counter()
     history = train_generator(teacher, g, latent_dim=latent_dim, seed=seed, progress=progress,
-                              **train_kwargs)
+                              checkpoint=folder / "generator-partial", **train_kwargs)
     save_generator(folder, g, {**meta, "history": history,
                                "wall_s": round(time.perf_counter() - t0, 2)})
+    for suffix in (".json", ".safetensors"):  # the finished generator supersedes it
+        (folder / "generator-partial").with_suffix(suffix).unlink(missing_ok=True)
     return g
 
 
