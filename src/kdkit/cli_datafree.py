@@ -19,12 +19,6 @@ from pathlib import Path
 from typing import Any
 
 
-def teacher_fingerprint(model: Any) -> str:
-    from kdkit.datafree.records import teacher_fingerprint as fingerprint
-
-    return fingerprint(model)
-
-
 def _teacher(path: str) -> tuple[Any, dict[str, Any]]:
     from kdkit.train.artifacts import load_model, model_stem
 
@@ -110,6 +104,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def cmd_deepinversion(args: argparse.Namespace) -> int:
     from kdkit.datafree.deepinversion import DI_BETAS, DeepInversionObjective
     from kdkit.datafree.synthesis import optimise_inputs
+    from kdkit.train.checkpoint import module_fingerprint as teacher_fingerprint
 
     teacher, meta = _teacher(args.teacher)
     student = _teacher(args.student)[0] if args.student else None
@@ -134,6 +129,7 @@ def cmd_deepinversion(args: argparse.Namespace) -> int:
 def cmd_dafl(args: argparse.Namespace) -> int:
     from kdkit.datafree.dafl import dafl_generator, sample_generator
     from kdkit.datafree.synthesis import save_transfer
+    from kdkit.train.checkpoint import module_fingerprint as teacher_fingerprint
 
     teacher, meta = _teacher(args.teacher)
     g = _geometry(meta)
@@ -156,6 +152,7 @@ def cmd_dafl(args: argparse.Namespace) -> int:
 
 def cmd_noise(args: argparse.Namespace) -> int:
     from kdkit.datafree.synthesis import noise_set, save_transfer
+    from kdkit.train.checkpoint import module_fingerprint as teacher_fingerprint
 
     teacher, meta = _teacher(args.teacher)
     g = _geometry(meta)

@@ -35,7 +35,6 @@ teacher fingerprint, size) and refuse to load against another teacher.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -59,7 +58,7 @@ from kdkit.datafree.graph import (
 from kdkit.errors import CheckpointError, KdkitError
 from kdkit.losses.datafree import matching_loss
 from kdkit.taps import LOGITS, Tap, run_with_taps
-from kdkit.train.checkpoint import load_checkpoint, save_checkpoint
+from kdkit.train.checkpoint import load_checkpoint, module_fingerprint, save_checkpoint
 
 RecordKind = Literal["top_layer", "all_layers", "all_layers_dropout", "spectral_all",
                      "spectral_pairs"]
@@ -69,14 +68,9 @@ RECORD_STEM = "record"
 RECORD_FORMAT = "kdkit-datafree-record-1"
 
 
-def teacher_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's state (names, dtypes, shapes, values): which teacher a record fits."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
+# Which teacher a record (or a transfer set) was made from: the same fingerprint as the
+# teacher-output cache's (class, names, dtypes, shapes and bytes of the state).
+teacher_fingerprint = module_fingerprint
 
 
 @dataclass

@@ -17,6 +17,7 @@ is chosen on them).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,9 +27,10 @@ from typing import Any
 from torch import nn
 
 from kdkit.data import ArrayDataset, DatasetSplits
-from kdkit.datafree.dafl import GeneratorLoader, dafl_generator, load_generator
+from kdkit.datafree.dafl import GENERATOR_STEM, GeneratorLoader, dafl_generator
 from kdkit.datafree.deepinversion import DI_BETAS, DeepInversionObjective
 from kdkit.datafree.records import (
+    MetadataRecord,
     RecordObjective,
     check_record_fits,
     compute_record,
@@ -57,7 +59,7 @@ def make_record(
     teacher: nn.Module, train: ArrayDataset, num_classes: int, folder: Path, *, kind: str,
     temperature: float = 8.0, fraction: float = 0.1, dropout: float | None = None,
     layers: Sequence[str] | None = None, progress: bool = True,
-) -> Any:
+) -> MetadataRecord:
     """Record ``teacher``'s metadata on ``train`` into ``folder`` (reused if already there
     with the same settings and teacher)."""
     settings = {"record": kind, "temperature": temperature, "fraction": fraction,
@@ -165,7 +167,7 @@ def build_transfer(
         )
         loader = GeneratorLoader(generator, teacher, latent_dim=opts.get("latent_dim", 100),
                                  batch_size=batch_size, steps_per_epoch=spe, seed=seed)
-        gen_meta = load_generator(folder)[1]
+        gen_meta = json.loads((folder / f"{GENERATOR_STEM}.json").read_text())
         info.update(transfer_s=gen_meta.get("wall_s", 0.0),
                     generator_params=sum(p.numel() for p in generator.parameters()))
         return data, loader, info

@@ -58,6 +58,16 @@ def signature(state: dict[str, Tensor]) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in sorted(state.items())}
 
 
+def module_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's class and state (every parameter and buffer, names and bytes)."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     # safetensors refuses shared storage and non-contiguous views; store plain copies.
     plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}

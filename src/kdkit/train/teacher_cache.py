@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import Augment
@@ -56,7 +56,7 @@ from kdkit.data.views import augment_fingerprint, make_views, sample_keys
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import KdkitError
 from kdkit.taps import LOGITS
-from kdkit.train.checkpoint import atomic_write_json
+from kdkit.train.checkpoint import atomic_write_json, module_fingerprint
 
 FORMAT = "kdkit-teacher-cache-1"  # bump when views, keys or the row layout change
 MANIFEST = "manifest.json"
@@ -78,16 +78,6 @@ class CacheSettings:
             raise KdkitError(f"teacher cache: dtype must be float16 or float32, got {self.dtype!r}")
         if self.topk is not None and self.topk < 1:
             raise KdkitError(f"teacher cache: topk must be >= 1 (or unset), got {self.topk}")
-
-
-def module_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's class and state (every parameter and buffer, names and bytes)."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def tensor_fingerprint(t: Tensor) -> str:
