@@ -51,7 +51,10 @@ def _raw():
 
 def test_config_teacher_cache_is_strict():
     raw = _raw()
-    raw["train"]["teacher_cache"] = True
+    raw["train"]["teacher_cache"] = True  # with augment: views must be given (issue 10, 13)
+    with pytest.raises(ConfigError, match="say how many augmented views"):
+        config_from_dict(raw)
+    raw["train"]["teacher_cache"] = {"views": 1}
     cfg = config_from_dict(raw)
     assert cfg.train.teacher_cache is not None and cfg.train.teacher_cache.views == 1
     assert "teacher_cache" not in vars(cfg.train.loop_settings(0))
@@ -126,3 +129,130 @@ def test_bench_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--repeats" in out and "--channels-last" in out and "--feature-method" in out
+
+
+# ---------------------------------------------------------------- rows checked, kept, skipped
+
+MLP_PAIR = ["--teacher", "mlp_hinton_1200", "--student", "mlp_hinton_800"]
+
+
+def _in_process(monkeypatch, fail_at=None, error=None):
+    """Run the rows in this process (fast); the ``fail_at``-th row raises ``error``."""
+    from kdkit.pipelines import bench
+
+    calls = []
+
+    def runner(spec, row, out):
+        calls.append(row.name)
+        if len(calls) == fail_at:
+            raise error
+        return measure(spec, row, out)
+
+    monkeypatch.setattr(bench, "_in_subprocess", runner)
+    return calls
+
+
+def test_bench_mlp_pair_falls_back_to_a_feature_method_that_fits(tmp_path, monkeypatch):
+    from kdkit.pipelines.bench import run_bench
+
+    _in_process(monkeypatch)
+    spec = BenchSpec(data="digits", teacher="mlp_hinton_1200", student="mlp_hinton_800",
+                     train_subset=200, epochs=1, teacher_epochs=1, batch_size=64)
+    logs = []
+    report = run_bench(spec, tmp_path / "b", log=logs.append)
+    # the default (overhaul) needs stages, which an MLP lacks: the first fallback that fits
+    assert report["feature_method"] == "pkt" and report["complete"]
+    assert [r["row"] for r in report["rows"]] == [
+        "plain", "teacher_forward", "kd_live", "kd_cache", "pkt_live", "pkt_cache"]
+    assert all("epoch_s" in r for r in report["rows"])
+    assert "default, overhaul, does not fit" in report["feature_note"]
+    assert any("feature method pkt" in line for line in logs)
+    on_disk = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert on_disk["feature_method"] == "pkt" and len(on_disk["rows"]) == 6
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert "feature method pkt: the default, overhaul, does not fit" in md
+    assert "pkt_cache / plain" in md
+
+
+def test_bench_explicit_feature_method_that_does_not_fit_is_skipped(tmp_path, monkeypatch,
+                                                                    capsys):
+    calls = _in_process(monkeypatch)
+    out = tmp_path / "b"
+    assert main(["bench", *MLP_PAIR, "--feature-method", "overhaul", "--train-subset", "200",
+                 "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "64",
+                 "--out", str(out)]) == 0
+    assert calls == ["plain", "teacher_forward", "kd_live", "kd_cache"]
+    report = json.loads((out / "bench.json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert list(rows) == ["plain", "teacher_forward", "kd_live", "kd_cache", "overhaul_live",
+                          "overhaul_cache"]
+    assert "cannot find the stages of MLP" in rows["overhaul_live"]["skipped"]
+    assert "epoch_s" not in rows["overhaul_cache"] and report["complete"]
+    assert "overhaul_cache / plain" not in report["ratios"]
+    md = (out / "bench.md").read_text()
+    assert "| overhaul_live | skipped: cannot find the stages of MLP" in md
+    assert "chosen with --feature-method" in capsys.readouterr().out
+
+
+def test_bench_checks_every_row_before_training_the_teacher(tmp_path):
+    from kdkit.errors import KdkitError
+    from kdkit.pipelines.bench import run_bench
+
+    spec = BenchSpec(data="digits", teacher="mlp_hinton_1200", student="mlp_hinton_800",
+                     dtype="bfloat16", epochs=1, teacher_epochs=1)  # not a cache dtype
+    with pytest.raises(KdkitError, match="bench row kd_cache cannot run: .*bfloat16"):
+        run_bench(spec, tmp_path / "b", log=lambda s: None)
+    assert not (tmp_path / "b" / "teacher").exists()
+
+
+def test_bench_keeps_the_finished_rows_when_a_row_fails(tmp_path, monkeypatch):
+    from kdkit.errors import KdkitError
+    from kdkit.pipelines.bench import run_bench
+
+    teacher = _teacher(tmp_path)
+
+    def spec():
+        return BenchSpec(data="digits", teacher="mlp", student="mlp",
+                         student_kwargs={"hidden": [8]}, epochs=1, teacher_run=str(teacher))
+
+    # Ctrl-C during the second row: the first is on disk
+    _in_process(monkeypatch, fail_at=2, error=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(spec(), tmp_path / "a", log=lambda s: None)
+    report = json.loads((tmp_path / "a" / "bench.json").read_text())
+    assert [r["row"] for r in report["rows"]] == ["plain"] and not report["complete"]
+    assert "epoch_s" in report["rows"][0]
+    assert "| plain |" in (tmp_path / "a" / "bench.md").read_text()
+    # a row that fails (a KdkitError): one line naming it; the rows before it are kept
+    _in_process(monkeypatch, fail_at=3, error=KdkitError("loss became NaN"))
+    with pytest.raises(KdkitError) as e:
+        run_bench(spec(), tmp_path / "b", log=lambda s: None)
+    assert str(e.value).startswith("bench row kd_live failed: loss became NaN; the rows")
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [r["row"] for r in report["rows"]] == ["plain", "teacher_forward", "kd_live"]
+    assert report["rows"][2]["failed"] == "loss became NaN" and not report["complete"]
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert "| kd_live | failed: loss became NaN |" in md and "- incomplete" in md
+
+
+def test_bench_row_errors_are_one_line(tmp_path, monkeypatch):
+    import subprocess
+
+    from kdkit.errors import KdkitError
+    from kdkit.pipelines import bench
+
+    spec = BenchSpec(data="digits", teacher="mlp", student="mlp",
+                     teacher_run=str(tmp_path / "no-such-run"), epochs=1)
+    # a KdkitError in the row's process: its message, no traceback
+    with pytest.raises(KdkitError) as e:
+        bench._in_subprocess(spec, Row("plain", "ce"), tmp_path)
+    assert "no-such-run" in str(e.value) and "Traceback" not in str(e.value)
+    # anything else (a bug, a crash): the last line, and the full output kept in a log
+    fake = subprocess.CompletedProcess([], 1, stdout="", stderr=(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: boom\n"))
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: fake)
+    with pytest.raises(KdkitError) as e:
+        bench._in_subprocess(spec, Row("plain", "ce"), tmp_path)
+    log = tmp_path / "bench-plain.log"
+    assert str(e.value) == f"RuntimeError: boom (full output in {log})"
+    assert "Traceback" in log.read_text()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kdkit.cli import main
+from kdkit.train.checkpoint import read_state
 
 FAST = ["--epochs", "3", "--no-progress"]
 
@@ -88,7 +89,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         (["eval", str(tmp_path)], "holds no finished model"),
         (["distill", "--teacher", "x", "--student", "mlp", "--method", "ce"], "uses no teacher"),
         (["train", "--model", "mlp", "--epochs", "0", "--out", str(tmp_path / "e")],
-         "train.epochs: Input should be greater than or equal to 1"),
+         "--epochs: expected a whole number >= 1, got 0"),
         (["run", "--set", "train.epochs"], "KEY=VALUE"),
         (["models", "--layers", "mlp", "--input", "1,8"], "--input expects C,H,W"),
         (["train", "--model", "mlp", "--method-arg", "label_smoothing=abc",
@@ -117,7 +118,7 @@ def _tiny_cifar10(root: Path) -> None:
 def test_bad_threads_env_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("KDKIT_THREADS", "many")
     assert main(["methods"]) == 2
-    assert "KDKIT_THREADS must be a whole number" in capsys.readouterr().err
+    assert "KDKIT_THREADS: expected a whole number >= 1" in capsys.readouterr().err
 
 
 def test_teacher_for_other_data_is_refused(tmp_path, capsys):
@@ -144,7 +145,7 @@ def test_ctrl_c_in_a_real_process_then_resume(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
-    ckpt = out / "checkpoint" / "last.json"
+    ckpt = out / "checkpoint" / "state.safetensors"
     deadline = time.time() + 60
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -153,7 +154,7 @@ def test_ctrl_c_in_a_real_process_then_resume(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted (Ctrl-C)" in err and "--resume" in err and "Traceback" not in err
-    epoch = json.loads(ckpt.read_text())["epoch"]
+    epoch = read_state(ckpt)[1]["epoch"]
     assert 0 < epoch < 100
     done = subprocess.run([*cmd, "--resume"],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -591,27 +591,224 @@ def test_lenet_with_batch_norm_graph_and_deepinversion(digits):
         create_model("lenet5", batch_norm="yes")
 
 
-def test_dafl_generator_training_resumes_to_the_same_weights(mlp_teacher, tmp_path, monkeypatch):
+DAFL_KW = dict(input_shape=(1, 8, 8), seed=0, latent_dim=8, width=8, progress=False,
+               steps=20, batch_size=16, lr=0.01)
+
+
+def _killed_dafl(teacher, folder, monkeypatch, at_call=15):
+    """Train a DAFL generator in ``folder`` and kill it in step ``at_call - 1``."""
     from kdkit.datafree import dafl as dafl_module
 
-    kw = dict(input_shape=(1, 8, 8), seed=0, latent_dim=8, width=8, progress=False,
-              steps=20, batch_size=16, lr=0.01)
-    full = dafl_module.dafl_generator(mlp_teacher, tmp_path / "a", **kw)
     real, calls = dafl_module.one_hot_loss, {"n": 0}
 
     def dying(logits):
         calls["n"] += 1
-        if calls["n"] == 15:
-            raise KeyboardInterrupt  # killed in step 14: the checkpoint after step 13 is kept
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
         return real(logits)
 
     monkeypatch.setattr(dafl_module, "one_hot_loss", dying)
     with pytest.raises(KeyboardInterrupt):
-        dafl_module.dafl_generator(mlp_teacher, tmp_path / "b", **kw)
-    meta = json.loads((tmp_path / "b" / "generator-partial.json").read_text())
-    assert meta["step"] == 14
+        dafl_module.dafl_generator(teacher, folder, **DAFL_KW)
     monkeypatch.setattr(dafl_module, "one_hot_loss", real)
-    resumed = dafl_module.dafl_generator(mlp_teacher, tmp_path / "b", **kw)
-    for (k, v), (_, w) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
-    assert not (tmp_path / "b" / "generator-partial.json").exists()
+
+
+@pytest.fixture(scope="module")
+def dafl_reference(mlp_teacher, tmp_path_factory):
+    """An uninterrupted run of the tiny DAFL settings."""
+    from kdkit.datafree.dafl import dafl_generator
+
+    return dafl_generator(mlp_teacher, tmp_path_factory.mktemp("dafl") / "a", **DAFL_KW)
+
+
+def test_dafl_generator_training_resumes_to_the_same_weights(mlp_teacher, dafl_reference,
+                                                             tmp_path, monkeypatch):
+    from kdkit.datafree.dafl import dafl_generator
+    from kdkit.train.checkpoint import read_state
+
+    folder = tmp_path / "b"
+    _killed_dafl(mlp_teacher, folder, monkeypatch)  # the state after step 13 is kept
+    # One file per checkpoint (weights, optimiser and JSON state together), the one
+    # before it kept; no two-file checkpoint that a kill could tear.
+    assert read_state(folder / "generator-partial.safetensors")[1]["step"] == 14
+    assert read_state(folder / "generator-partial.prev.safetensors")[1]["step"] == 12
+    assert not (folder / "generator-partial.json").exists()
+    resumed = dafl_generator(mlp_teacher, folder, **DAFL_KW)
+    _same_weights(dafl_reference, resumed)
+    assert not list(folder.glob("generator-partial*"))  # the finished generator supersedes it
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "both"])
+def test_dafl_unreadable_partial_falls_back_to_the_previous(damage, mlp_teacher, dafl_reference,
+                                                           tmp_path, monkeypatch, capsys):
+    """A damaged newest state (or a kill between save_state's two renames) resumes from the
+    previous one, saying so; with neither readable, training starts over. Either way the
+    generator is bit for bit the uninterrupted one."""
+    from kdkit.datafree.dafl import dafl_generator
+
+    folder = tmp_path / "g"
+    _killed_dafl(mlp_teacher, folder, monkeypatch)
+    newest = folder / "generator-partial.safetensors"
+    prev = folder / "generator-partial.prev.safetensors"
+    if damage == "missing":
+        newest.unlink()
+    else:
+        data = bytearray(newest.read_bytes())
+        data[-5] ^= 0xFF  # a flipped bit in the tensors: the SHA-256 no longer matches
+        newest.write_bytes(bytes(data))
+    if damage == "both":
+        prev.write_bytes(b"torn")
+    capsys.readouterr()
+    resumed = dafl_generator(mlp_teacher, folder, **DAFL_KW)
+    err = capsys.readouterr().err
+    _same_weights(dafl_reference, resumed)
+    if damage == "both":
+        assert "training starts over" in err and "--force" not in err, err
+    else:
+        assert "resuming from the previous" in err and "generator-partial.prev" in err
+        assert ("corrupt" in err and "step 12" in err) == (damage == "corrupt")
+    assert not list(folder.glob("generator-partial*"))
+
+
+def test_dafl_resumes_from_a_kdkit_0_1_partial(mlp_teacher, dafl_reference, tmp_path,
+                                              monkeypatch):
+    """kdkit 0.1 kept the partial generator as generator-partial.safetensors + .json."""
+    from kdkit.datafree.dafl import dafl_generator
+    from kdkit.train.checkpoint import read_state, save_checkpoint
+
+    folder = tmp_path / "old"
+    _killed_dafl(mlp_teacher, folder, monkeypatch)
+    tensors, meta = read_state(folder / "generator-partial.safetensors")
+    for p in folder.glob("generator-partial*"):
+        p.unlink()
+    meta.pop("epoch")
+    save_checkpoint(folder / "generator-partial", tensors, meta)  # the old layout
+    resumed = dafl_generator(mlp_teacher, folder, **DAFL_KW)
+    _same_weights(dafl_reference, resumed)
+    assert not list(folder.glob("generator-partial*"))
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def test_a_kill_while_an_artifact_is_replaced_never_pairs_new_weights_with_old_json(
+        mlp_teacher, digits, tmp_path, monkeypatch):
+    from kdkit.datafree import common, save_transfer
+    from kdkit.pipelines.datafree import build_transfer
+
+    folder = tmp_path / "t"
+    x, y = torch.zeros(4, 1, 8, 8), torch.arange(4)
+    save_transfer(folder, x, y, {"source": "test"})
+    real = common.save_checkpoint
+
+    def killed(stem, tensors, meta):  # new weights written, killed before the JSON
+        (stem.with_suffix(".safetensors")).write_bytes(b"new weights")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_transfer(folder, x + 1, y, {"source": "test"})
+    monkeypatch.setattr(common, "save_checkpoint", real)
+    # Incomplete (no JSON), not corrupt: readers make it again instead of failing forever.
+    with pytest.raises(KdkitError, match="no transfer set"):
+        load_transfer(folder)
+    # The pipeline's noise set: made again when absent, or made with other settings.
+    kw = dict(teacher=mlp_teacher, teacher_data=digits, data=digits, folder=folder, seed=0,
+              log=lambda s: None)
+    data, _, _ = build_transfer("noise", samples=30, **kw)
+    assert len(data.train.y) == 30
+    data, _, _ = build_transfer("noise", samples=40, **kw)
+    assert len(data.train.y) == 40 and len(load_transfer(folder).y) == 40
+    # A record replaced by one of another kind, killed half-way, is absent, not torn.
+    rec = compute_record(mlp_teacher, digits.train.x, digits.train.y, kind="top_layer",
+                         num_classes=10, progress=False)
+    save_record(rec, tmp_path / "rec")
+    monkeypatch.setattr(common, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_record(rec, tmp_path / "rec")
+    with pytest.raises(KdkitError, match="no metadata record"):
+        load_record(tmp_path / "rec")
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_without_a_terminal_is_plain_lines(mlp_teacher, digits, tmp_path, monkeypatch,
+                                                    capsys):
+    """Logs get no carriage-return bar updates: a long stage prints a plain line now and
+    then (here: every 0 s), a short one nothing; a terminal gets the bar."""
+    import sys
+
+    from kdkit.datafree import common
+
+    hist_kw = dict(latent_dim=8, steps=20, batch_size=16, lr=0.01, seed=0, progress=True)
+    assert not sys.stderr.isatty()
+    train_generator(mlp_teacher, Generator(8, 1, 8, 8), **hist_kw)  # short: quiet
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(common, "PLAIN_EVERY_S", 0.0)
+    train_generator(mlp_teacher, Generator(8, 1, 8, 8), **hist_kw)
+    compute_record(mlp_teacher, digits.train.x, digits.train.y, kind="spectral_all",
+                   num_classes=10, batch_size=500)
+    obj = RecordObjective(mlp_teacher, compute_record(
+        mlp_teacher, digits.train.x, digits.train.y, kind="top_layer", num_classes=10,
+        progress=False)).batch_loss
+    optimise_inputs(obj, out_dir=tmp_path / "s", samples=20, num_classes=10,
+                    input_shape=(1, 8, 8), mean=digits.mean, std=digits.std, meta={},
+                    batch_size=10, steps=5, label="record synthesis")
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert sum(line.startswith("dafl generator: 20/20 steps (100%)") for line in lines) == 1
+    assert any(line.startswith("dafl generator: 1/20 steps (5%)") for line in lines)
+    assert any(line.startswith("record: energy: ") for line in lines)
+    assert any(line.startswith("record: spectral_all: 2/2 batches") for line in lines)
+    assert any(line.startswith("record synthesis: 10/10 steps") for line in lines)
+    # --no-progress: nothing at all.
+    train_generator(mlp_teacher, Generator(8, 1, 8, 8), **{**hist_kw, "progress": False})
+    assert capsys.readouterr().err == ""
+    # On a terminal: the tqdm bar, no plain lines.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = common.StageProgress("x", 10)
+    assert not bar.plain and not bar.bar.disable
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- CLI help
+
+
+def test_datafree_help_is_plain_and_shows_defaults(capsys):
+    from kdkit.cli_datafree import plain
+
+    assert plain("``record`` and `x`") == "'record' and 'x'"
+    helps = {}
+    for argv in (["datafree"], ["datafree", "record"], ["datafree", "synthesize"],
+                 ["datafree", "deepinversion"], ["datafree", "dafl"], ["datafree", "noise"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "`" not in text, argv
+        helps[argv[-1]] = " ".join(text.split())
+    assert "Only 'record' reads the training data" in helps["datafree"]
+    assert "--steps STEPS Adam steps per batch of inputs (default: 1000)" in helps["synthesize"]
+    assert "(default: 0.07)" in helps["synthesize"] and "(default: 0.15)" in helps["synthesize"]
+    assert "(default: 2000)" in helps["deepinversion"] and "(default: 0.05)" in helps["deepinversion"]
+    assert "--steps STEPS generator training steps (default: 1500)" in helps["dafl"]
+    assert "(default: 0.2)" in helps["dafl"] and "--ie-weight IE_WEIGHT" in helps["dafl"]
+    assert "--kind {top_layer," in helps["record"] and "(default: spectral_pairs)" in helps["record"]
+    assert "--samples SAMPLES transfer set size (default: 10000)" in helps["noise"]
+    assert "(default: None)" not in " ".join(helps.values())
+    assert "(default: False)" not in " ".join(helps.values())
+    # noise optimises nothing: no --steps, --lr or --batch-size, and they are refused.
+    for flag in ("--steps", "--lr", "--batch-size", "--init-mean"):
+        assert flag not in helps["noise"]
+        with pytest.raises(SystemExit) as e:
+            main(["datafree", "noise", "--teacher", "t", "--out", "o", flag, "3"])
+        assert e.value.code == 2
+        assert f"unrecognized arguments: {flag} 3" in capsys.readouterr().err

@@ -14,8 +14,8 @@ from kdkit.distill import Distiller, Term, build_method
 from kdkit.errors import CheckpointError, NonFiniteLossError
 from kdkit.losses import CrossEntropy
 from kdkit.models import create_model
-from kdkit.train.checkpoint import load_checkpoint
-from kdkit.train.loop import LoopSettings, TrainingInterrupted, fit
+from kdkit.train.checkpoint import prev_path, read_state
+from kdkit.train.loop import CHECKPOINT, LoopSettings, TrainingInterrupted, fit
 
 
 def _distiller(seed=0, dropout=0.2):
@@ -84,8 +84,16 @@ def test_nan_stops_with_term_and_step_and_keeps_last_good_checkpoint(digits, tmp
     d = Distiller(student, {}, [Term("ce", CrossEntropy()), Term("bad", NaNAt(25), 0.1)])
     with pytest.raises(NonFiniteLossError, match="'bad' became nan at step 25 \\(epoch 1\\)"):
         fit(d, _loader(digits), SETTINGS, run_dir=tmp_path, progress=False)
-    _, meta = load_checkpoint(tmp_path / "checkpoint" / "last")
+    _, meta = read_state(tmp_path / CHECKPOINT)
     assert (meta["epoch"], meta["step"]) == (1, 0)  # the end of epoch 1, before the NaN
+
+
+def test_nan_before_any_checkpoint_does_not_claim_one(digits, tmp_path):
+    torch.manual_seed(0)
+    student = create_model("mlp", hidden=[16], input_size=8)
+    d = Distiller(student, {}, [Term("ce", CrossEntropy()), Term("bad", NaNAt(2), 0.1)])
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
+        fit(d, _loader(digits), SETTINGS, run_dir=tmp_path, progress=False)
 
 
 def test_ctrl_c_checkpoints_and_resume_completes(digits, tmp_path):
@@ -97,10 +105,11 @@ def test_ctrl_c_checkpoints_and_resume_completes(digits, tmp_path):
 
     from kdkit.train import loop
 
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs as a background job
     with pytest.raises(TrainingInterrupted, match="interrupted \\(Ctrl-C\\) at epoch 1 step 1"):
         loop.fit(d, _loader(digits), SETTINGS, run_dir=tmp_path, progress=False,
                  on_epoch=interrupt)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # whatever was installed is restored
     full = _distiller()
     fit(full, _loader(digits), SETTINGS, progress=False)
     resumed = _distiller(seed=9)
@@ -109,20 +118,54 @@ def test_ctrl_c_checkpoints_and_resume_completes(digits, tmp_path):
                zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))
 
 
-def test_corrupt_checkpoint_is_refused(digits, tmp_path):
+def _damage(path, where):
+    data = bytearray(path.read_bytes())
+    data[where] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(digits, tmp_path, capsys):
+    full = _distiller()
+    fit(full, _loader(digits), SETTINGS, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        fit(_distiller(), _loader(digits), SETTINGS, run_dir=tmp_path, progress=False,
+            stop_after=20)  # checkpoints at the end of epoch 1 (15), then at step 20
+    ckpt = tmp_path / CHECKPOINT
+    assert read_state(prev_path(ckpt))[1]["epoch"] == 1
+    _damage(ckpt, -10)  # a flipped byte in the tensors
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_state(ckpt)
+    resumed = _distiller(seed=3)
+    res = fit(resumed, _loader(digits), SETTINGS, run_dir=tmp_path, resume=True, progress=False)
+    assert res.resumed_from == (1, 0)
+    assert "resuming from the previous checkpoint" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in
+               zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))
+
+
+def test_torn_checkpoint_between_renames_resumes_from_previous(digits, tmp_path):
+    """A kill between 'state -> state.prev' and 'tmp -> state' leaves only state.prev."""
+    full = _distiller()
+    fit(full, _loader(digits), SETTINGS, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        fit(_distiller(), _loader(digits), SETTINGS, run_dir=tmp_path, progress=False,
+            stop_after=20)
+    (tmp_path / CHECKPOINT).unlink()
+    resumed = _distiller(seed=4)
+    res = fit(resumed, _loader(digits), SETTINGS, run_dir=tmp_path, resume=True, progress=False)
+    assert res.resumed_from == (1, 0)
+    assert all(torch.equal(a, b) for a, b in
+               zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))
+
+
+def test_no_readable_checkpoint_is_refused(digits, tmp_path):
     with pytest.raises(TrainingInterrupted):
         fit(_distiller(), _loader(digits), SETTINGS, run_dir=tmp_path, progress=False,
             stop_after=5)
-    meta = json.loads((tmp_path / "checkpoint" / "last.json").read_text())
-    weights = tmp_path / "checkpoint" / meta["weights"]
-    data = bytearray(weights.read_bytes())
-    data[-10] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt"):
-        fit(_distiller(), _loader(digits), SETTINGS, run_dir=tmp_path, resume=True,
-            progress=False)
-    (tmp_path / "checkpoint" / "last.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    ckpt = tmp_path / CHECKPOINT
+    assert not prev_path(ckpt).exists()
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="no readable checkpoint.*unreadable"):
         fit(_distiller(), _loader(digits), SETTINGS, run_dir=tmp_path, resume=True,
             progress=False)
 
@@ -136,6 +179,6 @@ def test_mismatched_checkpoint_is_refused(digits, tmp_path):
     with pytest.raises(CheckpointError, match="does not match the model.*shape mismatch"):
         fit(Distiller(other, {}, build_method("ce", other)), _loader(digits), SETTINGS,
             run_dir=tmp_path, resume=True, progress=False)
-    with pytest.raises(CheckpointError, match="other settings"):
+    with pytest.raises(CheckpointError, match=r"another run; loop.lr \(0.1 -> 0.5\)"):
         fit(_distiller(), _loader(digits), LoopSettings(epochs=3, lr=0.5, seed=5),
             run_dir=tmp_path, resume=True, progress=False)

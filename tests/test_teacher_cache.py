@@ -1,10 +1,17 @@
 """Teacher-output cache: per-sample views, exact cached losses, invalidation by hash."""
 
+import gc
+import hashlib
+import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from kdkit import files
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import RandomShift, build_augment
 from kdkit.data.loader import BatchLoader
@@ -273,3 +280,171 @@ def test_cached_run_resumes_to_identical_weights(digits, tmp_path):
         resume=True)
     for p, q in zip(full.parameters(), again.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+# ------------------------------------------------- integrity, races, temporaries, permissions
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _all_outputs(cache):
+    idx = torch.arange(len(cache.rows))
+    return [cache.lookup(idx, torch.full_like(idx, v))["teacher"]["<model>:output"]
+            for v in range(cache.views)]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_truncated_or_corrupted_array_is_rebuilt(digits, tmp_path, monkeypatch, damage):
+    builds = _count_builds(monkeypatch)
+    teacher, aug, settings = _teacher(), _aug(digits), CacheSettings(views=2, dtype="float32")
+    c = TeacherCache.open_or_build(tmp_path, _kd(teacher), digits.train, aug, settings)
+    before = _all_outputs(c)
+    (npy,) = c.folder.glob("*.npy")
+    folder = c.folder
+    del c  # close its memory maps before damaging the file under them
+    gc.collect()
+    size = npy.stat().st_size
+    if damage == "truncate":
+        with open(npy, "r+b") as f:
+            f.truncate(size - size // 3)
+    else:  # same size, a few bytes in the middle of the data flipped
+        with open(npy, "r+b") as f:
+            f.seek(size // 2)
+            chunk = f.read(16)
+            f.seek(size // 2)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+    logs = []
+    again = TeacherCache.open_or_build(tmp_path, _kd(teacher), digits.train, aug, settings,
+                                       log=logs.append)
+    assert builds["n"] == 2 and again.folder == folder
+    assert any(("truncated" if damage == "truncate" else "SHA-256") in line for line in logs)
+    for a, b in zip(before, _all_outputs(again), strict=True):
+        assert torch.equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # nothing left aside
+    check = again.manifest["arrays"][npy.name]  # what the manifest records of each array
+    assert check["bytes"] == npy.stat().st_size == size
+    assert check["sha256"] == hashlib.sha256(npy.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("when", ["during_build", "at_rename"])
+def test_second_builder_never_replaces_a_published_cache(digits, tmp_path, monkeypatch, when):
+    """Two processes build the same cache; the one finishing second keeps the first's."""
+    builds = _count_builds(monkeypatch)
+    teacher, settings = _teacher(), CacheSettings(dtype="float32")
+    first: dict = {}
+
+    def first_process_publishes():
+        first["started"] = True
+        first["cache"] = c = TeacherCache.open_or_build(tmp_path, _kd(teacher), digits.train,
+                                                        None, settings)
+        first["inodes"] = {p.name: p.stat().st_ino for p in c.folder.iterdir()}
+        first["outputs"] = _all_outputs(c)
+
+    d = _kd(teacher)
+    if when == "during_build":  # the first publishes while the second runs its teacher
+        real_outputs = d.teacher_outputs
+
+        def hooked(x):
+            if not first:
+                first_process_publishes()
+            return real_outputs(x)
+
+        monkeypatch.setattr(d, "teacher_outputs", hooked)
+    else:  # ... or just before the second renames its folder into place
+        real_publish = tc.files.publish_dir
+
+        def racing(tmp, target):
+            if not first:
+                first_process_publishes()
+            return real_publish(tmp, target)
+
+        monkeypatch.setattr(tc.files, "publish_dir", racing)
+    logs = []
+    second = TeacherCache.open_or_build(tmp_path, d, digits.train, None, settings,
+                                        log=logs.append)
+    c = first["cache"]
+    assert builds["n"] == 2 and second.folder == c.folder
+    assert {p.name: p.stat().st_ino for p in c.folder.iterdir()} == first["inodes"]
+    for a, b, want in zip(_all_outputs(c), _all_outputs(second), first["outputs"], strict=True):
+        assert torch.equal(a, want) and torch.equal(b, want)
+    assert any("another process" in line for line in logs)
+    assert [p.name for p in tmp_path.iterdir()] == [c.folder.name]  # the loser's copy is gone
+
+
+def test_invalid_cache_is_set_aside_while_its_readers_keep_reading(digits, tmp_path):
+    teacher, settings = _teacher(), CacheSettings(dtype="float32")
+    reader = TeacherCache.open_or_build(tmp_path, _kd(teacher), digits.train, None, settings)
+    before = _all_outputs(reader)
+    (npy,) = reader.folder.glob("*.npy")
+    old_inode = npy.stat().st_ino
+    (reader.folder / tc.MANIFEST).write_text("{not json")  # a corrupt manifest
+    logs = []
+    new = TeacherCache.open_or_build(tmp_path, _kd(teacher), digits.train, None, settings,
+                                     log=logs.append)
+    assert any("corrupt manifest" in line and "rebuilding" in line for line in logs)
+    assert npy.stat().st_ino != old_inode  # replaced, not rewritten in place
+    for a, b, c in zip(before, _all_outputs(reader), _all_outputs(new), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)  # the old reader still reads
+    assert [p.name for p in tmp_path.iterdir()] == [new.folder.name]
+
+
+def test_temporaries_of_killed_builds_are_removed(digits, tmp_path):
+    dead = tmp_path / f".0123abcd.{files._HOST}-{_dead_pid()}.x1y2.tmp"
+    live = tmp_path / f".4567cdef.{files._HOST}-{os.getpid()}.z3w4.tmp"  # a build running now
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "teacher.0.full.npy").write_bytes(b"\0" * 1024)
+    TeacherCache.open_or_build(tmp_path, _kd(_teacher()), digits.train, None, CacheSettings())
+    assert not dead.exists() and live.is_dir()
+    dead.mkdir()
+    TeacherCache.open_or_build(tmp_path, _kd(_teacher()), digits.train, None, CacheSettings())
+    assert not dead.exists()  # also when the cache is only opened
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_cache_files_follow_the_umask(digits, tmp_path, monkeypatch, mask):
+    old = os.umask(mask)
+    try:
+        monkeypatch.setattr(files, "_umask", None)  # files reads the umask once
+        c = TeacherCache.open_or_build(tmp_path / "cache", _kd(_teacher()), digits.train, None,
+                                       CacheSettings())
+    finally:
+        os.umask(old)
+    assert c.folder.stat().st_mode & 0o777 == 0o777 & ~mask
+    names = sorted(p.name for p in c.folder.iterdir())
+    assert tc.MANIFEST in names and len(names) >= 2
+    for p in c.folder.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
+
+
+def test_build_reports_progress(digits, tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    from kdkit.train import loop
+
+    bars = []
+
+    def recording_bar(**kw):  # as on a terminal, but into a buffer
+        bar = tqdm(file=io.StringIO(), **kw)
+        bars.append((kw, bar))
+        return bar
+
+    monkeypatch.setattr(loop, "progress_bar", recording_bar)
+    logs = []
+    aug = _aug(digits)
+    TeacherCache.open_or_build(tmp_path, _kd(_teacher()), digits.train, aug,
+                               CacheSettings(views=3), batch_size=100, log=logs.append)
+    n = len(digits.train)
+    ((kw, bar),) = bars
+    assert kw["total"] == 3 * n and bar.n == 3 * n
+    assert len(logs) == 2
+    assert "is new; building 3 view(s)" in logs[0]
+    assert f"{3 * n} rows" in logs[1] and "built in" in logs[1]
+    logs.clear()  # opening a built cache builds nothing and says nothing
+    TeacherCache.open_or_build(tmp_path, _kd(_teacher()), digits.train, aug,
+                               CacheSettings(views=3), log=logs.append)
+    assert logs == [] and len(bars) == 1

@@ -45,15 +45,46 @@ def _cache_dir(arg: str | None, disabled: bool) -> Path | None:
 
 
 def _kv_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
-    import yaml
+    from kdkit.config import parse_yaml
 
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"{flag} expects KEY=VALUE, got '{item}'")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"{flag} expects KEY=VALUE, got '{item[:80]}'")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        if k.strip() in out:
+            raise ConfigError(f"{flag} {k.strip()} is given twice")
+        try:
+            out[k.strip()] = parse_yaml(v, f"{flag} {k.strip()}")
+        except ConfigError as e:
+            if "given twice" in str(e) or "expands to" in str(e):
+                raise
+            out[k.strip()] = v  # not YAML: the plain string
     return out
+
+
+# Geometry arguments are filled in from the dataset, never by the user.
+_DATA_FILLED = ("num_classes", "in_channels", "input_size")
+
+
+class _UsageError(Exception):
+    """argparse found a bad command line; main prints it as one ``kdkit: error:`` line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would print the usage and exit
+        raise _UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------- commands
@@ -89,13 +120,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _train_spec(args: argparse.Namespace) -> TrainSpec:
     from pydantic import ValidationError
 
-    from kdkit.config import _pydantic_problems
+    from kdkit.config import _pydantic_problems, teacher_cache_views_problem
+    from kdkit.data.augment import build_augment
 
+    augment = _kv_pairs(args.augment, "--augment") or None
+    build_augment(augment)  # a bad value is one clear error now, not a traceback in training
+    cache = _teacher_cache_flags(args)
+    problem = teacher_cache_views_problem(augment, cache or {}, "this run") if cache else None
+    if problem:
+        raise ConfigError(f"--teacher-cache: {problem} (--cache-views K)")
     fields = {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "weight_decay": args.weight_decay,
-        "schedule": args.schedule, "augment": _kv_pairs(args.augment, "--augment") or None,
-        "teacher_cache": _teacher_cache_flags(args),
+        "schedule": args.schedule, "augment": augment,
+        "teacher_cache": cache,
         "channels_last": args.channels_last or None,
     }
     from kdkit.config import TrainSpec
@@ -114,7 +152,11 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
     from kdkit.pipelines.runs import load_teacher, prepare_run_dir, train_one
 
     MODELS.get(model)
-    problems = MODELS.check_kwargs(model, model_kwargs) + check_method_kwargs(method, method_kwargs)
+    problems = [f"--model-arg {k}: set from the dataset (--data); remove it"
+                for k in model_kwargs if k in _DATA_FILLED]
+    problems += MODELS.check_kwargs(model, {k: v for k, v in model_kwargs.items()
+                                            if k not in _DATA_FILLED})
+    problems += check_method_kwargs(method, method_kwargs)
     if problems:
         raise ConfigError(problems)
     train = _train_spec(args)
@@ -165,32 +207,83 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kdkit.data import load_dataset
     from kdkit.pipelines.experiment import format_table
     from kdkit.train.artifacts import load_model, model_stem
+    from kdkit.train.checkpoint import read_json
     from kdkit.train.metrics import count_parameters, cpu_latency_ms, evaluate
 
     path = Path(args.path)
     summary = path / "summary.json"
-    if path.is_dir() and summary.exists() and "rows" in json.loads(summary.read_text()):
-        print(format_table(json.loads(summary.read_text())["rows"]))
-        return 0
+    if path.is_dir() and summary.exists():
+        table = read_json(summary, "summary")
+        if isinstance(table, dict) and "rows" in table:
+            print(format_table(table["rows"]))
+            return 0
     model, meta = load_model(path)
-    name = args.data or meta["data"]["name"]
-    data = load_dataset(name, root=args.data_root, seed=0)
-    if list(data.input_shape) != meta["data"]["input_shape"]:
-        raise KdkitError(f"model expects input {meta['data']['input_shape']}, '{name}' gives "
-                         f"{list(data.input_shape)}")
+    data, notes = _eval_data(args, meta["data"])
     split = getattr(data, args.split)
     res = evaluate(model, split.x, split.y)
     weights = model_stem(path).with_suffix(".safetensors")
     print(json.dumps({
-        "model": meta["model"]["name"], "data": name, "split": args.split,
+        "model": meta["model"]["name"], "data": data.name, "split": args.split,
         "samples": len(split), "top1": round(res["acc"], 3), "loss": round(res["loss"], 5),
         "params": count_parameters(model), "size_bytes": weights.stat().st_size,
         "latency_ms": round(cpu_latency_ms(model, tuple(data.input_shape)), 4),
+        **notes,
     }, indent=2))
     return 0
+
+
+def _eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The data to evaluate on: the run's own splits, rebuilt exactly, or ``--data``'s test set.
+
+    The val and train splits depend on the run's seed, val_fraction and train_subset (and
+    the data's content): they are rebuilt from what ``model.json`` recorded, or refused.
+    """
+    from dataclasses import replace
+
+    from kdkit.data import ArrayDataset, load_dataset
+
+    source = trained.get("source") or {}
+    own = args.data is None or args.data == trained["name"]
+    name = trained["name"] if args.data is None else args.data
+    if args.split != "test" and not (own and source):
+        why = ("another dataset's" if not own else
+               "this model's (its model.json does not record how its splits were made: "
+               "it was saved by an older kdkit)")
+        raise KdkitError(f"--split {args.split}: cannot rebuild {why} {args.split} split; "
+                         "use --split test")
+    if own and source:
+        root = args.data_root or source.get("root")
+        data = load_dataset(name, root=root, val_fraction=source["val_fraction"],
+                            train_subset=source["train_subset"], seed=source["seed"])
+        if data.source.get("sha256") != source.get("sha256"):
+            problem = (f"the {name} files under {root} differ from those the model was "
+                       "trained on (content hash)")
+            if args.split != "test":
+                raise KdkitError(f"--split {args.split}: {problem}, so its {args.split} split "
+                                 "cannot be rebuilt; point --data-root at the original files")
+            print(f"kdkit: warning: {problem}; evaluating on these files' test set",
+                  file=sys.stderr)
+    else:
+        data = load_dataset(name, root=args.data_root, seed=0)
+    if list(data.input_shape) != trained["input_shape"]:
+        raise KdkitError(f"the model takes inputs {trained['input_shape']}, but '{name}' has "
+                         f"{list(data.input_shape)}; evaluate it on data of its own geometry")
+    if data.num_classes != trained["num_classes"]:
+        raise KdkitError(f"the model predicts {trained['num_classes']} classes, but '{name}' "
+                         f"has {data.num_classes}; its accuracy there would mean nothing")
+    notes: dict[str, Any] = {}
+    if (data.mean, data.std) != (trained["mean"], trained["std"]):
+        # Undo this dataset's normalisation and apply the one the model was trained with.
+        a = data.std / trained["std"]
+        b = (data.mean - trained["mean"]) / trained["std"]
+        split = getattr(data, args.split)
+        fields: dict[str, Any] = {args.split: ArrayDataset(split.x * a + b, split.y, split.name)}
+        data = replace(data, **fields)
+        notes["renormalised"] = {"from": [data.mean, data.std],
+                                 "to": [trained["mean"], trained["std"]]}
+    return data, notes
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -251,7 +344,9 @@ def _teacher_cache_flags(args: argparse.Namespace) -> dict[str, Any] | None:
     """``--teacher-cache`` and its options as a ``train.teacher_cache`` section (or None)."""
     if not getattr(args, "teacher_cache", False):
         return None
-    spec: dict[str, Any] = {"views": args.cache_views, "dtype": args.cache_dtype}
+    spec: dict[str, Any] = {"dtype": args.cache_dtype}
+    if args.cache_views is not None:
+        spec["views"] = args.cache_views
     if args.cache_topk is not None:
         spec["topk"] = args.cache_topk
     return spec
@@ -294,9 +389,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _add_teacher_cache_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-cache", action="store_true",
                    help="compute the teacher's outputs once per (sample, view) and reuse them")
-    p.add_argument("--cache-views", type=int, default=1, metavar="K",
-                   help="augmented views kept per sample (default 1; >1 needs --augment)")
-    p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--cache-views", type=_positive_int, default=None, metavar="K",
+                   help="augmented views kept per sample (1 without --augment; required with "
+                   "--augment, since the student then sees only these K views)")
+    p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16",
+                   help="storage precision of the cached outputs (default: %(default)s)")
     p.add_argument("--cache-topk", type=int, metavar="K", help="keep only the top-K logits")
     p.add_argument("--cache-dir", help="where caches live (default $KDKIT_CACHE or ~/.cache/kdkit)")
 
@@ -317,7 +414,9 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--teacher-epochs", type=int, default=5)
     p.add_argument("--student", required=True)
     p.add_argument("--student-arg", action="append", metavar="K=V")
-    p.add_argument("--feature-method", default="overhaul", help="the feature method timed")
+    p.add_argument("--feature-method", default=None,
+                   help="the feature method timed (default: overhaul, or one that fits the "
+                   "models when overhaul does not)")
     p.add_argument("--feature-arg", action="append", metavar="K=V")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per row")
     p.add_argument("--repeats", type=int, default=1,
@@ -339,24 +438,36 @@ def _add_bench_parser(sub: Any) -> None:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) -> None:
-    p.add_argument("--data", default="digits", help="dataset name (see `kdkit data list`)")
-    p.add_argument("--data-root", default=None, help="dataset folder (default $KDKIT_DATA)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--train-subset", type=int, default=None, help="class-balanced subset size")
+    from kdkit.config import TrainSpec
+
+    d = {k: f.default for k, f in TrainSpec.model_fields.items()}
+    p.add_argument("--data", default="digits",
+                   help="dataset name (see `kdkit data list`; default: %(default)s)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default: $KDKIT_DATA, else ~/.cache/kdkit/data)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the train split held out for validation (default: "
+                   "%(default)s)")
+    p.add_argument("--train-subset", type=_positive_int, default=None,
+                   help="class-balanced subset size (default: the whole train split)")
     p.add_argument("--model-arg", action="append", metavar="K=V", help="model argument")
     if default_method is not None:
-        p.add_argument("--method", default=default_method)
+        p.add_argument("--method", default=default_method,
+                       help="method (see `kdkit methods`; default: %(default)s)")
     p.add_argument("--method-arg", action="append", metavar="K=V", help="method argument")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["cosine", "step", "constant"])
-    p.add_argument("--augment", action="append", metavar="K=V", help="e.g. shift=2, hflip=true")
+    p.add_argument("--epochs", type=_positive_int, help=f"default: {d['epochs']}")
+    p.add_argument("--batch-size", type=_positive_int, help=f"default: {d['batch_size']}")
+    p.add_argument("--lr", type=float, help=f"learning rate (default: {d['lr']})")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                   help=f"default: {d['optimizer']}")
+    p.add_argument("--weight-decay", type=float, help=f"default: {d['weight_decay']}")
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"],
+                   help=f"learning-rate schedule (default: {d['schedule']})")
+    p.add_argument("--augment", action="append", metavar="K=V",
+                   help="e.g. shift=2, hflip=true (default: none)")
     p.add_argument("--channels-last", action="store_true",
                    help="NHWC memory format for the student (faster CPU convolutions)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     _add_out_flags(p)
 
 
@@ -368,12 +479,12 @@ def _add_out_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="kdkit", description="Knowledge distillation: train small students from teachers.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--version", action="version", version=f"kdkit {__version__}")
-    ap.add_argument("--threads", type=int, default=None, metavar="N",
+    ap.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                     help="CPU threads for torch (default $KDKIT_THREADS, else torch's default); "
                     "1 is fastest for small models or when other jobs share the cores")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -389,9 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_flags(p)
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("validate", help="check a config and list every problem")
-    p.add_argument("config", nargs="?")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("validate", help="check a config and list every problem",
+                       description="Checks a config's keys and values, and builds every model "
+                       "and method on the data's geometry (nothing is trained or loaded).")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: the built-in default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, as for `kdkit run` (repeatable)")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("train", help="train one plain model (e.g. a teacher) with cross-entropy")
@@ -412,8 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run, a model file, or print an experiment table")
     p.add_argument("path", help="experiment dir, run dir, or model.safetensors")
     p.add_argument("--data", help="dataset (default: the one the model was trained on)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default: the one the model was trained from)")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test",
+                   help="which split (default: %(default)s); val and train are the run's own, "
+                   "rebuilt from its seed, val_fraction and train_subset")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("models", help="list registered models")
@@ -444,16 +561,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kdkit.train.loop import TrainingInterrupted
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"kdkit: error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
-    try:
-        threads = args.threads or int(os.environ.get("KDKIT_THREADS", "0") or 0)
-    except ValueError:
-        print(f"kdkit: error: KDKIT_THREADS must be a whole number, got "
-              f"'{os.environ.get('KDKIT_THREADS')}'", file=sys.stderr)
-        return 2
+    env_threads = os.environ.get("KDKIT_THREADS", "")
+    threads = args.threads
+    if threads is None and env_threads.strip():
+        try:
+            threads = _positive_int(env_threads)
+        except argparse.ArgumentTypeError as e:
+            print(f"kdkit: error: KDKIT_THREADS: {e}", file=sys.stderr)
+            return 2
     if threads:
         import torch
 
@@ -465,6 +588,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except KdkitError as e:
         print(f"kdkit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (permissions, disk full, ...)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"kdkit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kdkit: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``kdkit datafree``: record a teacher's metadata, and make transfer sets without data.
+"""'kdkit datafree': record a teacher's metadata, and make transfer sets without data.
 
     kdkit datafree record     --teacher RUN --data mnist --kind spectral_pairs --out REC
     kdkit datafree synthesize --teacher RUN --record REC --samples 10000 --out SET
@@ -7,16 +7,21 @@
     kdkit datafree noise      --teacher RUN --samples 10000 --out SET
     kdkit distill --teacher RUN --student S --data mnist --synthetic SET
 
-Only ``record`` reads the training data; the others need just the teacher (its
-``model.json`` gives the input geometry and normalisation).
+Only 'record' reads the training data; the others need just the teacher (its model.json
+gives the input geometry and normalisation).
 """
+
+# This docstring is the help text of 'kdkit datafree --help': plain text, no reST markup.
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any
+
+from kdkit.errors import KdkitError
 
 
 def _teacher(path: str) -> tuple[Any, dict[str, Any]]:
@@ -36,6 +41,8 @@ def _geometry(meta: dict[str, Any]) -> dict[str, Any]:
 def _prepare(args: argparse.Namespace) -> Path:
     from kdkit.pipelines.runs import prepare_run_dir
 
+    if not args.out:
+        raise KdkitError("--out is required: the folder to write to")
     out = Path(args.out)
     prepare_run_dir(out, resume=args.resume, force=args.force)
     return out
@@ -95,8 +102,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         input_shape=g["input_shape"], mean=g["mean"], std=g["std"],
         meta={"source": "record", "record": rec.kind, "data": meta["data"],
               "record_sha256": record_digest(args.record), "teacher": rec.teacher},
-        lr=args.lr or 0.07, init_mean=args.init_mean, init_std=args.init_std,
-        steps=args.steps or 1000, **{k: v for k, v in _synth_common(args).items() if k != "steps"},
+        lr=args.lr, init_mean=args.init_mean, init_std=args.init_std, **_synth_common(args),
     )
     return _finish(out, len(ts.y), t0, f"synthesize ({rec.kind})")
 
@@ -120,8 +126,8 @@ def cmd_deepinversion(args: argparse.Namespace) -> int:
         mean=g["mean"], std=g["std"],
         meta={"source": "deepinversion", "weights": weights, "data": meta["data"],
               "teacher": teacher_fingerprint(teacher)},
-        lr=args.lr or 0.05, betas=DI_BETAS, init_mean=args.init_mean, init_std=args.init_std,
-        steps=args.steps or 2000, **{k: v for k, v in _synth_common(args).items() if k != "steps"},
+        lr=args.lr, betas=DI_BETAS, init_mean=args.init_mean, init_std=args.init_std,
+        **_synth_common(args),
     )
     return _finish(out, len(ts.y), t0, "deepinversion")
 
@@ -137,8 +143,8 @@ def cmd_dafl(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     generator = dafl_generator(
         teacher, out, input_shape=g["input_shape"], seed=args.seed, latent_dim=args.latent_dim,
-        width=args.width, progress=not args.no_progress, steps=args.steps or 1500,
-        batch_size=args.batch_size, lr=args.lr or 0.2, oh_weight=args.oh_weight,
+        width=args.width, progress=not args.no_progress, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, oh_weight=args.oh_weight,
         a_weight=args.a_weight, ie_weight=args.ie_weight,
     )
     x, y = sample_generator(generator, teacher, samples=args.samples,
@@ -164,59 +170,102 @@ def cmd_noise(args: argparse.Namespace) -> int:
     return _finish(out, len(y), t0, "noise")
 
 
+def plain(text: str) -> str:
+    """Help text without reST/Markdown code markup: ``x`` and `x` become 'x'."""
+    return re.sub(r"`{1,2}([^`]+?)`{1,2}", r"'\1'", text)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks; ends each option's help with its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = plain(action.help or "")
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is None
+                or default is False or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_parser(sub: Any, add_out_flags: Any) -> None:
     """Register ``kdkit datafree ACTION`` on the main parser's subcommands."""
+    from kdkit.datafree.common import DEFAULT_LR, DEFAULT_STEPS
     from kdkit.datafree.records import KINDS
 
     p = sub.add_parser("datafree", help="data-free KD: metadata records and transfer sets",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(__doc__ or ""), formatter_class=_HelpFormatter)
     dsub = p.add_subparsers(dest="datafree_cmd", metavar="ACTION", required=True)
 
-    def action(name: str, fn: Any, help_: str, *, synth: bool = True) -> argparse.ArgumentParser:
-        a = dsub.add_parser(name, help=help_)
+    def action(name: str, fn: Any, help_: str, *, samples: bool = True,
+               optimiser: str | None = None) -> argparse.ArgumentParser:
+        """A subcommand; ``optimiser``: the source whose --batch-size/--steps/--lr it takes."""
+        a = dsub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
+                            formatter_class=_HelpFormatter)
         a.add_argument("--teacher", required=True, help="teacher run directory or model file")
-        a.add_argument("--seed", type=int, default=0)
-        if synth:
+        a.add_argument("--seed", type=int, default=0, help="random seed of everything drawn")
+        if samples:
             a.add_argument("--samples", type=int, default=10000, help="transfer set size")
-            a.add_argument("--batch-size", type=int, default=256)
-            a.add_argument("--steps", type=int, default=None,
-                           help="optimisation steps per batch (generator steps for dafl)")
-            a.add_argument("--lr", type=float, default=None)
+        if optimiser == "dafl":
+            a.add_argument("--batch-size", type=int, default=256,
+                           help="generator samples per training step")
+            a.add_argument("--steps", type=int, default=DEFAULT_STEPS[optimiser],
+                           help="generator training steps")
+            a.add_argument("--lr", type=float, default=DEFAULT_LR[optimiser],
+                           help="the generator's Adam learning rate")
+        elif optimiser is not None:
+            a.add_argument("--batch-size", type=int, default=256,
+                           help="inputs optimised together")
+            a.add_argument("--steps", type=int, default=DEFAULT_STEPS[optimiser],
+                           help="Adam steps per batch of inputs")
+            a.add_argument("--lr", type=float, default=DEFAULT_LR[optimiser],
+                           help="Adam learning rate (on pixel values)")
+        if optimiser in ("record", "deepinversion"):
+            a.add_argument("--init-mean", type=float, default=0.15,
+                           help="inputs start as N(init-mean, init-std) pixels")
+            a.add_argument("--init-std", type=float, default=0.1,
+                           help="see --init-mean")
         add_out_flags(a)
         a.set_defaults(fn=fn)
         return a
 
     a = action("record", cmd_record, "record a teacher's metadata on its training data",
-               synth=False)
+               samples=False)
     a.add_argument("--data", required=True, help="the teacher's training dataset")
-    a.add_argument("--data-root", default=None)
+    a.add_argument("--data-root", default=None, help="dataset folder (default $KDKIT_DATA)")
     a.add_argument("--val-fraction", type=float, default=0.1,
-                   help="held out as when the teacher was trained (default 0.1)")
-    a.add_argument("--kind", choices=KINDS, default="spectral_pairs")
-    a.add_argument("--temperature", type=float, default=8.0)
+                   help="held out as when the teacher was trained")
+    a.add_argument("--kind", choices=KINDS, default="spectral_pairs", help="what to record")
+    a.add_argument("--temperature", type=float, default=8.0,
+                   help="the logits are recorded divided by it")
     a.add_argument("--fraction", type=float, default=0.1,
                    help="spectral kinds: fraction of graph Fourier coefficients kept")
     a.add_argument("--dropout", type=float, default=None,
                    help="all_layers_dropout: filter rate (default: each dropout layer's own)")
     a.add_argument("--layers", help="comma-separated module paths (default: every activation)")
 
-    a = action("synthesize", cmd_synthesize, "reconstruct a transfer set from a record")
-    a.add_argument("--record", required=True, help="record folder from `datafree record`")
-    a.add_argument("--init-mean", type=float, default=0.15)
-    a.add_argument("--init-std", type=float, default=0.1)
+    a = action("synthesize", cmd_synthesize, "reconstruct a transfer set from a record",
+               optimiser="record")
+    a.add_argument("--record", required=True, help="record folder from 'kdkit datafree record'")
 
-    a = action("deepinversion", cmd_deepinversion, "DeepInversion transfer set (BN teachers)")
-    a.add_argument("--init-mean", type=float, default=0.15)
-    a.add_argument("--init-std", type=float, default=0.1)
-    for flag, default in (("ce-weight", 1.0), ("bn-weight", 10.0), ("tv-weight", 1e-3),
-                          ("l2-weight", 1e-4), ("competition-weight", 0.0)):
-        a.add_argument(f"--{flag}", type=float, default=default)
+    a = action("deepinversion", cmd_deepinversion, "DeepInversion transfer set (BN teachers)",
+               optimiser="deepinversion")
+    for flag, default, what in (("ce-weight", 1.0, "cross-entropy to the wanted class"),
+                                ("bn-weight", 10.0, "BN statistics (0: priors only)"),
+                                ("tv-weight", 1e-3, "total variation prior"),
+                                ("l2-weight", 1e-4, "L2 prior"),
+                                ("competition-weight", 0.0,
+                                 "Adaptive DI's competition term; needs --student")):
+        a.add_argument(f"--{flag}", type=float, default=default, help=f"weight of the {what}")
     a.add_argument("--student", help="student run for Adaptive DeepInversion's competition term")
 
-    a = action("dafl", cmd_dafl, "train a DAFL generator and sample a transfer set from it")
-    a.add_argument("--latent-dim", type=int, default=100)
-    a.add_argument("--width", type=int, default=128, help="generator channels (paper: 128)")
-    for flag, default in (("oh-weight", 1.0), ("a-weight", 0.1), ("ie-weight", 5.0)):
-        a.add_argument(f"--{flag}", type=float, default=default)
+    a = action("dafl", cmd_dafl, "train a DAFL generator and sample a transfer set from it",
+               optimiser="dafl")
+    a.add_argument("--latent-dim", type=int, default=100, help="size of the generator's input z")
+    a.add_argument("--width", type=int, default=128,
+                   help="generator channels (the paper uses 128)")
+    for flag, default, what in (("oh-weight", 1.0, "one-hot loss"),
+                                ("a-weight", 0.1, "activation loss"),
+                                ("ie-weight", 5.0, "information entropy loss")):
+        a.add_argument(f"--{flag}", type=float, default=default, help=f"weight of the {what}")
 
     action("noise", cmd_noise, "Gaussian-noise transfer set labelled by the teacher (the floor)")

@@ -19,12 +19,31 @@ from kdkit.errors import ConfigError
 from kdkit.train.loop import LoopSettings
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+MAX_CONFIG_BYTES = 1024**2  # a config larger than this is not a config
+MAX_CONFIG_VALUES = 100_000  # YAML aliases can expand a small file without bound
 # Geometry arguments are filled in from the dataset, never by the user.
 _DATA_FILLED = ("num_classes", "in_channels", "input_size")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_dir_name(value: str, what: str = "name") -> str:
+    """A name that becomes a folder: not empty, no path separator, not '.'/'..' or hidden."""
+    problem = None
+    if not value.strip():
+        problem = "is empty"
+    elif any(c in value for c in "/\\\0"):
+        problem = "contains a path separator"
+    elif value.startswith("."):
+        problem = "starts with '.' (it would be a hidden folder, or '.'/'..')"
+    elif len(value) > 200:
+        problem = "is longer than 200 characters"
+    if problem:
+        raise ValueError(f"{what} {value[:60]!r} {problem}; it names a folder under the run "
+                         "directory, so use letters, digits, '-' and '_' (e.g. 'my-run')")
+    return value
 
 
 class _Named(BaseModel):
@@ -106,6 +125,12 @@ class TrainSpec(_Strict):
 
 class TeacherSpec(_Strict):
     label: str = "teacher"
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_folder_name(cls, v: str) -> str:
+        return check_dir_name(v, "label")
+
     model: ModelSpec
     train: TrainSpec = TrainSpec()
     train_subset: int | None = Field(
@@ -191,6 +216,12 @@ class StudentRunSpec(_Strict):
     label: str
     method: MethodSpec
     model: ModelSpec | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_folder_name(cls, v: str) -> str:
+        return check_dir_name(v, "label")
+
     train: dict[str, Any] = {}
     teacher_mode: Literal["eval", "train"] = "eval"
     teachers: list[str] | Literal["best"] | None = None
@@ -224,6 +255,20 @@ class ExperimentConfig(_Strict):
     train: TrainSpec = TrainSpec()
     students: list[StudentRunSpec] = Field(min_length=1)
     eval: EvalSpec = EvalSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        return check_dir_name(v, "name")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_distinct(cls, v: list[int]) -> list[int]:
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"seeds must be distinct; repeated: {dup} (a repeated seed is the "
+                             "same run again and would make the ± over seeds a lie)")
+        return v
 
     @model_validator(mode="after")
     def _one_kind_of_synthetic_data(self) -> ExperimentConfig:
@@ -310,15 +355,20 @@ def _pydantic_problems(
             problems.append(f"{where}: required key is missing")
         else:
             got = e.get("input")
-            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+            shown = f" (got {_clip(repr(got))})" if not isinstance(got, (dict, list)) else ""
             problems.append(f"{where}: {e['msg']}{shown}")
     return problems
 
 
+def _clip(text: str, n: int = 80) -> str:
+    """A value as shown in an error: at most ``n`` characters."""
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _unknown(kind: str, name: object, names: list[str], where: str, listing: str) -> str:
-    close = difflib.get_close_matches(str(name), names, n=2)
+    close = difflib.get_close_matches(str(name)[:200], names, n=2)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"{where}: unknown {kind} '{name}'{hint} (see `kdkit {listing}`)"
+    return f"{where}: unknown {kind} '{_clip(str(name))}'{hint} (see `kdkit {listing}`)"
 
 
 def validate_semantics(raw: dict[str, Any]) -> list[str]:
@@ -428,15 +478,30 @@ def _check_teacher_cache(
         return []
     key = f"{where}.train.teacher_cache" if "teacher_cache" in override else "train.teacher_cache"
     problems = []
-    views = spec.get("views", 1)
-    if isinstance(views, int) and views > 1 and not merged.get("augment"):
-        problems.append(f"{key}.views: {views} views but run '{run.get('label')}' has no "
-                        "augment, so every view is the same; set views: 1")
+    problem = teacher_cache_views_problem(merged.get("augment"), spec, str(run.get("label")))
+    if problem:
+        problems.append(f"{key}.views: {problem}")
     if run.get("teacher_mode") == "train":
         problems.append(f"{where}.teacher_mode: 'train' (BN batch statistics) cannot use "
                         f"{key}: a sample's teacher output depends on its batch; use "
                         "teacher_mode: eval or remove teacher_cache")
     return problems
+
+
+def teacher_cache_views_problem(augment: Any, cache: dict[str, Any], label: str) -> str | None:
+    """``views`` must suit the augmentation: given explicitly with it, 1 without it."""
+    views = cache.get("views")
+    if augment and views is None:
+        return (f"run '{label}' augments its data, so say how many augmented views per sample "
+                "the cache keeps (views: K): the student then sees only those K views instead "
+                "of a fresh one every epoch, and building costs K teacher passes over the data "
+                "and K times the space. views: 1 freezes one view per sample (the default "
+                "experiment lost 5.5 points of KD accuracy that way); about as many views as "
+                "epochs keeps most of the augmentation's benefit. Or remove teacher_cache")
+    if isinstance(views, int) and views > 1 and not augment:
+        return (f"{views} views but run '{label}' has no augment, so every view is the same; "
+                "set views to 1")
+    return None
 
 
 def _check_run_teachers(
@@ -506,23 +571,87 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=5), got '{item}'")
         key, raw = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE with a key, got '{_clip(item)}'")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+            value = parse_yaml(raw, f"--set {key.strip()}")
+        except ConfigError as e:
+            if "given twice" in str(e) or "expands to" in str(e):
+                raise
+            value = raw  # not YAML: the plain string
         out.append((key.strip(), value))
     return out
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _value in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {_clip(repr(key), 60)} is given twice in one mapping",
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text: duplicate keys refused, alias expansion bounded; one ConfigError."""
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {_clip(str(e), 300)}") from None
+    if _count_values(value, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{source} expands to more than {MAX_CONFIG_VALUES:,} values "
+                          "(YAML aliases nested in aliases?); a config is not that large")
+    return value
+
+
+def _count_values(value: Any, limit: int) -> int:
+    """Values in a parsed YAML tree, counting shared (aliased) nodes each time; stops at limit."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        v = stack.pop()
+        count += 1
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return count
 
 
 def load_raw(path: str | Path | None) -> tuple[dict[str, Any], str]:
     """Read a YAML config (the built-in default when ``path`` is None)."""
     p = Path(path) if path is not None else DEFAULT_CONFIG
-    if not p.exists():
-        raise ConfigError(f"config file {p} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        if p.is_dir():
+            raise ConfigError(f"config {p} is a directory; give a YAML file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {p} is {p.stat().st_size:,} bytes; a config is a small "
+                              f"YAML file (at most {MAX_CONFIG_BYTES:,} bytes)")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {p} is not UTF-8 text (byte {e.start}); give a YAML "
+                          "file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    raw = parse_yaml(text, str(p))
     if not isinstance(raw, dict):
         raise ConfigError(f"{p} must hold a mapping of keys (name, data, teacher, students, ...)")
     return raw, str(p)

@@ -7,6 +7,7 @@ split as whole-tensor batches, reproducibly and resumably.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,12 +175,22 @@ def _pixel_stats(x: Tensor, scale: float) -> tuple[float, float]:
     return mean, var**0.5
 
 
+def content_sha256(raw: RawData) -> str:
+    """SHA-256 of a decoded dataset (pixels and labels of both splits, shapes, scale)."""
+    h = hashlib.sha256(f"{raw.num_classes}:{raw.scale}".encode())
+    for t in (raw.x_train, raw.y_train, raw.x_test, raw.y_test):
+        t = t.contiguous()
+        h.update(f";{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=4)
-def _load_raw(name: str, root: str) -> tuple[RawData, float, float]:
-    """Decode ``name`` once per process; also its train-set pixel mean and std."""
+def _load_raw(name: str, root: str) -> tuple[RawData, float, float, str]:
+    """Decode ``name`` once per process; also its train-set pixel mean and std and its hash."""
     raw = DATASETS.create(name, root=Path(root))
     mean, std = _pixel_stats(raw.x_train, raw.scale)
-    return raw, mean, std
+    return raw, mean, std, content_sha256(raw)
 
 
 _VERIFIED: set[tuple[str, str]] = set()  # (name, root) whose files passed SHA-256 this process
@@ -220,7 +231,7 @@ def load_dataset(
     DATASETS.get(name)  # unknown name -> KdkitError with suggestions
     root_path = Path(root if root is not None else default_root()).expanduser().resolve()
     _ensure_files(name, root_path, download, log)
-    raw, mean, std = _load_raw(name, str(root_path))
+    raw, mean, std, digest = _load_raw(name, str(root_path))
 
     x_tr, y_tr, x_val, y_val = split_train_val(
         raw.x_train, raw.y_train, val_fraction, derive_seed(seed, _VAL_STREAM)
@@ -246,4 +257,6 @@ def load_dataset(
         mean=mean,
         std=std,
         name=name,
+        source={"name": name, "root": str(root_path), "seed": seed,
+                "val_fraction": val_fraction, "train_subset": train_subset, "sha256": digest},
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,6 +46,9 @@ class DatasetSplits:
     mean: float
     std: float
     name: str
+    # What rebuilds these exact splits: dataset name, root, seed, val_fraction, train_subset
+    # and the SHA-256 of the decoded data (see load_dataset); empty for hand-made splits.
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def black(self) -> float:

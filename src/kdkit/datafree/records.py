@@ -46,8 +46,8 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
+from kdkit.datafree.common import StageProgress, replace_artifact
 from kdkit.datafree.graph import (
     default_layers,
     fourier_basis,
@@ -58,7 +58,7 @@ from kdkit.datafree.graph import (
 from kdkit.errors import CheckpointError, KdkitError
 from kdkit.losses.datafree import matching_loss
 from kdkit.taps import LOGITS, Tap, run_with_taps
-from kdkit.train.checkpoint import load_checkpoint, module_fingerprint, save_checkpoint
+from kdkit.train.checkpoint import load_checkpoint, module_fingerprint
 
 RecordKind = Literal["top_layer", "all_layers", "all_layers_dropout", "spectral_all",
                      "spectral_pairs"]
@@ -290,11 +290,13 @@ def compute_record(
     bases: list[Tensor | None] = []
     if kind.startswith("spectral"):
         energy = [torch.zeros(b.shape[1], dtype=torch.float64) for _, b in groups if b is not None]
-        for xb, _ in tqdm(data, desc="record: energy", disable=not progress, leave=False):
-            for g, s in enumerate(signals(xb)):
-                basis = groups[g][1]
-                assert basis is not None
-                energy[g] += ((s @ basis) ** 2).sum(0)
+        with StageProgress("record: energy", len(data), enabled=progress, unit="batch") as bar:
+            for xb, _ in data:
+                for g, s in enumerate(signals(xb)):
+                    basis = groups[g][1]
+                    assert basis is not None
+                    energy[g] += ((s @ basis) ** 2).sum(0)
+                bar.update()
         for (_, basis), e in zip(groups, energy, strict=True):
             assert basis is not None
             keep = max(1, math.ceil(fraction * basis.shape[1]))
@@ -306,10 +308,12 @@ def compute_record(
     for (idx, _), basis in zip(groups, bases, strict=True):
         dim = basis.shape[1] if basis is not None else sum(dims[i] for i in idx)
         moments.append(_ClassMoments(num_classes, dim, full=dim <= FULL_COV_MAX))
-    for xb, yb in tqdm(data, desc=f"record: {kind}", disable=not progress, leave=False):
-        for g, s in enumerate(signals(xb)):
-            basis = bases[g]
-            moments[g].add(s @ basis if basis is not None else s, yb)
+    with StageProgress(f"record: {kind}", len(data), enabled=progress, unit="batch") as bar:
+        for xb, yb in data:
+            for g, s in enumerate(signals(xb)):
+                basis = bases[g]
+                moments[g].add(s @ basis if basis is not None else s, yb)
+            bar.update()
 
     tensors: dict[str, Tensor] = {}
     meta_groups = []
@@ -344,9 +348,13 @@ def record_stem(path: str | Path) -> Path:
 
 
 def save_record(record: MetadataRecord, path: str | Path) -> Path:
-    """Write ``record.safetensors`` + ``record.json`` into folder ``path``; return the folder."""
+    """Write ``record.safetensors`` + ``record.json`` into folder ``path``; return the folder.
+
+    A record already there is replaced safely: its JSON is removed first, so a kill while
+    the new one is written leaves no record (made again), never new tensors beside old JSON.
+    """
     stem = record_stem(path)
-    save_checkpoint(stem, record.tensors, record.meta())
+    replace_artifact(stem, record.tensors, record.meta())
     return stem.parent
 
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from kdkit.data.loader import derive_seed
+from kdkit.datafree.common import StageProgress, replace_artifact
 from kdkit.errors import CheckpointError, KdkitError
+from kdkit.files import clean_stale_temps
 from kdkit.train.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 
 TRANSFER_STEM = "transfer"
@@ -50,7 +51,8 @@ class TransferSet:
 
 
 def save_transfer(folder: Path, x: Tensor, y: Tensor, meta: dict[str, Any]) -> TransferSet:
-    save_checkpoint(folder / TRANSFER_STEM, {"x": x.float(), "y": y.long()},
+    """Write ``folder/transfer.*``; an older set there is replaced safely (JSON removed first)."""
+    replace_artifact(folder / TRANSFER_STEM, {"x": x.float(), "y": y.long()},
                     {"kind": "transfer-set", "transfer_format": TRANSFER_FORMAT,
                      "samples": len(y), **meta})
     return TransferSet(x, y, meta)
@@ -125,11 +127,12 @@ def optimise_inputs(
     if state_path.exists() and (out_dir / f"{TRANSFER_STEM}.json").exists():
         return load_transfer(out_dir)  # finished, with these very settings
     atomic_write_json(state_path, settings)
+    for folder in (out_dir, out_dir / "batches"):  # temporaries of a killed synthesis
+        clean_stale_temps(folder)
     y_all = balanced_labels(samples, num_classes)
     n_batches = math.ceil(samples / batch_size)
     done = [b for b in range(n_batches) if (out_dir / "batches" / f"b{b:05d}.json").exists()]
-    bar = tqdm(total=n_batches * steps, initial=len(done) * steps, desc=label,
-               disable=not progress, leave=False, dynamic_ncols=True, mininterval=0.5)
+    bar = StageProgress(label, n_batches * steps, enabled=progress, initial=len(done) * steps)
     with bar:
         for b in range(n_batches):
             stem = out_dir / "batches" / f"b{b:05d}"

@@ -53,6 +53,9 @@ def _build(
     input_dropout: float,
 ) -> MLP:
     check_geometry(name, num_classes, in_channels, input_size)
+    if not isinstance(hidden, (list, tuple)):
+        raise KdkitError(f"model '{name}': hidden must be a list of positive integers "
+                         f"(e.g. [256, 256]), got {str(hidden)[:40]!r}")
     hidden = list(hidden)
     if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
         raise KdkitError(

@@ -10,7 +10,14 @@ its peak memory (max RSS) is its own; training time per epoch excludes the valid
 faults of a fresh cache, compilation) are reported apart as ``first_epoch_s``.
 With ``repeats`` > 1 the rows run round-robin that many times and each keeps its fastest
 repeat (the least disturbed by other load). Writes ``bench.json`` and ``bench.md`` (a
-markdown table and the target ratios).
+markdown table and the target ratios), rewritten after every row, so a crash or Ctrl-C keeps
+the rows already measured.
+
+Every row is built on the real models (and run on two training images) before anything is
+trained or timed. When the default feature method does not fit the models (the overhaul
+needs stages; an MLP has none), the first of :data:`FEATURE_FALLBACKS` that fits is timed
+instead, and the report says so; a feature method the user chose that does not fit has its
+rows skipped, with the reason in the table.
 """
 
 from __future__ import annotations
@@ -23,16 +30,28 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdkit.errors import KdkitError
+from kdkit.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from kdkit.data import DatasetSplits
+    from kdkit.distill import Distiller
 
 # Target ratios of issue 6: cached KD within 10 % of plain training; live KD no slower than
 # plain training plus one teacher forward pass.
 CACHE_TARGET = 1.10
 LIVE_TARGET = 1.00
+# The feature method timed unless the user names one, and those tried in order when it does
+# not fit the models: relational losses on the penultimate embedding fit any classifier with
+# a linear head (an MLP included).
+DEFAULT_FEATURE = "overhaul"
+FEATURE_FALLBACKS = ("pkt", "rkd")
 
 
 @dataclass
@@ -44,7 +63,7 @@ class BenchSpec:
     student: str
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     student_kwargs: dict[str, Any] = field(default_factory=dict)
-    feature_method: str = "overhaul"
+    feature_method: str | None = None  # None: DEFAULT_FEATURE, or a fallback that fits
     feature_kwargs: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None
     val_fraction: float = 0.1
@@ -72,13 +91,16 @@ class Row:
     cached: bool = False
     compile: bool = False
     channels_last: bool = False
+    feature: bool = False  # a feature-method row (built with spec.feature_kwargs)
 
 
-def bench_rows(spec: BenchSpec) -> list[Row]:
+def bench_rows(spec: BenchSpec, feature: str | None = None) -> list[Row]:
+    """The rows, with ``feature`` (default: the spec's, else DEFAULT_FEATURE) as the feature method."""
+    feat = feature or spec.feature_method or DEFAULT_FEATURE
     rows = [Row("plain", "ce"), Row("teacher_forward", "teacher_forward"),
             Row("kd_live", "kd"), Row("kd_cache", "kd", cached=True),
-            Row(f"{spec.feature_method}_live", spec.feature_method),
-            Row(f"{spec.feature_method}_cache", spec.feature_method, cached=True)]
+            Row(f"{feat}_live", feat, feature=True),
+            Row(f"{feat}_cache", feat, cached=True, feature=True)]
     if spec.compile:
         rows.append(Row("plain_compile", "ce", compile=True))
     if spec.channels_last:
@@ -87,16 +109,121 @@ def bench_rows(spec: BenchSpec) -> list[Row]:
     return rows
 
 
+@dataclass
+class BenchPlan:
+    """What will be measured: the rows, the feature method timed, the rows skipped and why."""
+
+    rows: list[Row]
+    feature: str
+    skipped: dict[str, str] = field(default_factory=dict)  # row name -> why it is not run
+    note: str | None = None  # how the feature method was chosen, when not as asked
+
+
+def _build_distiller(spec: BenchSpec, row: Row, student: nn.Module, teacher: nn.Module,
+                     example: Tensor) -> Distiller:
+    """The row's distiller, exactly as :func:`measure` trains it (raises KdkitError if unfit)."""
+    from kdkit.distill import Distiller, build_method
+
+    if row.channels_last:  # as train_one does: the student only
+        student = student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    method = "kd" if row.method == "teacher_forward" else row.method
+    kwargs = spec.feature_kwargs if row.feature else {}
+    teachers = {} if method == "ce" else {"teacher": teacher}
+    terms = build_method(method, student, teachers, example_input=example, **kwargs)
+    return Distiller(student, teachers, terms)
+
+
+def row_problem(spec: BenchSpec, row: Row, data: DatasetSplits, teacher: nn.Module) -> str | None:
+    """Why ``row`` cannot run on these models (None when it can), found cheaply: the row's
+    distiller is built on a fresh student and run on two training images, and a cached row's
+    cache identity is computed (no training, no timing, no files)."""
+    from kdkit.data.augment import build_augment
+    from kdkit.pipelines.runs import build_model
+    from kdkit.train.teacher_cache import CacheSettings, cache_identity
+
+    x, y = data.train.x[:2], data.train.y[:2]
+    try:
+        student = build_model(spec.student, spec.student_kwargs, data, spec.seed)
+        distiller = _build_distiller(spec, row, student, teacher, x)
+        if row.cached:
+            aug = build_augment(spec.augment, fill=data.black)
+            views = spec.views if aug is not None else 1
+            cache_identity(distiller, x, aug,
+                           CacheSettings(views=views, dtype=spec.dtype))  # type: ignore[arg-type]
+    except KdkitError as e:
+        return str(e)
+    try:
+        distiller.eval()
+        with torch.no_grad():
+            distiller(x, y)
+    except (KdkitError, RuntimeError) as e:
+        return f"a forward pass on two training images fails: {e}"
+    return None
+
+
+def plan_bench(spec: BenchSpec, data: DatasetSplits, teacher: nn.Module, *,
+               log: Any = print) -> BenchPlan:
+    """Check every row against the models before anything is measured.
+
+    A row without a feature method that cannot run is a configuration error (KdkitError).
+    When the feature method does not fit: the default is replaced by the first of
+    :data:`FEATURE_FALLBACKS` that fits; one the user chose has its rows skipped, with why.
+    """
+    asked = spec.feature_method or DEFAULT_FEATURE
+    for row in bench_rows(spec, asked):
+        if not row.feature:
+            why = row_problem(spec, row, data, teacher)
+            if why is not None:
+                raise KdkitError(f"bench row {row.name} cannot run: {why}")
+
+    def problems(feature: str) -> dict[str, str]:
+        found = {}
+        for row in bench_rows(spec, feature):
+            if row.feature and (why := row_problem(spec, row, data, teacher)) is not None:
+                found[row.name] = why
+        return found
+
+    skipped = problems(asked)
+    if not skipped:
+        return BenchPlan(bench_rows(spec, asked), asked)
+    first = next(iter(skipped.values()))
+    pair = f"the student {spec.student} and the teacher {spec.teacher}"
+    if spec.feature_method is not None:
+        note = (f"the feature method {asked} (chosen with --feature-method) does not fit "
+                f"{pair}, so its rows are skipped: {first}")
+        log(f"bench: {note}")
+        return BenchPlan(bench_rows(spec, asked), asked, skipped, note)
+    for alt in FEATURE_FALLBACKS:
+        if alt != asked and not problems(alt):
+            note = (f"feature method {alt}: the default, {asked}, does not fit {pair} ({first}); "
+                    "choose another with --feature-method")
+            log(f"bench: {note}")
+            return BenchPlan(bench_rows(spec, alt), alt, {}, note)
+    note = (f"no feature method fits {pair}, so its rows are skipped: the default {asked}: "
+            f"{first}; {', '.join(FEATURE_FALLBACKS)} do not fit either")
+    log(f"bench: {note}")
+    return BenchPlan(bench_rows(spec, asked), asked, skipped, note)
+
+
 def run_bench(spec: BenchSpec, out: Path, *, log: Any = print) -> dict[str, Any]:
-    """Train (or reuse) the teacher, measure every row in its own process, write the report."""
+    """Check the rows, train (or reuse) the teacher, measure every row in its own process.
+
+    ``bench.json`` and ``bench.md`` are rewritten (atomically) after every row; a row that
+    fails leaves the rows measured before it there and raises a KdkitError.
+    """
     from kdkit.data import load_dataset
-    from kdkit.pipelines.runs import train_one
+    from kdkit.pipelines.runs import build_model, load_teacher, train_one
     from kdkit.train.loop import LoopSettings
 
     out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(spec.data, root=spec.data_root, val_fraction=spec.val_fraction,
+                        train_subset=spec.train_subset, seed=spec.seed, log=log)
+    # The rows are checked on the teacher's architecture before it is trained: a row that
+    # cannot run costs no training.
+    teacher = (load_teacher(spec.teacher_run, data) if spec.teacher_run is not None
+               else build_model(spec.teacher, spec.teacher_kwargs, data, spec.seed))
+    plan = plan_bench(spec, data, teacher, log=log)
     if spec.teacher_run is None:
-        data = load_dataset(spec.data, root=spec.data_root, val_fraction=spec.val_fraction,
-                            train_subset=spec.train_subset, seed=spec.seed, log=log)
         log(f"bench: training the teacher {spec.teacher} ({spec.teacher_epochs} epochs; "
             "reused if already in the output folder)")
         t = train_one(
@@ -110,30 +237,77 @@ def run_bench(spec: BenchSpec, out: Path, *, log: Any = print) -> dict[str, Any]
     # Rows run round-robin, ``repeats`` times; each row keeps its fastest repeat, the one
     # least disturbed by whatever else the machine was doing (as timeit does).
     runs: dict[str, list[dict[str, Any]]] = {}
+    todo = [row for row in plan.rows if row.name not in plan.skipped]
     for rep in range(spec.repeats):
-        for row in bench_rows(spec):
-            res = _in_subprocess(spec, row, out)
+        for i, row in enumerate(todo):
+            try:
+                res = _in_subprocess(spec, row, out)
+            except KdkitError as e:
+                _write(out, _report(spec, _results(plan, runs, {row.name: str(e)}), plan,
+                                    complete=False))
+                raise KdkitError(f"bench row {row.name} failed: {e}; the rows measured "
+                                 f"before it are in {out / 'bench.json'}") from None
             runs.setdefault(row.name, []).append(res)
             log(f"bench: {row.name} (repeat {rep + 1}/{spec.repeats}): {res['epoch_s']:.2f} "
                 f"s/epoch, {res['images_per_s']:.0f} img/s, peak {res['peak_rss_mib']:.0f} MiB")
-    results = []
-    for reps in runs.values():
-        best = dict(min(reps, key=lambda r: r["epoch_s"]))
-        best["repeats_epoch_s"] = [r["epoch_s"] for r in reps]
-        results.append(best)
-    report = _report(spec, results)
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "bench.md").write_text(format_bench(report))
+            done = rep == spec.repeats - 1 and i == len(todo) - 1
+            _write(out, _report(spec, _results(plan, runs), plan, complete=done))
+    report = _report(spec, _results(plan, runs), plan)
+    _write(out, report)
     return report
 
 
+def _results(plan: BenchPlan, runs: dict[str, list[dict[str, Any]]],
+             failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One entry per row so far, in the plan's order: measured (its fastest repeat),
+    skipped (with why) or failed (with the error); rows not reached yet are left out."""
+    failed = failed or {}
+    results = []
+    for row in plan.rows:
+        reps = runs.get(row.name)
+        if reps:
+            best = dict(min(reps, key=lambda r: r["epoch_s"]))
+            best["repeats_epoch_s"] = [r["epoch_s"] for r in reps]
+            results.append(best)
+        elif row.name in plan.skipped:
+            results.append({"row": row.name, "method": row.method, "cached": row.cached,
+                            "skipped": plan.skipped[row.name]})
+        elif row.name in failed:
+            results.append({"row": row.name, "method": row.method, "cached": row.cached,
+                            "failed": failed[row.name]})
+    return results
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    atomic_write_bytes(out / "bench.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "bench.md", format_bench(report).encode())
+
+
 def _in_subprocess(spec: BenchSpec, row: Row, out: Path) -> dict[str, Any]:
+    """Measure ``row`` in a fresh process; a failure raises a one-line KdkitError (the
+    process's full output is kept in ``bench-ROW.log``)."""
     job = json.dumps({"spec": asdict(spec), "row": asdict(row), "out": str(out)})
     proc = subprocess.run([sys.executable, "-m", "kdkit.pipelines.bench", job],
                           capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise KdkitError(f"bench row {row.name} failed:\n{proc.stderr[-3000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    lines = proc.stdout.strip().splitlines()
+    last: Any = None
+    if lines:
+        try:
+            last = json.loads(lines[-1])
+        except ValueError:
+            last = None
+    if proc.returncode == 0 and isinstance(last, dict) and "epoch_s" in last:
+        return dict(last)
+    if isinstance(last, dict) and "error" in last:
+        raise KdkitError(str(last["error"]))  # a KdkitError in the row: its own message
+    log = out / f"bench-{row.name}.log"
+    atomic_write_bytes(log, f"exit status {proc.returncode}\n--- stdout\n{proc.stdout}\n"
+                            f"--- stderr\n{proc.stderr}".encode())
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    why = err[-1].strip() if err else (
+        f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+        else f"exit status {proc.returncode}")
+    raise KdkitError(f"{why} (full output in {log})")
 
 
 def measure(spec: BenchSpec, row: Row, out: Path) -> dict[str, Any]:
@@ -141,7 +315,6 @@ def measure(spec: BenchSpec, row: Row, out: Path) -> dict[str, Any]:
     from kdkit.data import load_dataset
     from kdkit.data.augment import build_augment
     from kdkit.data.loader import BatchLoader
-    from kdkit.distill import Distiller, build_method
     from kdkit.pipelines.runs import build_model, load_teacher
     from kdkit.train.loop import LoopSettings, fit
     from kdkit.train.metrics import evaluate
@@ -157,14 +330,9 @@ def measure(spec: BenchSpec, row: Row, out: Path) -> dict[str, Any]:
     views = spec.views if aug is not None else 1
     loader = BatchLoader(data.train, spec.batch_size, shuffle=True, seed=spec.seed,
                          augment=aug, views=views)
-    example = data.train.x[:2]
-    if row.channels_last:  # as train_one does: the student only
-        student = student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    distiller = _build_distiller(spec, row, student, teacher, data.train.x[:2])
+    student = distiller.student
     method = "kd" if row.method == "teacher_forward" else row.method
-    kwargs = spec.feature_kwargs if method == spec.feature_method else {}
-    teachers = {} if method == "ce" else {"teacher": teacher}
-    terms = build_method(method, student, teachers, example_input=example, **kwargs)
-    distiller = Distiller(student, teachers, terms)
     if row.compile:
         distiller.student = torch.compile(student)  # type: ignore[assignment]
     result: dict[str, Any] = {"row": row.name, "method": method, "cached": row.cached,
@@ -213,40 +381,54 @@ def _finish(result: dict[str, Any], times: list[float], n: int, accs: list[float
     return result
 
 
-def _report(spec: BenchSpec, results: list[dict[str, Any]]) -> dict[str, Any]:
-    by = {r["row"]: r for r in results}
-    plain = by["plain"]["epoch_s"]
+def _report(spec: BenchSpec, results: list[dict[str, Any]], plan: BenchPlan | None = None,
+            *, complete: bool = True) -> dict[str, Any]:
+    """The report: rows so far (measured, skipped or failed) and the ratios they allow."""
+    feat = plan.feature if plan is not None else spec.feature_method or DEFAULT_FEATURE
+    by = {r["row"]: r["epoch_s"] for r in results if "epoch_s" in r}
+    plain = by.get("plain")
     for r in results:
-        r["x_plain"] = round(r["epoch_s"] / plain, 3)
-    fwd = by["teacher_forward"]["epoch_s"]
-    feat = spec.feature_method
-    ratios = {
-        "kd_cache / plain": round(by["kd_cache"]["epoch_s"] / plain, 3),
-        **({"kd_cache_channels_last / plain_channels_last": round(
-            by["kd_cache_channels_last"]["epoch_s"] / by["plain_channels_last"]["epoch_s"], 3)}
-           if "kd_cache_channels_last" in by else {}),
-        "kd_live / (plain + teacher_forward)": round(by["kd_live"]["epoch_s"] / (plain + fwd), 3),
-        f"{feat}_cache / plain": round(by[f"{feat}_cache"]["epoch_s"] / plain, 3),
-        f"{feat}_live / (plain + teacher_forward)": round(
-            by[f"{feat}_live"]["epoch_s"] / (plain + fwd), 3),
-    }
+        if "epoch_s" in r and plain:
+            r["x_plain"] = round(r["epoch_s"] / plain, 3)
+    fwd = by.get("teacher_forward")
+    ratios: dict[str, float] = {}
+
+    def ratio(name: str, num: str, den: float | None) -> None:
+        if num in by and den:
+            ratios[name] = round(by[num] / den, 3)
+
+    ratio("kd_cache / plain", "kd_cache", plain)
+    ratio("kd_cache_channels_last / plain_channels_last", "kd_cache_channels_last",
+          by.get("plain_channels_last"))
+    live_den = plain + fwd if plain is not None and fwd is not None else None
+    ratio("kd_live / (plain + teacher_forward)", "kd_live", live_den)
+    ratio(f"{feat}_cache / plain", f"{feat}_cache", plain)
+    ratio(f"{feat}_live / (plain + teacher_forward)", f"{feat}_live", live_den)
     return {
         "spec": asdict(spec), "torch": torch.__version__, "threads": spec.threads,
-        "rows": results, "ratios": ratios,
+        "feature_method": feat, "feature_note": plan.note if plan is not None else None,
+        "complete": complete, "rows": results, "ratios": ratios,
         "targets": {"kd_cache / plain": CACHE_TARGET,
                     "kd_cache_channels_last / plain_channels_last": CACHE_TARGET,
                     "kd_live / (plain + teacher_forward)": LIVE_TARGET},
     }
 
 
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def format_bench(report: dict[str, Any]) -> str:
     """The report as a markdown table plus the target ratios."""
     s = report["spec"]
     target = s.get("target")
+    measured = [r for r in report["rows"] if "epoch_s" in r]
+    first = measured[0] if measured else {}
+    samples = f"{first['train_samples']:,}" if "train_samples" in first else "?"
     lines = [
         f"{s['student']} from {s['teacher']} on {s['data']} "
-        f"({report['rows'][0]['train_samples']:,} training images, batch {s['batch_size']}, "
-        f"{s['epochs']} epochs, {report['threads']} thread(s), views {report['rows'][0]['views']}, "
+        f"({samples} training images, batch {s['batch_size']}, "
+        f"{s['epochs']} epochs, {report['threads']} thread(s), views {first.get('views', '?')}, "
         f"cache {s['dtype']}, fastest of {s.get('repeats', 1)} repeat(s))",
         "",
         "| row | s/epoch | images/s | × plain | first epoch (s) | peak RSS (MiB) | "
@@ -255,15 +437,24 @@ def format_bench(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        if "epoch_s" not in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r.get('failed')}"
+            lines.append(f"| {r['row']} | {_cell(why)} |" + " - |" * 8)
+            continue
         accs = ", ".join(f"{a:.2f}" for a in r["val_acc"]) or "-"
         to_target = r.get("epochs_to_target")
+        x_plain = f"{r['x_plain']:.2f}" if "x_plain" in r else "-"
         lines.append(
-            f"| {r['row']} | {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {r['x_plain']:.2f} | "
+            f"| {r['row']} | {r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {x_plain} | "
             f"{r['first_epoch_s']:.2f} | {r['peak_rss_mib']:,.0f} | {accs} | "
             f"{'-' if to_target is None else to_target} | "
             f"{r.get('cache_build_s', '-')} | {r.get('cache_mib', '-')} |"
         )
     lines.append("")
+    if report.get("feature_note"):
+        lines.append(f"- {_cell(report['feature_note'])}")
+    if not report.get("complete", True):
+        lines.append("- incomplete: the rows not listed were not measured")
     for name, value in report["ratios"].items():
         goal = report["targets"].get(name)
         verdict = "" if goal is None else (
@@ -272,7 +463,18 @@ def format_bench(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    job = json.loads(sys.argv[1])
-    figures = measure(BenchSpec(**job["spec"]), Row(**job["row"]), Path(job["out"]))
+def _main(argv: list[str]) -> int:
+    """Measure one row (a job from :func:`_in_subprocess`); print its figures as JSON, or a
+    KdkitError as ``{"error": message}`` (exit status 2) rather than a traceback."""
+    job = json.loads(argv[1])
+    try:
+        figures = measure(BenchSpec(**job["spec"]), Row(**job["row"]), Path(job["out"]))
+    except KdkitError as e:
+        print(json.dumps({"error": str(e)}))
+        return 2
     print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv))

@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from kdkit.data import ArrayDataset, DatasetSplits
+from kdkit.datafree.common import DEFAULT_LR, DEFAULT_STEPS
 from kdkit.datafree.dafl import GENERATOR_STEM, GeneratorLoader, dafl_generator
 from kdkit.datafree.deepinversion import DI_BETAS, DeepInversionObjective
 from kdkit.datafree.records import (
@@ -51,8 +52,6 @@ from kdkit.errors import KdkitError
 from kdkit.pipelines.runs import data_meta
 
 SOURCES = ("record", "deepinversion", "dafl", "noise")
-DEFAULT_STEPS = {"record": 1000, "deepinversion": 2000, "dafl": 1500}
-DEFAULT_LR = {"record": 0.07, "deepinversion": 0.05, "dafl": 0.2}
 
 
 def make_record(
@@ -152,11 +151,12 @@ def build_transfer(
     info: dict[str, Any] = {"transfer": source}
     init: dict[str, Any] = {k: opts.pop(k) for k in ("init_mean", "init_std") if k in opts}
     if source == "noise":
-        if (folder / "transfer.json").exists():
-            ts = load_transfer(folder)
-        else:
+        ts = load_transfer(folder) if (folder / "transfer.json").exists() else None
+        want = json.loads(json.dumps(base))
+        if ts is None or len(ts.y) != samples or any(ts.meta.get(k) != v
+                                                     for k, v in want.items()):
             x, y = noise_set(teacher, samples=samples, input_shape=(c, h, w), seed=seed)
-            ts = save_transfer(folder, x, y, base)
+            ts = save_transfer(folder, x, y, base)  # replaces a set made otherwise
     elif source == "dafl":
         spe = opts.pop("steps_per_epoch", None) or max(1, samples // batch_size)
         generator = dafl_generator(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,48 +24,76 @@ from kdkit.config import ExperimentConfig, StudentRunSpec, TeacherSpec, dump_con
 from kdkit.data import DatasetSplits, load_dataset
 from kdkit.distill.methods import method_teachers
 from kdkit.errors import KdkitError
+from kdkit.files import atomic_copy, clean_stale_temps, mark_run_dir, publish_dir, temp_dir
 from kdkit.pipelines.chain import distill_chain, search_paths
 from kdkit.pipelines.datafree import build_transfer, load_synthetic
 from kdkit.pipelines.runs import SUMMARY, load_teacher, prepare_run_dir, train_one
 from kdkit.train.artifacts import MODEL_STEM, load_model
-from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json
+from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json, read_json
 from kdkit.train.metrics import cpu_latency_ms
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the data's content hash (1 knew only the dataset's name)
+_TEACHER_FILES = (f"{MODEL_STEM}.safetensors", f"{MODEL_STEM}.json", "metrics.jsonl")
 
 
-def teacher_cache_key(spec: TeacherSpec, cfg: ExperimentConfig, seed: int) -> str:
-    """Hash of everything that determines a trained teacher (not its label)."""
+def teacher_cache_key(
+    spec: TeacherSpec, cfg: ExperimentConfig, seed: int, data: DatasetSplits
+) -> str:
+    """Hash of everything that determines a trained teacher (not its label).
+
+    The data enters by the content hash of what was actually loaded (``data.source``), so
+    other files under the same dataset name (another root, a re-download that differs)
+    never reuse a teacher trained on the old ones.
+    """
     blob = {
         "format": CACHE_FORMAT,
         "model": spec.model.model_dump(),
-        # keys added later are left out at their defaults, so existing caches stay valid
+        # keys added later are left out at their defaults
         "train": spec.train.model_dump(
             exclude={"teacher_cache"} | ({"channels_last"} if not spec.train.channels_last else set())
         ),
         "train_subset": spec.train_subset,
-        "data": {"name": cfg.data.name, "val_fraction": cfg.data.val_fraction},
+        "data": {"name": cfg.data.name, "val_fraction": cfg.data.val_fraction,
+                 "sha256": data.source.get("sha256")},
         "seed": seed,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _usable_cached_teacher(cached: Path, log: Callable[[str], None]) -> bool:
+    """A cached teacher folder is complete and its weights match their hash."""
+    if not (cached / SUMMARY).exists():
+        return False
+    try:
+        load_model(cached)
+        read_json(cached / SUMMARY, "cached teacher summary")
+    except KdkitError as e:
+        log(f"kdkit: warning: ignoring the cached teacher {cached} ({e}); training it again")
+        return False
+    return True
 
 
 def _teacher(
     cfg: ExperimentConfig, spec: TeacherSpec, data: DatasetSplits, seed: int, run_dir: Path,
     cache_dir: Path | None, resume: bool, progress: bool, log: Callable[[str], None],
 ) -> dict[str, Any]:
-    cached = cache_dir / "teachers" / teacher_cache_key(spec, cfg, seed) if cache_dir else None
-    if not (run_dir / SUMMARY).exists() and cached and (cached / SUMMARY).exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for f in cached.iterdir():
-            if f.is_file():
-                shutil.copy2(f, run_dir / f.name)
-        summary = json.loads((run_dir / SUMMARY).read_text())
+    cached = (cache_dir / "teachers" / teacher_cache_key(spec, cfg, seed, data)
+              if cache_dir else None)
+    if cached is not None:
+        clean_stale_temps(cached.parent)
+    if not (run_dir / SUMMARY).exists() and cached and _usable_cached_teacher(cached, log):
+        # Each file is copied atomically and the summary, which marks the run complete, last:
+        # a kill at any point leaves a run that the next --resume copies again.
+        mark_run_dir(run_dir)
+        for name in _TEACHER_FILES:
+            if (cached / name).exists():
+                atomic_copy(cached / name, run_dir / name)
+        summary = read_json(cached / SUMMARY, "cached teacher summary")
         summary["cached_from"] = str(cached)
         summary["label"] = f"seed{seed}/{spec.label}"  # the cache may hold it under another
         atomic_write_json(run_dir / SUMMARY, summary)
         log(f"[seed {seed}] {spec.label}: reused from cache {cached}")
-        return summary
+        return dict(summary)
     train = spec.train
     summary = train_one(
         run_dir=run_dir, label=f"seed{seed}/{spec.label}", data=data,
@@ -75,18 +103,30 @@ def _teacher(
         resume=resume, progress=progress, eval_batch_size=cfg.eval.batch_size,
         extra={"role": "teacher"}, channels_last=train.channels_last,
     )
-    if cached is not None and not (cached / SUMMARY).exists():
-        # Copy into a temporary sibling and rename, so the cache never holds half a teacher.
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
-        for name in (f"{MODEL_STEM}.safetensors", f"{MODEL_STEM}.json", SUMMARY, "metrics.jsonl"):
-            if (run_dir / name).exists():
-                shutil.copy2(run_dir / name, tmp / name)
-        try:
-            tmp.rename(cached)
-        except OSError:  # another process cached it first
-            shutil.rmtree(tmp, ignore_errors=True)
+    if cached is not None and not _usable_cached_teacher(cached, lambda _m: None):
+        _publish_teacher(run_dir, cached)
     return summary
+
+
+def _publish_teacher(run_dir: Path, cached: Path) -> None:
+    """Copy a trained teacher into the cache: into a temporary sibling, then renamed.
+
+    The cache never holds half a teacher; a folder another process published first is kept
+    (publish_dir never replaces it). A broken folder is first renamed aside, then deleted.
+    """
+    if cached.exists():
+        aside = temp_dir(cached)
+        os.rename(cached, aside)  # onto the empty temporary: atomic, readers keep their files
+        shutil.rmtree(aside, ignore_errors=True)
+    tmp = temp_dir(cached)
+    try:
+        for name in (*_TEACHER_FILES, SUMMARY):
+            if (run_dir / name).exists():
+                atomic_copy(run_dir / name, tmp / name)
+        publish_dir(tmp, cached)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def run_experiment(

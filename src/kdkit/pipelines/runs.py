@@ -5,8 +5,6 @@ Used by the experiment pipeline and by ``kdkit train`` / ``kdkit distill``.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,9 +18,17 @@ from kdkit.data.augment import build_augment
 from kdkit.data.loader import BatchLoader, derive_seed
 from kdkit.distill import Distiller, build_stages
 from kdkit.errors import KdkitError
+from kdkit.files import mark_run_dir, remove_run_dir
 from kdkit.models import create_model
 from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
-from kdkit.train.checkpoint import atomic_write_json, load_checkpoint, load_state_strict
+from kdkit.train.checkpoint import (
+    atomic_write_json,
+    load_checkpoint,
+    load_state_strict,
+    module_fingerprint,
+    read_json,
+    tensors_digest,
+)
 from kdkit.train.loop import LoopSettings, fit
 from kdkit.train.metrics import count_parameters, evaluate
 from kdkit.train.teacher_cache import CacheSettings, TeacherCache
@@ -32,8 +38,28 @@ _INIT_STREAM = 7  # torch seed stream for model initialisation
 
 
 def data_meta(data: DatasetSplits) -> dict[str, Any]:
+    """What a saved model records of its data: geometry, normalisation and (``source``)
+    how to rebuild the exact splits it was trained, validated and tested on."""
     return {"name": data.name, "num_classes": data.num_classes,
-            "input_shape": list(data.input_shape), "mean": data.mean, "std": data.std}
+            "input_shape": list(data.input_shape), "mean": data.mean, "std": data.std,
+            "source": data.source}
+
+
+def run_identity(
+    *, data: DatasetSplits, model_name: str, model_kwargs: dict[str, Any], method: str,
+    method_kwargs: dict[str, Any], teachers: dict[str, nn.Module], batch_size: int,
+    augment: dict[str, Any] | None, teacher_mode: str, teacher_cache: dict[str, Any] | None,
+    channels_last: bool, train_x: Any, train_y: Any,
+) -> dict[str, Any]:
+    """Everything that makes a training run what it is; a resume must match all of it."""
+    return {
+        "model": {"name": model_name, "kwargs": model_kwargs},
+        "method": {"name": method, "kwargs": method_kwargs},
+        "teachers": {k: module_fingerprint(t) for k, t in sorted(teachers.items())},
+        "data": {**data.source, "train_sha256": tensors_digest({"x": train_x, "y": train_y})},
+        "batch_size": batch_size, "augment": augment, "teacher_mode": teacher_mode,
+        "teacher_cache": teacher_cache, "channels_last": channels_last,
+    }
 
 
 def build_model(name: str, kwargs: dict[str, Any], data: DatasetSplits, seed: int) -> nn.Module:
@@ -56,16 +82,24 @@ def check_teacher_fits(teacher_meta: dict[str, Any], data: DatasetSplits, source
 
 
 def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to overwrite an existing run unless --force; --resume continues it."""
-    if path.exists() and any(path.iterdir()):
+    """Refuse to overwrite an existing run unless --force; --resume continues it.
+
+    ``--force`` deletes only a folder kdkit created (one holding the ``.kdkit-run`` marker),
+    never the current directory or anything above it; the folder is then marked as a run.
+    """
+    if resume and force:
+        raise KdkitError("--resume continues a run and --force deletes it; give one of them")
+    if path.exists() and not path.is_dir():
+        raise KdkitError(f"--out {path}: a file of that name exists; choose another --out")
+    if path.is_dir() and any(path.iterdir()):
         if force:
-            shutil.rmtree(path)
+            remove_run_dir(path)
         elif not resume:
             raise KdkitError(
                 f"run directory {path} already exists; use --resume to continue it, "
                 "--force to overwrite it, or --out to choose another"
             )
-    path.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(path)
 
 
 def train_one(
@@ -105,8 +139,8 @@ def train_one(
     """
     summary_path = run_dir / SUMMARY
     if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
+        return dict(read_json(summary_path, "run summary"))
+    mark_run_dir(run_dir)
     student = build_model(model_name, model_kwargs, data, settings.seed)
     if channels_last:
         student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -125,7 +159,14 @@ def train_one(
             views=cache_settings.views if cache_settings else None,
         )
     val = (data.val.x, data.val.y) if len(data.val) else None
-    t0 = time.perf_counter()
+    identity = run_identity(
+        data=data, model_name=model_name, model_kwargs=model_kwargs, method=method,
+        method_kwargs=method_kwargs, teachers=teachers, batch_size=batch_size, augment=augment,
+        teacher_mode=teacher_mode, teacher_cache=teacher_cache, channels_last=channels_last,
+        train_x=getattr(loader.dataset, "x", data.train.x),
+        train_y=getattr(loader.dataset, "y", data.train.y),
+    )
+    fit_wall = 0.0  # training time of every stage, summed over every process (resumes too)
     for k, stage in enumerate(stages, start=1):
         last = k == len(stages)
         # Earlier stages keep their own run directory; the last one is the run itself.
@@ -139,6 +180,7 @@ def train_one(
         if not last and (stage_dir / SUMMARY).exists():
             tensors, _ = load_checkpoint(stage_dir / MODEL_STEM)
             load_state_strict(student, tensors, str(stage_dir / MODEL_STEM))
+            fit_wall += float(read_json(stage_dir / SUMMARY, "stage summary").get("wall_s", 0.0))
             continue
         distiller = Distiller(student, teachers, stage.terms, teacher_mode=teacher_mode)
         if channels_last:  # not distiller.to(): that would convert the teachers too
@@ -154,12 +196,16 @@ def train_one(
             distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,
             progress=progress, label=label if last else f"{label}/{stage.name}",
             stop_after=stop_after, teacher_cache=cache,
+            identity={**identity, "stage": f"{k}/{len(stages)} {stage.name}"},
+            log=print if progress else None,
         )
+        fit_wall += result.wall_s
         if not last:
             save_model(stage_dir, student, name=model_name, kwargs=model_kwargs,
                        data=data_meta(data), extra={"stage": stage.name})
-            atomic_write_json(stage_dir / SUMMARY, {"stage": stage.name,
+            atomic_write_json(stage_dir / SUMMARY, {"stage": stage.name, "wall_s": result.wall_s,
                                                     "history": result.history[-1:]})
+    t0 = time.perf_counter()
     test = evaluate(student, data.test.x, data.test.y, eval_batch_size)
     model_path = save_model(
         run_dir, student, name=model_name, kwargs=model_kwargs, data=data_meta(data),
@@ -172,7 +218,8 @@ def train_one(
         "params": count_parameters(student), "size_bytes": model_path.stat().st_size,
         "test_acc": test["acc"], "test_loss": test["loss"],
         "val_acc": final.get("val/acc"), "epochs": stage_settings.epochs,
-        "train_samples": len(loader.dataset), "wall_s": round(time.perf_counter() - t0, 2),
+        "train_samples": len(loader.dataset),
+        "wall_s": round(fit_wall + time.perf_counter() - t0, 2),
         "resumed_from": result.resumed_from, **(extra or {}),
     }
     atomic_write_json(summary_path, summary)

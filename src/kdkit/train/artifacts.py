@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from kdkit.errors import CheckpointError
+from kdkit.errors import CheckpointError, KdkitError
 from kdkit.models import create_model
 from kdkit.train.checkpoint import load_checkpoint, load_state_strict, save_checkpoint, signature
 
@@ -57,17 +57,55 @@ def model_stem(path: str | Path) -> Path:
     raise CheckpointError(f"{p} is not a run directory, model.json or model.safetensors")
 
 
+def _model_recipe(meta: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``meta["model"]`` and ``meta["data"]``, checked to be what :func:`save_model` writes."""
+    spec, data = meta.get("model"), meta.get("data")
+    problems = []
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        problems.append("'model' must be a mapping with a 'name'")
+    elif not isinstance(spec.get("kwargs", {}), dict):
+        problems.append("'model.kwargs' must be a mapping of argument names to values")
+    if not isinstance(data, dict):
+        problems.append("'data' must be a mapping")
+    else:
+        shape = data.get("input_shape")
+        if not (isinstance(shape, list) and len(shape) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            problems.append(f"'data.input_shape' must be [C, H, W] (3 positive whole numbers), "
+                            f"got {str(shape)[:40]}")
+        n = data.get("num_classes")
+        if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+            problems.append(f"'data.num_classes' must be a positive whole number, got "
+                            f"{str(n)[:40]}")
+        for key in ("mean", "std"):
+            v = data.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                problems.append(f"'data.{key}' must be a number, got {str(v)[:40]}")
+        if isinstance(data.get("std"), (int, float)) and not data["std"] > 0:
+            problems.append("'data.std' must be > 0")
+    if problems:
+        raise CheckpointError(f"{where} is not a valid kdkit model file: {'; '.join(problems)}; "
+                              "it was edited or is corrupt (restore it, or retrain)")
+    assert isinstance(spec, dict) and isinstance(data, dict)
+    return {"name": spec["name"], "kwargs": spec.get("kwargs", {})}, data
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild and load a saved model; return (model in eval mode, its metadata)."""
     stem = model_stem(path)
     tensors, meta = load_checkpoint(stem)
     if meta.get("kind") != "model":
-        raise CheckpointError(f"{stem}.json is a training checkpoint, not a finished model")
-    spec, data = meta["model"], meta["data"]
+        raise CheckpointError(f"{stem}.json is not a finished model (kind 'model' expected)")
+    spec, data = _model_recipe(meta, f"{stem}.json")
     c, h, _w = data["input_shape"]
-    model = create_model(
-        spec["name"], num_classes=data["num_classes"], in_channels=c, input_size=h, **spec["kwargs"]
-    )
+    try:
+        model = create_model(spec["name"], num_classes=data["num_classes"], in_channels=c,
+                             input_size=h, **spec["kwargs"])
+    except KdkitError as e:
+        raise CheckpointError(f"{stem}.json: cannot rebuild its model: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{stem}.json: cannot rebuild its model "
+                              f"({type(e).__name__}: {str(e)[:200]}); was it edited?") from None
     load_state_strict(model, tensors, f"{stem}.safetensors")
     model.eval()
     return model, meta

@@ -1,10 +1,18 @@
-"""Checkpoints: tensors in safetensors, everything else in JSON, written atomically.
+"""Checkpoints and saved artifacts: tensors in safetensors, everything else in JSON.
 
-A checkpoint is two files: ``<stem>.safetensors`` (model, adapters, optimiser buffers)
-and ``<stem>.json`` (epoch, step, hyperparameters, the SHA-256 of the tensor file and
-the model's signature). Each file is written to a temporary name and renamed, and the
-JSON is written last, so a crash leaves either the old or the new checkpoint, never a
-torn one. Nothing is ever unpickled.
+Two formats, both written atomically and durably (temporary file, fsync, rename, fsync of
+the folder; see :mod:`kdkit.files`); nothing is ever unpickled.
+
+- **Training state** (:func:`save_state` / :func:`load_state`), rewritten many times by a
+  resumable run: *one* file, ``state.safetensors``, whose header's string metadata holds the
+  JSON state (epoch, step, settings, history) and the SHA-256 of the tensors. A checkpoint
+  is therefore one atomic unit: a kill can never pair new weights with old JSON. The
+  previous checkpoint is kept as ``state.prev.safetensors``; if the newest is missing or
+  unreadable, resume falls back to it and says so.
+- **Artifacts** (:func:`save_checkpoint` / :func:`load_checkpoint`), written once: a
+  finished model, record, transfer set or generator as ``<stem>.safetensors`` +
+  ``<stem>.json`` (the readable recipe, with the SHA-256 of the tensor file). The JSON is
+  written last and marks the artifact complete.
 """
 
 from __future__ import annotations
@@ -12,33 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kdkit.errors import CheckpointError
+from kdkit.files import atomic_write_bytes, commit_file, fsync_dir, sync_file, temp_file
 
 FORMAT = "kdkit-checkpoint-1"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+STATE_FORMAT = "kdkit-state-1"
+MAX_JSON_BYTES = 64 * 1024**2  # a JSON side file larger than this is not one of ours
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -68,18 +64,126 @@ def module_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of a dict of tensors (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
     # safetensors refuses shared storage and non-contiguous views; store plain copies.
     plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_file(path)
     try:
-        save_file(plain, tmp)
-        os.replace(tmp, path)
+        save_file(plain, str(tmp), metadata=metadata)
+        commit_file(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file kdkit wrote; anything unreadable is one :class:`CheckpointError`."""
+    try:
+        if path.is_dir():
+            raise CheckpointError(f"{what} {path} is a directory, not a JSON file")
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{what} {path} is too large to be a kdkit JSON file")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} does not exist") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{what} {path} is not valid UTF-8 JSON ({str(e)[:120]}); it is "
+                              "corrupt: delete it, or restore it from a copy") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+# ------------------------------------------------------------------ training state (1 file)
+
+
+def prev_path(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``state.safetensors`` -> ``state.prev...``."""
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def save_state(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write one atomic checkpoint file (tensors + JSON state); keep the previous one."""
+    metadata = {"format": STATE_FORMAT, "sha256": tensors_digest(tensors),
+                "state": json.dumps(meta, sort_keys=True)}
+    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    tmp = temp_file(path)
+    try:
+        save_file(plain, str(tmp), metadata=metadata)
+        sync_file(tmp)
+        if path.exists():
+            os.replace(path, prev_path(path))  # a kill here leaves prev: resume falls back
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and verify one state file; raise :class:`CheckpointError` saying what is wrong."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({str(e)[:160]})") from None
+    if metadata.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a kdkit checkpoint ({STATE_FORMAT} expected)")
+    if tensors_digest(tensors) != metadata.get("sha256"):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match their SHA-256")
+    try:
+        meta = json.loads(metadata["state"])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path} is corrupt: its state is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is corrupt: its state is not a JSON object")
+    return tensors, meta
+
+
+def load_state(
+    path: Path, log: Callable[[str], None] | None = print
+) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The newest readable checkpoint at ``path`` (or the one kept before it); None if none.
+
+    A newest checkpoint that is missing or unreadable (a crash between the two renames of
+    :func:`save_state`, or a damaged disk) falls back to ``state.prev``, saying so. Only
+    when neither can be read is it an error.
+    """
+    candidates = [p for p in (path, prev_path(path)) if p.exists()]
+    if not candidates:
+        return None
+    problems = []
+    for p in candidates:
+        try:
+            out = read_state(p)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems and log is not None:
+            log(f"kdkit: warning: {problems[0]}; resuming from the previous checkpoint {p.name} "
+                f"(epoch {out[1].get('epoch', '?')}, step {out[1].get('step', '?')})")
+        elif p != path and log is not None:
+            log(f"kdkit: warning: newest checkpoint {path.name} is missing; resuming from the "
+                f"previous one {p.name}")
+        return out
+    raise CheckpointError(
+        "no readable checkpoint: " + "; ".join(problems)
+        + ". Start over with --force (or delete the checkpoint folder)"
+    )
+
+
+# ------------------------------------------------------------- artifacts (.safetensors + .json)
 
 
 def save_checkpoint(stem: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -95,17 +199,22 @@ def load_checkpoint(stem: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     meta_path = stem.with_suffix(".json")
     if not meta_path.exists():
         raise CheckpointError(f"no checkpoint at {meta_path} (expected {stem.name}.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {meta_path} is not valid JSON ({e}); it is corrupt") from None
+    meta = read_json(meta_path, "checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} is not a kdkit checkpoint (format {FORMAT} expected)")
-    weights = meta_path.parent / meta["weights"]
-    if not weights.exists():
+    name, digest_want = meta.get("weights"), meta.get("sha256")
+    if not isinstance(name, str) or not isinstance(digest_want, str):
+        raise CheckpointError(f"{meta_path} lacks its 'weights' file name or 'sha256'; it is "
+                              "corrupt: restore it or retrain")
+    if name != stem.with_suffix(".safetensors").name:
+        raise CheckpointError(f"{meta_path} names weights '{name[:80]}', but a kdkit file "
+                              f"names its own {stem.name}.safetensors beside it; it was edited "
+                              "or is corrupt")
+    weights = meta_path.parent / name
+    if not weights.is_file():
         raise CheckpointError(f"checkpoint {meta_path} names {weights.name}, which is missing")
     digest = sha256_file(weights)
-    if digest != meta["sha256"]:
+    if digest != digest_want:
         raise CheckpointError(
             f"checkpoint {weights} is corrupt: its SHA-256 does not match {meta_path.name}; "
             "delete it (and resume from an earlier run) or retrain"

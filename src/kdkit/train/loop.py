@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,12 +26,14 @@ from tqdm import tqdm
 from kdkit.data.loader import BatchLoader, derive_seed
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import CheckpointError, KdkitError, NonFiniteLossError
+from kdkit.files import atomic_write_bytes, clean_stale_temps
 from kdkit.train.checkpoint import (
     load_checkpoint,
+    load_state,
     load_state_strict,
     optimizer_tensors,
     restore_optimizer,
-    save_checkpoint,
+    save_state,
 )
 from kdkit.train.metrics import evaluate
 from kdkit.train.optim import build_optimizer, lr_at, set_lr
@@ -62,11 +65,39 @@ class LoopSettings:
     log_every: int = 0  # also log every N steps (0: only at epoch ends)
 
 
+CHECKPOINT = Path("checkpoint") / "state.safetensors"  # inside the run directory
+_LEGACY_CHECKPOINT = Path("checkpoint") / "last"  # kdkit <= 0.1: last.safetensors + last.json
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # summed over every process that worked on the run (resumes included)
     resumed_from: tuple[int, int] | None = None
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two run identities (JSON-like dicts)."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({_short(a)} -> {_short(b)})")
+    return out
+
+
+def _short(v: Any, n: int = 40) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def progress_bar(**kwargs: Any) -> tqdm:
+    """A tqdm bar on a terminal; silent when stderr is not a TTY (logs get one line per epoch)."""
+    if not sys.stderr.isatty():
+        kwargs["disable"] = True
+    return tqdm(**kwargs)
 
 
 @contextmanager
@@ -102,10 +133,12 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` lines (those the checkpoint had seen); atomically."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(lines[:keep]))
+    if len(lines) != keep:
+        atomic_write_bytes(path, "".join(lines[:keep]).encode())
 
 
 def fit(
@@ -121,6 +154,8 @@ def fit(
     stop_after: int | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     teacher_cache: TeacherCache | None = None,
+    identity: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train ``distiller``'s trainable part on ``loader`` for ``settings.epochs`` epochs.
 
@@ -132,6 +167,10 @@ def fit(
             global steps (a step budget; also how tests simulate a crash).
         teacher_cache: precomputed teacher outputs, looked up by (sample, view) instead of
             running the teachers; needs a loader in view mode with the cache's K views.
+        identity: what the run is (model, method, teachers, data, ...): stored in every
+            checkpoint, and a resume whose identity differs is refused naming what differs.
+        log: where one line per epoch goes when there is no progress bar (stderr is not a
+            terminal); None: nowhere.
     Raises:
         NonFiniteLossError: a term became NaN/inf; the last good checkpoint is kept.
         TrainingInterrupted: Ctrl-C or ``stop_after``; a checkpoint is written first.
@@ -155,48 +194,60 @@ def fit(
     )
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, (run_dir / CHECKPOINT).parent):  # left by a killed process
+            clean_stale_temps(folder)
     metrics_path = run_dir / "metrics.jsonl" if run_dir else None
-    ckpt_stem = run_dir / "checkpoint" / "last" if run_dir else None
+    ckpt_path = run_dir / CHECKPOINT if run_dir else None
     result = FitResult()
+    ident = json.loads(json.dumps({**(identity or {}), "loop": _jsonable(s),
+                                   "steps_per_epoch": steps_per_epoch}, default=str))
 
-    epoch, start_step, partial = 0, 0, {}
-    if resume and ckpt_stem is not None and ckpt_stem.with_suffix(".json").exists():
-        tensors, meta = load_checkpoint(ckpt_stem)
-        if meta.get("steps_per_epoch") != steps_per_epoch or meta.get("settings") != _jsonable(s):
+    epoch, start_step, partial, wall_before = 0, 0, {}, 0.0
+    found = _load_resume_state(run_dir) if resume and run_dir is not None else None
+    saved = found is not None
+    if found is not None:
+        tensors, meta, where = found
+        problems = identity_diff(meta.get("identity") or _legacy_identity(meta), ident)
+        if problems:
             raise CheckpointError(
-                f"checkpoint {ckpt_stem}.json was written with other settings or data "
-                "(steps per epoch or hyperparameters differ); resume with the same config, "
-                "or start over with --force"
+                f"{label}: cannot resume from {where}: it belongs to another run; "
+                f"{', '.join(problems[:6])}{' ...' if len(problems) > 6 else ''} differ. "
+                "Resume with the same settings, or start over with --force (or another --out)"
             )
         model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        load_state_strict(distiller, model_state, str(ckpt_stem))
+        load_state_strict(distiller, model_state, str(where))
         restore_optimizer(opt, tensors, meta["optimizer"])
         epoch, start_step, partial = meta["epoch"], meta["step"], meta["partial"]
         result.history = meta["history"]
+        wall_before = float(meta.get("wall_s", 0.0))
         if metrics_path is not None:
             _truncate_lines(metrics_path, meta["metrics_lines"])
         result.resumed_from = (epoch, start_step)
     elif run_dir is not None and metrics_path is not None and metrics_path.exists():
         metrics_path.unlink()
 
+    t_start = time.perf_counter()
+
     def checkpoint(ep: int, st: int, part: dict[str, float]) -> None:
-        if ckpt_stem is None:
+        nonlocal saved
+        if ckpt_path is None:
             return
         opt_t, opt_meta = optimizer_tensors(opt)
         tensors = {f"model/{k}": v for k, v in distiller.state_dict().items()}
         tensors.update(opt_t)
         lines = len(metrics_path.read_text().splitlines()) if metrics_path and metrics_path.exists() else 0
-        save_checkpoint(ckpt_stem, tensors, {
+        save_state(ckpt_path, tensors, {
             "epoch": ep, "step": st, "partial": part, "history": result.history,
-            "optimizer": opt_meta, "steps_per_epoch": steps_per_epoch,
-            "settings": _jsonable(s), "metrics_lines": lines, "label": label,
+            "optimizer": opt_meta, "identity": ident, "metrics_lines": lines, "label": label,
+            "wall_s": wall_before + time.perf_counter() - t_start,
         })
+        saved = True
 
-    t_start = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         total=total_steps, initial=epoch * steps_per_epoch + start_step, desc=label,
         disable=not progress, leave=False, dynamic_ncols=True, unit="step", mininterval=0.5,
     )
+    epoch_log = log if progress and bar.disable else None
     distiller.train()
     with _sigint_flag() as sig, bar:
         while epoch < s.epochs:
@@ -216,7 +267,7 @@ def fit(
                 if teacher_cache is not None:
                     cached = teacher_cache.lookup(index, loader.view_ids(epoch, index))
                 out = distiller(x, y, progress=prog, teacher_outputs=cached)
-                _check_finite(out, distiller, gstep, epoch)
+                _check_finite(out, distiller, gstep, epoch, saved)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if s.grad_clip is not None:
@@ -237,20 +288,42 @@ def fit(
                     nxt_epoch, nxt_step = (epoch, step + 1)
                     if nxt_step == steps_per_epoch:  # epoch finished: log it first
                         _end_epoch(result, sums, epoch, lr, val, distiller, metrics_path,
-                                   t_epoch, on_epoch, bar)
+                                   t_epoch, on_epoch, bar, epoch_log, label, s.epochs)
                         nxt_epoch, nxt_step, sums = epoch + 1, 0, {}
                     checkpoint(nxt_epoch, nxt_step, sums)
                     why = "interrupted (Ctrl-C)" if sig["stop"] else f"stopped after {done} steps"
                     raise TrainingInterrupted(
                         f"{label}: {why} at epoch {nxt_epoch} step {nxt_step}; checkpoint saved "
-                        f"in {ckpt_stem.parent if ckpt_stem else '(nowhere: no run dir)'}; "
+                        f"in {ckpt_path.parent if ckpt_path else '(nowhere: no run dir)'}; "
                         "continue with --resume"
                     )
-            _end_epoch(result, sums, epoch, lr, val, distiller, metrics_path, t_epoch, on_epoch, bar)
+            _end_epoch(result, sums, epoch, lr, val, distiller, metrics_path, t_epoch, on_epoch,
+                       bar, epoch_log, label, s.epochs)
             epoch, start_step, partial = epoch + 1, 0, {}
             checkpoint(epoch, 0, {})
-    result.wall_s = time.perf_counter() - t_start
+    result.wall_s = wall_before + time.perf_counter() - t_start
     return result
+
+
+def _load_resume_state(
+    run_dir: Path,
+) -> tuple[dict[str, Tensor], dict[str, Any], Path] | None:
+    """The run's newest readable checkpoint (or a kdkit 0.1 one), with where it came from."""
+    path = run_dir / CHECKPOINT
+    found = load_state(path, log=lambda m: print(m, file=sys.stderr))
+    if found is not None:
+        tensors, meta = found
+        return tensors, meta, path
+    legacy = run_dir / _LEGACY_CHECKPOINT
+    if legacy.with_suffix(".json").exists():
+        tensors, meta = load_checkpoint(legacy)
+        return tensors, meta, legacy.with_suffix(".json")
+    return None
+
+
+def _legacy_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """kdkit 0.1 checkpoints recorded only the loop settings and the steps per epoch."""
+    return {"loop": meta.get("settings"), "steps_per_epoch": meta.get("steps_per_epoch")}
 
 
 def _end_epoch(
@@ -264,6 +337,9 @@ def _end_epoch(
     t_epoch: float,
     on_epoch: Callable[[dict[str, Any]], None] | None,
     bar: tqdm,
+    epoch_log: Callable[[str], None] | None,
+    label: str,
+    epochs: int,
 ) -> None:
     n = max(1.0, sums.get("n", 0.0))
     rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
@@ -281,18 +357,24 @@ def _end_epoch(
         _append_jsonl(metrics_path, rec)
     bar.set_postfix(loss=f"{rec['train/loss']:.3f}",
                     val=f"{rec['val/acc']:.1f}" if "val/acc" in rec else "-")
+    if epoch_log is not None:
+        val_text = f", val {rec['val/acc']:.2f}%" if "val/acc" in rec else ""
+        epoch_log(f"{label}: epoch {epoch + 1}/{epochs}, loss {rec['train/loss']:.4f}"
+                  f"{val_text} ({rec['epoch_s']:.1f} s)")
     if on_epoch is not None:
         on_epoch(rec)
 
 
-def _check_finite(out: dict[str, Tensor], distiller: Distiller, gstep: int, epoch: int) -> None:
+def _check_finite(
+    out: dict[str, Tensor], distiller: Distiller, gstep: int, epoch: int, saved: bool
+) -> None:
     names = [t.name for t in distiller.terms]
     vals = torch.stack([out[n].detach().float() for n in names] + [out["loss"].detach().float()])
     if bool(torch.isfinite(vals).all()):
         return
     for name, v in zip([*names, "loss"], vals.tolist(), strict=True):
         if not math.isfinite(v):
-            raise NonFiniteLossError(name, gstep, epoch, v)
+            raise NonFiniteLossError(name, gstep, epoch, v, checkpoint_kept=saved)
 
 
 def _jsonable(s: LoopSettings) -> dict[str, Any]:

@@ -21,25 +21,39 @@ which is the same set of samples), one cache serves all seeds.
 
 On disk, one folder per key (a hash of everything the outputs depend on)::
 
-    <root>/<key>/manifest.json            what was stored, and the hashes it was built from
+    <root>/<key>/manifest.json            what was stored, the hashes it was built from, and
+                                          the size and SHA-256 of every array file
     <root>/<key>/<teacher>.<n>.full.npy   (K, N, *shape) float16/float32, one per tap, rows
                                           in the order of the samples' content keys
     <root>/<key>/<teacher>.<n>.values.npy top-k mode, with .indices.npy and .rest.npy (the
                                           mean of the other logits)
 
-The folder is written under a temporary name and renamed when complete, so a crash never
-leaves a torn cache; a folder whose manifest does not match what is asked (another teacher,
-other data, another augmentation, K, dtype or taps) is rebuilt, never used. Top-k mode
-keeps only the k largest logits of each view and fills the others with the mean of the rest:
-it is an approximation (exact when k is the number of classes), for many-class datasets.
+Guarantees (the primitives are in :mod:`kdkit.files`):
+
+- The folder is built under a temporary name (``<root>/.<key>.<host>-<pid>.<random>.tmp``)
+  and renamed into place when complete, so a crash never leaves a torn cache; temporaries
+  left by killed builds are deleted by the next :meth:`TeacherCache.open_or_build`.
+- Every open verifies the folder: a manifest that does not match what is asked (another
+  teacher, other data, another augmentation, K, dtype or taps), or an array file whose size
+  or SHA-256 differs from the manifest's (truncated, corrupted, missing), gets the folder
+  rebuilt, never used; the log says why.
+- A published folder is never deleted while valid: when two processes build the same cache,
+  the one that finishes second discards its own copy and uses the published one. An invalid
+  folder is first renamed aside (readers holding its files open keep working), then deleted,
+  then replaced.
+- Files and folders get the permissions of the user's umask, so a shared cache is readable.
+
+Top-k mode keeps only the k largest logits of each view and fills the others with the mean
+of the rest: it is an approximation (exact when k is the number of classes), for many-class
+datasets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -50,15 +64,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdkit import files
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import Augment
 from kdkit.data.views import augment_fingerprint, make_views, sample_keys
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import KdkitError
 from kdkit.taps import LOGITS
-from kdkit.train.checkpoint import atomic_write_json, module_fingerprint
+from kdkit.train.checkpoint import atomic_write_json, module_fingerprint, sha256_file
 
-FORMAT = "kdkit-teacher-cache-1"  # bump when views, keys or the row layout change
+FORMAT = "kdkit-teacher-cache-2"  # bump when views, keys, the row or the manifest layout change
 MANIFEST = "manifest.json"
 CacheDtype = Literal["float16", "float32"]
 
@@ -173,21 +188,22 @@ class TeacherCache:
 
         ``pool``: the datasets whose samples the cache covers (default: ``dataset``); pass
         the train and validation splits so that every seed's training split is covered by
-        one cache. A folder whose manifest does not match (or is missing, or unreadable) is
-        rebuilt.
+        one cache. A folder whose manifest does not match, or whose arrays differ from the
+        sizes and SHA-256 the manifest records (or are missing, or unreadable), is rebuilt;
+        ``log`` says why, and when a build starts and ends.
         """
         keys, x = _pool(pool or [dataset])
         identity = cache_identity(distiller, x, augment, settings)
         folder = root / _key(identity)
-        manifest = _read_manifest(folder)
-        if manifest is None or manifest.get("identity") != identity:
+        files.clean_stale_temps(root)  # builds killed midway leave their temporary folders
+        manifest, why = _read_manifest(folder, identity)
+        if manifest is None:
             if log is not None:
-                why = "does not match (rebuilding)" if folder.exists() else "is new"
-                log(f"teacher cache {folder} {why}: {settings.views} view(s) of "
+                what = "building" if why == "is new" else "rebuilding"
+                log(f"teacher cache {folder} {why}; {what} {settings.views} view(s) of "
                     f"{len(keys)} samples")
-            _build(folder, identity, distiller, keys, x, augment, settings, batch_size)
-            manifest = _read_manifest(folder)
-            assert manifest is not None
+            manifest = _build(folder, identity, distiller, keys, x, augment, settings,
+                              batch_size, log=log)
         return cls(folder, manifest, _rows_of(keys, dataset))
 
     def lookup(self, index: Tensor, view: Tensor) -> dict[str, dict[str, Tensor]]:
@@ -221,17 +237,97 @@ def _rows_of(keys: Tensor, dataset: ArrayDataset) -> Tensor:
     return rows
 
 
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
+def _read_manifest(folder: Path, identity: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The manifest of ``folder`` if it is a complete, intact cache of ``identity``.
+
+    Otherwise ``(None, why)``: no folder, a manifest that is unreadable or of another
+    identity or format, or an array file that is missing or whose size or SHA-256 differs
+    from what the manifest records (a truncated or corrupted file).
+    """
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+        text = (folder / MANIFEST).read_text()
+    except FileNotFoundError:
+        return None, ("has no manifest" if os.path.lexists(folder) else "is new")
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"has an unreadable manifest ({getattr(e, 'strerror', None) or e})"
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return None, "has a corrupt manifest"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return None
-    for entry in manifest.get("entries", []):
-        if not all((folder / f).is_file() for f in entry.get("files", {}).values()):
-            return None
-    return manifest
+        return None, "was written in another cache format"
+    if manifest.get("identity") != identity:
+        return None, "has a manifest that does not match"
+    try:
+        checks: dict[str, dict[str, Any]] = manifest["arrays"]
+        listed = {f for entry in manifest["entries"] for f in entry["files"].values()}
+        if not listed <= set(checks):
+            return None, "has a manifest without the checksums of its arrays"
+        for fname, check in checks.items():
+            if Path(fname).name != fname or fname.startswith("."):
+                return None, f"has a manifest naming a file outside it ({fname!r})"
+            path = folder / fname
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return None, f"has lost {fname}"
+            if size != int(check["bytes"]):
+                return None, (f"has {fname} of {size} bytes, not {int(check['bytes'])} "
+                              "(truncated?)")
+            if sha256_file(path) != check["sha256"]:
+                return None, f"has {fname} with the wrong SHA-256 (corrupted)"
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None, "has a malformed manifest"
+    except OSError as e:
+        return None, f"has an unreadable array ({e.strerror or e})"
+    return manifest, ""
+
+
+def _set_aside(folder: Path) -> None:
+    """Remove an invalid published ``folder``: rename it to a temporary name (atomic; readers
+    holding its files open keep working), then delete that."""
+    if folder.is_symlink() or not folder.is_dir():
+        folder.unlink(missing_ok=True)
+        return
+    aside = files.temp_dir(folder)  # an empty placeholder with a temporary's name
+    try:
+        os.rename(folder, aside)  # a folder may replace an empty one
+    except FileNotFoundError:  # another process removed it first
+        aside.rmdir()
+        return
+    except OSError:
+        aside.rmdir()
+        raise
+    files.fsync_dir(folder.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _publish(
+    tmp: Path, folder: Path, identity: dict[str, Any], manifest: dict[str, Any],
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Publish the complete cache ``tmp`` as ``folder``; return the manifest of the cache
+    now there. A valid published folder is never replaced: ours is discarded instead."""
+    if os.path.lexists(folder):  # published while we built, or the invalid one we rebuild
+        theirs, why = _read_manifest(folder, identity)
+        if theirs is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if log is not None:
+                log(f"teacher cache {folder} was built by another process meanwhile; using it")
+            return theirs
+        _set_aside(folder)
+    if files.publish_dir(tmp, folder):
+        return manifest
+    # another process published between our check and our rename (and tmp is gone)
+    theirs, why = _read_manifest(folder, identity)
+    if theirs is None:
+        raise KdkitError(
+            f"teacher cache {folder} was replaced by another process with a copy that {why}; "
+            "run again to rebuild it"
+        )
+    if log is not None:
+        log(f"teacher cache {folder} was built by another process meanwhile; using it")
+    return theirs
 
 
 def _topk(t: Tensor, k: int) -> dict[str, Tensor]:
@@ -255,16 +351,22 @@ def _build(
     augment: Augment | None,
     settings: CacheSettings,
     batch_size: int,
-) -> None:
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the teachers over every view of every pool sample; write to a temporary folder,
-    then rename it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-", suffix=".tmp"))
+    then publish it. Returns the manifest of the published cache (ours, or the one another
+    process published first)."""
+    from kdkit.train.loop import progress_bar  # loop imports this module
+
+    tmp = files.temp_dir(folder)
     t0 = time.perf_counter()
     n, k_views = len(keys), settings.views
     dtype = np.dtype(settings.dtype)
     was_training = distiller.training
     distiller.eval()
+    bar = progress_bar(total=n * k_views, desc="teacher cache", unit="row", leave=False,
+                       dynamic_ncols=True)
     try:
         arrays: dict[tuple[str, str], dict[str, np.memmap[Any, Any]]] = {}
         entries: list[dict[str, Any]] = []
@@ -284,36 +386,42 @@ def _build(
                             num_classes = t.shape[1]
                         if (teacher, tap) not in arrays:
                             stem = f"{teacher}.{len(arrays)}"
-                            files = {p: f"{stem}.{p}.npy" for p in parts}
+                            names = {p: f"{stem}.{p}.npy" for p in parts}
                             arrays[(teacher, tap)] = {
                                 p: np.lib.format.open_memmap(
-                                    tmp / files[p], mode="w+", shape=(k_views, n, *v.shape[1:]),
+                                    tmp / names[p], mode="w+", shape=(k_views, n, *v.shape[1:]),
                                     dtype=np.int32 if p == "indices" else dtype)
                                 for p, v in parts.items()
                             }
-                            entries.append({"teacher": teacher, "tap": tap, "files": files,
+                            entries.append({"teacher": teacher, "tap": tap, "files": names,
                                             "shape": list(t.shape[1:])})
                         for p, v in parts.items():
                             arrays[(teacher, tap)][p][view, start : start + len(index)] = (
                                 v.cpu().numpy())
+                bar.update(len(index))
         for memmaps in arrays.values():
             for a in memmaps.values():
                 a.flush()
         del arrays
-        atomic_write_json(tmp / MANIFEST, {
-            "format": FORMAT, "identity": identity, "entries": entries,
-            "num_classes": num_classes, "build_s": round(time.perf_counter() - t0, 2),
-        })
-        if folder.exists():
-            shutil.rmtree(folder)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished the same cache first: keep theirs
-            if _read_manifest(folder) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        bar.close()
+        checks = {
+            fname: {"bytes": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
+            for entry in entries for fname in entry["files"].values()
+        }
+        build_s = round(time.perf_counter() - t0, 2)
+        manifest = {
+            "format": FORMAT, "identity": identity, "entries": entries, "arrays": checks,
+            "num_classes": num_classes, "build_s": build_s,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        if log is not None:
+            mib = sum(c["bytes"] for c in checks.values()) / 2**20
+            log(f"teacher cache {folder}: {n * k_views} rows ({k_views} view(s) of {n} samples, "
+                f"{mib:.1f} MiB) built in {build_s:.1f} s")
+        return _publish(tmp, folder, identity, manifest, log)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        bar.close()
         distiller.train(was_training)
