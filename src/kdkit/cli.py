@@ -109,8 +109,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from kdkit.config import load_config
+    from kdkit.pipelines.check import dry_build
 
     cfg = load_config(args.config, args.set)
+    problems = dry_build(cfg)  # every model and method built on the data's geometry
+    if problems:
+        raise ConfigError(problems, args.config or "(built-in default)")
     n_runs = len(cfg.students) + len(cfg.all_teachers())
     print(f"{args.config or 'default config'}: OK ('{cfg.name}', {n_runs} runs x "
           f"{len(cfg.seeds)} seeds on {cfg.data.name})")
@@ -485,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"kdkit {__version__}")
     ap.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                    help="CPU threads for torch (default $KDKIT_THREADS, else torch's default); "
-                    "1 is fastest for small models or when other jobs share the cores")
+                    help="CPU threads for torch (default: $KDKIT_THREADS, else torch's default, "
+                    "one per core). Idle threads sleep rather than spin (OMP_WAIT_POLICY="
+                    "PASSIVE unless set), so other jobs on the machine do not stall them")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a whole experiment (default: built-in digits KD)",
@@ -558,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # OpenMP threads that spin while they wait for work collapse as soon as another job uses
+    # a core (a 2-core machine ran the default experiment 20x slower); sleeping threads do
+    # not. libgomp reads this when torch loads, so it is set before anything imports torch
+    # (kdkit.cli itself does not). An explicit OMP_WAIT_POLICY is respected.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from kdkit.train.loop import TrainingInterrupted
 
     parser = build_parser()

@@ -23,9 +23,10 @@ from torch import nn
 from kdkit.config import ExperimentConfig, StudentRunSpec, TeacherSpec, dump_config
 from kdkit.data import DatasetSplits, load_dataset
 from kdkit.distill.methods import method_teachers
-from kdkit.errors import KdkitError
+from kdkit.errors import ConfigError, KdkitError
 from kdkit.files import atomic_copy, clean_stale_temps, mark_run_dir, publish_dir, temp_dir
 from kdkit.pipelines.chain import distill_chain, search_paths
+from kdkit.pipelines.check import dry_build
 from kdkit.pipelines.datafree import build_transfer, load_synthetic
 from kdkit.pipelines.runs import SUMMARY, load_teacher, prepare_run_dir, train_one
 from kdkit.train.artifacts import MODEL_STEM, load_model
@@ -139,7 +140,14 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the whole experiment into ``out_dir``; return the aggregated summary."""
+    """Run the whole experiment into ``out_dir``; return the aggregated summary.
+
+    Every model and method is first built on the data's geometry (:func:`dry_build`), so a
+    problem in any run is reported before anything trains.
+    """
+    problems = dry_build(cfg)
+    if problems:
+        raise ConfigError(problems, f"'{cfg.name}'")
     resolved = dump_config(cfg)
     cfg_path = out_dir / "config.yaml"
     if resume and cfg_path.exists() and cfg_path.read_text() != resolved:

@@ -1,0 +1,34 @@
+"""What each registered dataset looks like, known without loading it.
+
+Used to check a config before anything is downloaded or trained (``kdkit validate``):
+models and methods are built for ``(num_classes, (C, H, W))``. tests/test_check.py keeps
+this table equal to what the loaders in :mod:`kdkit.data` really return.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from kdkit.errors import KdkitError
+
+Geometry = tuple[int, tuple[int, int, int]]  # (num_classes, (C, H, W))
+
+GEOMETRY: dict[str, Geometry] = {
+    "digits": (10, (1, 8, 8)),
+    "mnist": (10, (1, 28, 28)),
+    "fashion_mnist": (10, (1, 28, 28)),
+    "cifar10": (10, (3, 32, 32)),
+    "cifar100": (100, (3, 32, 32)),
+}
+
+
+def dataset_geometry(name: str) -> Geometry:
+    """``(num_classes, (C, H, W))`` of registered dataset ``name``, without loading it."""
+    if name not in GEOMETRY:
+        close = difflib.get_close_matches(str(name), GEOMETRY, n=2)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise KdkitError(
+            f"the geometry of dataset '{name}' is not known without loading it{hint} "
+            f"(known: {', '.join(sorted(GEOMETRY))})"
+        )
+    return GEOMETRY[name]

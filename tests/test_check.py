@@ -1,0 +1,257 @@
+"""Dry build of a config (kdkit.pipelines.check) and the dataset geometry table it uses."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdkit.config import config_from_dict, load_config, load_raw
+from kdkit.data import DATASETS
+from kdkit.data.cifar import CIFAR10_DIR, CIFAR10_TEST, CIFAR10_TRAIN, CIFAR100_DIR
+from kdkit.data.geometry import GEOMETRY, dataset_geometry
+from kdkit.data.idx import write_idx
+from kdkit.errors import KdkitError
+from kdkit.models import MODELS
+from kdkit.pipelines.check import DryBuild, dry_build
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+def default_raw() -> dict[str, Any]:
+    """The built-in default config (digits; mlp teacher, mlp student; scratch and kd)."""
+    raw, _ = load_raw(None)
+    return copy.deepcopy(raw)
+
+
+def problems_of(raw: dict[str, Any], **kwargs: Any) -> list[str]:
+    return dry_build(config_from_dict(raw), **kwargs)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_geometry_matches_the_digits_loader(digits) -> None:
+    assert dataset_geometry("digits") == (digits.num_classes, digits.input_shape)
+
+
+def test_geometry_covers_every_registered_dataset() -> None:
+    assert sorted(GEOMETRY) == DATASETS.names()
+
+
+def _fake_idx(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for split, n in (("train", 3), ("t10k", 2)):
+        write_idx(folder / f"{split}-images-idx3-ubyte", np.zeros((n, 28, 28), np.uint8))
+        write_idx(folder / f"{split}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8))
+
+
+def _fake_cifar(folder: Path, names: list[str], label_bytes: int) -> None:
+    folder.mkdir(parents=True)
+    record = bytes(label_bytes) + bytes(3 * 32 * 32)  # label(s) 0, black image
+    for name in names:
+        (folder / name).write_bytes(record * 2)
+
+
+def test_geometry_matches_every_raw_loader(tmp_path: Path) -> None:
+    """Each registered loader, run on tiny files of its format, gives the table's geometry."""
+    _fake_idx(tmp_path / "mnist")
+    _fake_idx(tmp_path / "fashion_mnist")
+    _fake_cifar(tmp_path / CIFAR10_DIR, CIFAR10_TRAIN + CIFAR10_TEST, 1)
+    _fake_cifar(tmp_path / CIFAR100_DIR, ["train.bin", "test.bin"], 2)
+    for name in DATASETS.names():
+        raw = DATASETS.create(name, root=tmp_path)
+        assert dataset_geometry(name) == (raw.num_classes, tuple(raw.x_train.shape[1:])), name
+
+
+def test_geometry_of_an_unknown_dataset() -> None:
+    with pytest.raises(KdkitError, match="'mnsit'.*did you mean 'mnist'"):
+        dataset_geometry("mnsit")
+
+
+# ----------------------------------------------------------------------------- clean configs
+
+
+@pytest.mark.parametrize("path", [None, *EXAMPLES], ids=lambda p: p.name if p else "default")
+def test_shipped_configs_have_no_problems(path: Path | None) -> None:
+    assert dry_build(load_config(path)) == []
+
+
+def test_default_config_is_fast_and_leaves_the_rng_alone() -> None:
+    cfg = load_config()
+    dry_build(cfg)  # first call: lazy imports
+    state = torch.get_rng_state()
+    t0 = time.perf_counter()
+    assert dry_build(cfg) == []
+    assert time.perf_counter() - t0 < 2.0  # about 10 ms on one core
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def test_model_argument_of_the_wrong_type_names_the_run() -> None:
+    raw = default_raw()
+    raw["students"].append(
+        {"label": "tiny", "model": {"name": "mlp", "hidden": "sixteen"}, "method": {"name": "kd"}}
+    )
+    problems = problems_of(raw)
+    assert len(problems) == 1
+    assert problems[0].startswith("students[2] (label 'tiny').model: ")
+    assert "hidden" in problems[0] and "sixteen" in problems[0]
+
+
+def test_shared_student_model_is_reported_once_with_its_runs() -> None:
+    raw = default_raw()
+    raw["student"] = {"name": "mlp", "hidden": "sixteen"}
+    problems = problems_of(raw)
+    assert len(problems) == 1
+    assert problems[0].startswith("student: ")
+    assert "'scratch', 'kd'" in problems[0]
+
+
+def test_lenet5_teacher_on_8x8_digits() -> None:
+    raw = default_raw()
+    raw["teacher"]["model"] = {"name": "lenet5"}
+    problems = problems_of(raw)
+    # once, at the teacher: the kd run that would use it is not reported again
+    assert len(problems) == 1
+    assert problems[0].startswith("teacher.model: ")
+    assert "lenet5" in problems[0] and "input_size=8" in problems[0]
+
+
+def test_feature_method_on_a_model_without_stages() -> None:
+    raw = default_raw()
+    raw["students"].append({"label": "overhaul", "method": {"name": "overhaul"}})
+    problems = problems_of(raw)
+    assert problems == [
+        "students[2] (label 'overhaul'): method 'overhaul' (student mlp, teacher 'teacher'): "
+        "cannot find the stages of MLP (no layer1.. children, no pooled Sequential); name the "
+        "layers explicitly, e.g. student_layers: ['block2:preact']"
+    ]
+
+
+def test_every_problem_is_reported_together() -> None:
+    raw = default_raw()
+    raw["teachers"] = [{"label": "wide", "model": {"name": "mlp", "hidden": [64]}}]
+    raw["students"][1]["teachers"] = ["teacher"]
+    raw["students"] += [
+        {"label": "fitnets", "method": {"name": "fitnets"}, "teachers": ["teacher"]},
+        # a KdkitError of the method builder: one weight per teacher
+        {"label": "weighted", "method": {"name": "ensemble_weighted", "weights": [1.0]}},
+    ]
+    problems = problems_of(raw)
+    assert len(problems) == 2
+    assert problems[0].startswith("students[2] (label 'fitnets'): method 'fitnets' ")
+    assert "cannot find the stages of MLP" in problems[0]
+    assert problems[1].startswith("students[3] (label 'weighted'): method 'ensemble_weighted' "
+                                  "(student mlp, teachers 'teacher', 'wide'): ")
+    assert "one per teacher (2" in problems[1]
+
+
+def test_a_tap_that_fails_only_in_the_training_step() -> None:
+    raw = default_raw()
+    raw["students"].append(
+        {"label": "rkd", "method": {"name": "rkd", "student_layer": "fc9"}})
+    problems = problems_of(raw)
+    assert len(problems) == 1
+    assert problems[0].startswith("students[2] (label 'rkd'): method 'rkd' ")
+    assert "training step on a zero batch of shape (2, 1, 8, 8)" in problems[0]
+    assert "no module 'fc9'" in problems[0]
+
+
+def test_assistant_chains_and_candidate_paths() -> None:
+    raw = default_raw()
+    raw["data"]["name"] = "mnist"  # never loaded
+    raw["teacher"]["model"] = {"name": "resnet8"}
+    raw["students"] = [
+        # the first stage (resnet8 -> mlp) cannot find the assistant's stages
+        {"label": "chain", "model": {"name": "resnet8"}, "method": {"name": "at"},
+         "via": [{"name": "mlp", "hidden": [16]}]},
+        {"label": "search", "method": {"name": "kd"},
+         "via_search": [[{"name": "plain_cnn2"}], [{"name": "mlp", "hidden": "x"}], []]},
+    ]
+    problems = problems_of(raw)
+    assert len(problems) == 2
+    assert problems[0].startswith(
+        "students[0] (label 'chain'): method 'at' (via[0] mlp, from teacher 'teacher'): ")
+    assert problems[1].startswith("students[1] (label 'search').via_search[1][0]: ")
+
+
+def test_best_teacher_checks_every_candidate() -> None:
+    raw = default_raw()
+    raw["data"]["name"] = "mnist"
+    raw["teachers"] = [{"label": "cnn", "model": {"name": "resnet8"}}]
+    raw["students"] = [{"label": "at", "model": {"name": "resnet8"}, "method": {"name": "at"},
+                        "teachers": "best"}]
+    problems = problems_of(raw)
+    assert len(problems) == 1  # from the mlp teacher; the resnet8 teacher is fine
+    assert problems[0].startswith(
+        "students[0] (label 'at'): method 'at' (student resnet8, teacher 'teacher'): ")
+
+
+@pytest.fixture
+def broken_models(monkeypatch):
+    """Two models that build but fail on the data: a shape error and wrong logits."""
+
+    class Broken(nn.Module):
+        def __init__(self, num_classes: int, in_channels: int, input_size: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(in_channels * input_size * input_size + 1, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1))
+
+    def broken(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> nn.Module:
+        return Broken(num_classes, in_channels, input_size)
+
+    def flat(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size**2, 3))
+
+    monkeypatch.setitem(MODELS._items, "broken_test", broken)
+    monkeypatch.setitem(MODELS._items, "flat_test", flat)
+
+
+def test_forward_failures_become_problems(broken_models) -> None:
+    raw = default_raw()
+    raw["teacher"]["model"] = {"name": "broken_test"}
+    raw["students"][0]["model"] = {"name": "flat_test"}
+    problems = problems_of(raw)
+    assert len(problems) == 2
+    assert problems[0].startswith(
+        "teacher.model: model broken_test fails on a (2, 1, 8, 8) input (the data's geometry): "
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    assert problems[1] == (
+        "students[0] (label 'scratch').model: model flat_test fails on a (2, 1, 8, 8) input "
+        "(the data's geometry): it returns (2, 3), not (2, 10) logits")
+
+
+def test_meta_device_path_finds_the_same_problems() -> None:
+    """With every model on the meta device (as for large ones), the same lines come out;
+    what meta cannot run (aten::equal in the overhaul's taps, nonzero in RKD) is redone
+    on the CPU."""
+    raw = default_raw()
+    raw["data"]["name"] = "mnist"
+    raw["teacher"]["model"] = {"name": "resnet8"}
+    raw["student"] = {"name": "resnet", "depth": 8, "width": 4}
+    raw["students"] = [
+        {"label": "kd", "method": {"name": "kd"}},
+        {"label": "overhaul", "method": {"name": "overhaul"}},
+        {"label": "rkd", "method": {"name": "rkd"}},
+        {"label": "bad", "model": {"name": "mlp"}, "method": {"name": "at"}},
+        {"label": "worse", "model": {"name": "mlp", "hidden": "x"}, "method": {"name": "kd"}},
+    ]
+    cfg = config_from_dict(raw)
+    on_cpu = dry_build(cfg)
+    meta = DryBuild(cfg, real_limit=0).run()
+    assert meta.problems == on_cpu
+    assert [p.split(":")[0] for p in on_cpu] == [
+        "students[3] (label 'bad')", "students[4] (label 'worse').model"]
+    redone = sorted(f.split(" (")[0] for f in meta.fallbacks)
+    assert redone == ["method overhaul", "method rkd"]
