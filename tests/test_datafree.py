@@ -808,7 +808,6 @@ def test_datafree_help_is_plain_and_shows_defaults(capsys):
     # noise optimises nothing: no --steps, --lr or --batch-size, and they are refused.
     for flag in ("--steps", "--lr", "--batch-size", "--init-mean"):
         assert flag not in helps["noise"]
-        with pytest.raises(SystemExit) as e:
-            main(["datafree", "noise", "--teacher", "t", "--out", "o", flag, "3"])
-        assert e.value.code == 2
-        assert f"unrecognized arguments: {flag} 3" in capsys.readouterr().err
+        assert main(["datafree", "noise", "--teacher", "t", "--out", "o", flag, "3"]) == 2
+        err = capsys.readouterr().err
+        assert f"unrecognized arguments: {flag} 3" in err and err.startswith("kdkit: error:")

@@ -182,3 +182,25 @@ def test_mismatched_checkpoint_is_refused(digits, tmp_path):
     with pytest.raises(CheckpointError, match=r"another run; loop.lr \(0.1 -> 0.5\)"):
         fit(_distiller(), _loader(digits), LoopSettings(epochs=3, lr=0.5, seed=5),
             run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_a_kdkit_01_checkpoint_still_resumes(digits, tmp_path):
+    """Runs checkpointed by kdkit 0.1 (last.safetensors + last.json) continue after an upgrade."""
+    from kdkit.train.checkpoint import save_checkpoint
+
+    full = _distiller()
+    fit(full, _loader(digits), SETTINGS, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        fit(_distiller(), _loader(digits), SETTINGS, run_dir=tmp_path, progress=False,
+            stop_after=20)
+    tensors, meta = read_state(tmp_path / CHECKPOINT)
+    ident = meta.pop("identity")
+    meta.update(settings=ident["loop"], steps_per_epoch=ident["steps_per_epoch"])
+    save_checkpoint(tmp_path / "checkpoint" / "last", tensors, meta)
+    for p in (tmp_path / CHECKPOINT, prev_path(tmp_path / CHECKPOINT)):
+        p.unlink()
+    resumed = _distiller(seed=7)
+    res = fit(resumed, _loader(digits), SETTINGS, run_dir=tmp_path, resume=True, progress=False)
+    assert res.resumed_from == (1, 5)
+    assert all(torch.equal(a, b) for a, b in
+               zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))

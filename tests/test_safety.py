@@ -444,3 +444,20 @@ def test_config_path_must_exist_and_be_a_file(tmp_path):
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)
     assert Path(tmp_path).exists()
+
+
+def test_eval_train_split_of_a_data_free_student_is_refused():
+    from argparse import Namespace
+
+    from kdkit.cli import _eval_data
+    from kdkit.datafree.synthesis import TransferSet
+    from kdkit.pipelines.datafree import with_transfer
+    from kdkit.pipelines.runs import data_meta
+
+    data = load_dataset("digits", val_fraction=0.2, seed=3)
+    ts = TransferSet(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), {})
+    trained = data_meta(with_transfer(data, ts))
+    with pytest.raises(KdkitError, match="synthetic transfer set"):
+        _eval_data(Namespace(data=None, data_root=None, split="train"), trained)
+    val, _ = _eval_data(Namespace(data=None, data_root=None, split="val"), trained)
+    assert torch.equal(val.val.x, data.val.x)  # seed 3's own validation split

@@ -424,7 +424,7 @@ def test_cache_files_follow_the_umask(digits, tmp_path, monkeypatch, mask):
 def test_build_reports_progress(digits, tmp_path, monkeypatch):
     from tqdm import tqdm
 
-    from kdkit.train import loop
+    from kdkit.train import teacher_cache
 
     bars = []
 
@@ -433,7 +433,7 @@ def test_build_reports_progress(digits, tmp_path, monkeypatch):
         bars.append((kw, bar))
         return bar
 
-    monkeypatch.setattr(loop, "progress_bar", recording_bar)
+    monkeypatch.setattr(teacher_cache, "progress_bar", recording_bar)
     logs = []
     aug = _aug(digits)
     TeacherCache.open_or_build(tmp_path, _kd(_teacher()), digits.train, aug,

@@ -238,6 +238,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _valid_source(source: Any) -> bool:
+    """A split definition as load_dataset records it (anything else counts as absent)."""
+    if not isinstance(source, dict):
+        return False
+    seed, frac, subset = source.get("seed"), source.get("val_fraction"), source.get("train_subset")
+    return (isinstance(seed, int) and not isinstance(seed, bool)
+            and isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 <= frac < 1
+            and (subset is None or (isinstance(subset, int) and not isinstance(subset, bool)
+                                    and subset > 0))
+            and isinstance(source.get("sha256"), str)
+            and isinstance(source.get("root", ""), (str, type(None))))
+
+
 def _eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The data to evaluate on: the run's own splits, rebuilt exactly, or ``--data``'s test set.
 
@@ -248,9 +261,13 @@ def _eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[Any, 
 
     from kdkit.data import ArrayDataset, load_dataset
 
-    source = trained.get("source") or {}
+    recorded: Any = trained.get("source")
+    source: dict[str, Any] = dict(recorded) if _valid_source(recorded) else {}
     own = args.data is None or args.data == trained["name"]
     name = trained["name"] if args.data is None else args.data
+    if args.split == "train" and own and source.get("train") == "transfer set":
+        raise KdkitError("--split train: this model was trained on a synthetic transfer set, "
+                         "not on the dataset's train split; use --split val or test")
     if args.split != "test" and not (own and source):
         why = ("another dataset's" if not own else
                "this model's (its model.json does not record how its splits were made: "

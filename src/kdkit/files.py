@@ -15,7 +15,8 @@ by construction:
 - Files and folders get the permissions the user's umask gives (``mkstemp`` alone would
   make them 0600/0700 and unreadable to colleagues sharing a results folder or a cache).
 - :func:`mark_run_dir` / :func:`remove_run_dir`: ``--force`` deletes only a folder that
-  kdkit created (it holds :data:`RUN_MARKER`).
+  kdkit created (it holds :data:`RUN_MARKER`); marking a run folder (every run and resume
+  does, first) deletes the temporaries killed processes left in it.
 """
 
 from __future__ import annotations
@@ -187,9 +188,14 @@ def clean_stale_temps(folder: Path) -> int:
 
 
 def mark_run_dir(path: Path) -> None:
-    """Create ``path`` (if needed) as a kdkit run directory: ``--force`` may remove it later."""
+    """Create ``path`` (if needed) as a kdkit run directory: ``--force`` may remove it later.
+
+    Temporaries that killed processes left in it are deleted: every run (and resume)
+    marks its folder first, so none outlives the next run there.
+    """
     try:
         path.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(path)
         marker = path / RUN_MARKER
         if not marker.exists():
             atomic_write_bytes(marker, b"created by kdkit; --force may delete this folder\n")

@@ -22,8 +22,8 @@ from typing import Any
 from torch import Tensor
 
 from kdkit.files import fsync_dir
+from kdkit.progress import progress_bar
 from kdkit.train.checkpoint import save_checkpoint
-from kdkit.train.loop import progress_bar
 
 PLAIN_EVERY_S = 60.0  # seconds between two plain progress lines when stderr is no terminal
 # Optimisation steps (per batch; generator steps for dafl) and Adam learning rates of each

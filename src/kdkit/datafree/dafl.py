@@ -232,11 +232,12 @@ def dafl_generator(
     c, h, _ = input_shape
     meta = json.loads(json.dumps({"latent_dim": latent_dim, "channels": c, "size": h,
                                   "width": width, "seed": seed, "train": train_kwargs}))
+    clean_stale_temps(folder)
     if (folder / f"{GENERATOR_STEM}.json").exists():
         g, old = load_generator(folder)
         if {k: old.get(k) for k in meta} == meta:
+            remove_partial(folder / PARTIAL)  # left if a kill came before it was removed
             return g
-    clean_stale_temps(folder)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
         torch.manual_seed(derive_seed(seed, _INIT_STREAM))
         g = Generator(latent_dim, c, h, width)

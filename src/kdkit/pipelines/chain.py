@@ -8,16 +8,16 @@ keeps the one whose student has the best *validation* accuracy (never test accur
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from kdkit.files import atomic_copy, mark_run_dir
 from kdkit.pipelines.runs import SUMMARY, train_one
 from kdkit.train.artifacts import MODEL_STEM, load_model
-from kdkit.train.checkpoint import atomic_write_json
+from kdkit.train.checkpoint import atomic_write_json, read_json
 
 ModelRef = tuple[str, dict[str, Any]]  # (registered name, its arguments)
 
@@ -71,10 +71,8 @@ def search_paths(
     candidate's validation and test accuracy.
     """
     if (run_dir / SUMMARY).exists():
-        import json
-
-        summary: dict[str, Any] = json.loads((run_dir / SUMMARY).read_text())
-        return summary
+        return dict(read_json(run_dir / SUMMARY, "run summary"))
+    mark_run_dir(run_dir)  # also removes temporaries a killed process left here
     results = []
     for j, assistants in enumerate(candidates, start=1):
         # Indexed: two candidates may use the same models with other arguments.
@@ -84,8 +82,8 @@ def search_paths(
         cdir = run_dir / name
         results.append((s, cdir, assistants))
     best, best_dir, best_path = max(results, key=lambda r: r[0]["val_acc"])
-    for suffix in (".safetensors", ".json"):
-        shutil.copy2(best_dir / f"{MODEL_STEM}{suffix}", run_dir / f"{MODEL_STEM}{suffix}")
+    for suffix in (".safetensors", ".json"):  # the JSON, which marks the model complete, last
+        atomic_copy(best_dir / f"{MODEL_STEM}{suffix}", run_dir / f"{MODEL_STEM}{suffix}")
     summary = dict(best, label=label, chosen=[n for n, _ in best_path], search=[
         {"via": [n for n, _ in a], "via_kwargs": [kw for _, kw in a], "val_acc": s["val_acc"],
          "test_acc": s["test_acc"]}

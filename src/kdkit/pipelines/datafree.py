@@ -95,8 +95,13 @@ def check_transfer_fits(ts: TransferSet, data: DatasetSplits, source: str) -> No
 
 
 def with_transfer(data: DatasetSplits, ts: TransferSet) -> DatasetSplits:
-    """``data`` with its train split replaced by the transfer set (val and test kept)."""
-    return replace(data, train=ArrayDataset(ts.x, ts.y, f"{data.name}/transfer"))
+    """``data`` with its train split replaced by the transfer set (val and test kept).
+
+    The source says so: ``kdkit eval --split train`` then refuses (the real train split is
+    not what the student trained on), while the val and test splits stay rebuildable.
+    """
+    source = {**data.source, "train": "transfer set"} if data.source else {}
+    return replace(data, train=ArrayDataset(ts.x, ts.y, f"{data.name}/transfer"), source=source)
 
 
 def load_synthetic(

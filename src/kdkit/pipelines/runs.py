@@ -5,6 +5,7 @@ Used by the experiment pipeline and by ``kdkit train`` / ``kdkit distill``.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,10 @@ def data_meta(data: DatasetSplits) -> dict[str, Any]:
     return {"name": data.name, "num_classes": data.num_classes,
             "input_shape": list(data.input_shape), "mean": data.mean, "std": data.std,
             "source": data.source}
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def run_identity(
@@ -197,7 +202,7 @@ def train_one(
             progress=progress, label=label if last else f"{label}/{stage.name}",
             stop_after=stop_after, teacher_cache=cache,
             identity={**identity, "stage": f"{k}/{len(stages)} {stage.name}"},
-            log=print if progress else None,
+            log=_to_stderr if progress else None,
         )
         fit_wall += result.wall_s
         if not last:

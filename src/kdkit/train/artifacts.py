@@ -97,15 +97,36 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if meta.get("kind") != "model":
         raise CheckpointError(f"{stem}.json is not a finished model (kind 'model' expected)")
     spec, data = _model_recipe(meta, f"{stem}.json")
-    c, h, _w = data["input_shape"]
-    try:
-        model = create_model(spec["name"], num_classes=data["num_classes"], in_channels=c,
-                             input_size=h, **spec["kwargs"])
-    except KdkitError as e:
-        raise CheckpointError(f"{stem}.json: cannot rebuild its model: {e}") from None
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{stem}.json: cannot rebuild its model "
-                              f"({type(e).__name__}: {str(e)[:200]}); was it edited?") from None
+    # The shapes first, on the meta device (no memory): a model.json edited to name a
+    # model far larger than its weights is refused before anything is allocated.
+    skeleton = _rebuild(spec, data, stem, "meta")
+    if skeleton is not None and signature(skeleton.state_dict()) != signature(tensors):
+        load_state_strict(skeleton, tensors, f"{stem}.safetensors")  # raises, naming keys
+    model = _rebuild(spec, data, stem, "cpu")
+    assert model is not None
     load_state_strict(model, tensors, f"{stem}.safetensors")
     model.eval()
     return model, meta
+
+
+def _rebuild(spec: dict[str, Any], data: dict[str, Any], stem: Path, device: str
+             ) -> nn.Module | None:
+    """The model ``spec`` names, for ``data``'s geometry, on ``device`` ("meta": shapes
+    only; None when a model cannot be built there but may be on the CPU)."""
+    c, h, _w = data["input_shape"]
+    try:
+        if device == "meta":
+            from kdkit.pipelines.check import _on_device  # meta without the init fills
+
+            with _on_device("meta"):
+                return create_model(spec["name"], num_classes=data["num_classes"],
+                                    in_channels=c, input_size=h, **spec["kwargs"])
+        return create_model(spec["name"], num_classes=data["num_classes"], in_channels=c,
+                            input_size=h, **spec["kwargs"])
+    except KdkitError as e:
+        raise CheckpointError(f"{stem}.json: cannot rebuild its model: {e}") from None
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        if device == "meta":
+            return None  # the CPU build below reports a real problem
+        raise CheckpointError(f"{stem}.json: cannot rebuild its model "
+                              f"({type(e).__name__}: {str(e)[:200]}); was it edited?") from None

@@ -27,6 +27,7 @@ from kdkit.data.loader import BatchLoader, derive_seed
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import CheckpointError, KdkitError, NonFiniteLossError
 from kdkit.files import atomic_write_bytes, clean_stale_temps
+from kdkit.progress import progress_bar
 from kdkit.train.checkpoint import (
     load_checkpoint,
     load_state,
@@ -91,13 +92,6 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 def _short(v: Any, n: int = 40) -> str:
     text = json.dumps(v, sort_keys=True, default=str)
     return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def progress_bar(**kwargs: Any) -> tqdm:
-    """A tqdm bar on a terminal; silent when stderr is not a TTY (logs get one line per epoch)."""
-    if not sys.stderr.isatty():
-        kwargs["disable"] = True
-    return tqdm(**kwargs)
 
 
 @contextmanager
@@ -207,7 +201,11 @@ def fit(
     saved = found is not None
     if found is not None:
         tensors, meta, where = found
-        problems = identity_diff(meta.get("identity") or _legacy_identity(meta), ident)
+        if "identity" in meta:
+            problems = identity_diff(meta["identity"], ident)
+        else:  # kdkit 0.1 recorded only the loop settings: check what it can tell
+            legacy = _legacy_identity(meta)
+            problems = identity_diff(legacy, {k: ident[k] for k in legacy})
         if problems:
             raise CheckpointError(
                 f"{label}: cannot resume from {where}: it belongs to another run; "

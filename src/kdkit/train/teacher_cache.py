@@ -70,6 +70,7 @@ from kdkit.data.augment import Augment
 from kdkit.data.views import augment_fingerprint, make_views, sample_keys
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import KdkitError
+from kdkit.progress import progress_bar
 from kdkit.taps import LOGITS
 from kdkit.train.checkpoint import atomic_write_json, module_fingerprint, sha256_file
 
@@ -357,7 +358,6 @@ def _build(
     """Run the teachers over every view of every pool sample; write to a temporary folder,
     then publish it. Returns the manifest of the published cache (ours, or the one another
     process published first)."""
-    from kdkit.train.loop import progress_bar  # loop imports this module
 
     tmp = files.temp_dir(folder)
     t0 = time.perf_counter()
