@@ -142,6 +142,28 @@ def publish_dir(tmp: Path, target: Path) -> bool:
     return True
 
 
+def discard_dir(folder: Path) -> None:
+    """Remove a published ``folder`` safely: rename it to a temporary name first (atomic;
+    readers holding its files open keep working, and no reader finds it half-deleted), then
+    delete that. A missing folder is fine."""
+    if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+        folder.unlink(missing_ok=True)
+        return
+    if not folder.exists():
+        return
+    aside = temp_dir(folder)  # an empty placeholder with a temporary's name
+    try:
+        os.rename(folder, aside)  # a folder may replace an empty one
+    except FileNotFoundError:  # another process removed it first
+        aside.rmdir()
+        return
+    except OSError:
+        aside.rmdir()
+        raise
+    fsync_dir(folder.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import time
@@ -24,7 +23,14 @@ from kdkit.config import ExperimentConfig, StudentRunSpec, TeacherSpec, dump_con
 from kdkit.data import DatasetSplits, load_dataset
 from kdkit.distill.methods import method_teachers
 from kdkit.errors import ConfigError, KdkitError
-from kdkit.files import atomic_copy, clean_stale_temps, mark_run_dir, publish_dir, temp_dir
+from kdkit.files import (
+    atomic_copy,
+    clean_stale_temps,
+    discard_dir,
+    mark_run_dir,
+    publish_dir,
+    temp_dir,
+)
 from kdkit.pipelines.chain import distill_chain, search_paths
 from kdkit.pipelines.check import dry_build
 from kdkit.pipelines.datafree import build_transfer, load_synthetic
@@ -115,10 +121,7 @@ def _publish_teacher(run_dir: Path, cached: Path) -> None:
     The cache never holds half a teacher; a folder another process published first is kept
     (publish_dir never replaces it). A broken folder is first renamed aside, then deleted.
     """
-    if cached.exists():
-        aside = temp_dir(cached)
-        os.rename(cached, aside)  # onto the empty temporary: atomic, readers keep their files
-        shutil.rmtree(aside, ignore_errors=True)
+    discard_dir(cached)
     tmp = temp_dir(cached)
     try:
         for name in (*_TEACHER_FILES, SUMMARY):

@@ -284,25 +284,6 @@ def _read_manifest(folder: Path, identity: dict[str, Any]) -> tuple[dict[str, An
     return manifest, ""
 
 
-def _set_aside(folder: Path) -> None:
-    """Remove an invalid published ``folder``: rename it to a temporary name (atomic; readers
-    holding its files open keep working), then delete that."""
-    if folder.is_symlink() or not folder.is_dir():
-        folder.unlink(missing_ok=True)
-        return
-    aside = files.temp_dir(folder)  # an empty placeholder with a temporary's name
-    try:
-        os.rename(folder, aside)  # a folder may replace an empty one
-    except FileNotFoundError:  # another process removed it first
-        aside.rmdir()
-        return
-    except OSError:
-        aside.rmdir()
-        raise
-    files.fsync_dir(folder.parent)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def _publish(
     tmp: Path, folder: Path, identity: dict[str, Any], manifest: dict[str, Any],
     log: Callable[[str], None] | None,
@@ -316,7 +297,7 @@ def _publish(
             if log is not None:
                 log(f"teacher cache {folder} was built by another process meanwhile; using it")
             return theirs
-        _set_aside(folder)
+        files.discard_dir(folder)
     if files.publish_dir(tmp, folder):
         return manifest
     # another process published between our check and our rename (and tmp is gone)
