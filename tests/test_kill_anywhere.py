@@ -527,8 +527,9 @@ def _content(path: Path) -> Any:
                     t = f.get_tensor(name)
                     tensors[name] = (str(t.dtype), list(t.shape),
                                      t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            if "state" in meta:  # a state file's JSON state
+            if "state" in meta:  # a state file's JSON state; its SHA-256 covers the timings too
                 meta["state"] = _strip(json.loads(meta["state"]))
+                meta.pop("sha256", None)
             return ("safetensors", meta, tensors)
         if path.suffix == ".json":
             return ("json", _strip(json.loads(path.read_text())))

@@ -461,3 +461,24 @@ def test_eval_train_split_of_a_data_free_student_is_refused():
         _eval_data(Namespace(data=None, data_root=None, split="train"), trained)
     val, _ = _eval_data(Namespace(data=None, data_root=None, split="val"), trained)
     assert torch.equal(val.val.x, data.val.x)  # seed 3's own validation split
+
+
+def test_resume_accepts_the_same_data_under_another_folder(tmp_path):
+    from dataclasses import replace
+
+    data = load_dataset("digits", val_fraction=0.2, train_subset=100, seed=0)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(out, data, stop_after=3)
+    moved = replace(data, source=dict(data.source, root="/data/moved"))
+    assert _train(out, moved, resume=True)["resumed_from"] in ([0, 3], (0, 3))
+
+
+def test_resume_refuses_a_folder_kdkit_did_not_create(tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "summary.json").write_text("{}")
+    assert main(["train", "--model", "mlp", "--epochs", "1", "--no-progress", "--resume",
+                 "--out", str(user)]) == 2
+    assert "not a kdkit run directory" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in user.iterdir()) == ["summary.json"]  # no marker written

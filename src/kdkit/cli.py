@@ -63,10 +63,6 @@ def _kv_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
-# Geometry arguments are filled in from the dataset, never by the user.
-_DATA_FILLED = ("num_classes", "in_channels", "input_size")
-
-
 class _UsageError(Exception):
     """argparse found a bad command line; main prints it as one ``kdkit: error:`` line."""
 
@@ -74,6 +70,28 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse would print the usage and exit
         raise _UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got '{text}'") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _percent(text: str) -> float:
+    """argparse type: a percentage in [0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got '{text}'") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage in [0, 100], got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -152,14 +170,14 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
                 model: str, model_kwargs: dict[str, Any], teacher: str | None) -> int:
     from kdkit.data import load_dataset
     from kdkit.distill.methods import check_method_kwargs
-    from kdkit.models import MODELS
+    from kdkit.models import DATA_FILLED, MODELS
     from kdkit.pipelines.runs import load_teacher, prepare_run_dir, train_one
 
     MODELS.get(model)
     problems = [f"--model-arg {k}: set from the dataset (--data); remove it"
-                for k in model_kwargs if k in _DATA_FILLED]
+                for k in model_kwargs if k in DATA_FILLED]
     problems += MODELS.check_kwargs(model, {k: v for k, v in model_kwargs.items()
-                                            if k not in _DATA_FILLED})
+                                            if k not in DATA_FILLED})
     problems += check_method_kwargs(method, method_kwargs)
     if problems:
         raise ConfigError(problems)
@@ -226,6 +244,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, meta = load_model(path)
     data, notes = _eval_data(args, meta["data"])
     split = getattr(data, args.split)
+    if len(split) == 0:
+        raise KdkitError(f"--split {args.split}: the run's {args.split} split is empty (it was "
+                         "trained with val_fraction 0?); evaluate another split")
     res = evaluate(model, split.x, split.y)
     weights = model_stem(path).with_suffix(".safetensors")
     print(json.dumps({
@@ -243,7 +264,7 @@ def _valid_source(source: Any) -> bool:
     if not isinstance(source, dict):
         return False
     seed, frac, subset = source.get("seed"), source.get("val_fraction"), source.get("train_subset")
-    return (isinstance(seed, int) and not isinstance(seed, bool)
+    return ("train_subset" in source and isinstance(seed, int) and not isinstance(seed, bool)
             and isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 <= frac < 1
             and (subset is None or (isinstance(subset, int) and not isinstance(subset, bool)
                                     and subset > 0))
@@ -415,7 +436,8 @@ def _add_teacher_cache_flags(p: argparse.ArgumentParser) -> None:
                    "--augment, since the student then sees only these K views)")
     p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16",
                    help="storage precision of the cached outputs (default: %(default)s)")
-    p.add_argument("--cache-topk", type=int, metavar="K", help="keep only the top-K logits")
+    p.add_argument("--cache-topk", type=_positive_int, metavar="K",
+                   help="keep only the top-K logits (default: all)")
     p.add_argument("--cache-dir", help="where caches live (default $KDKIT_CACHE or ~/.cache/kdkit)")
 
 
@@ -428,26 +450,32 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--data", default="digits")
     p.add_argument("--data-root", default=None)
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--train-subset", type=_positive_int, default=None,
+                   help="class-balanced subset of the train split (default: all)")
     p.add_argument("--teacher", required=True, help="teacher model (trained first, untimed)")
     p.add_argument("--teacher-arg", action="append", metavar="K=V")
     p.add_argument("--teacher-run", help="use this trained teacher instead of training one")
-    p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument("--teacher-epochs", type=_positive_int, default=5,
+                   help="epochs of the untimed teacher (default: %(default)s)")
     p.add_argument("--student", required=True)
     p.add_argument("--student-arg", action="append", metavar="K=V")
     p.add_argument("--feature-method", default=None,
                    help="the feature method timed (default: overhaul, or one that fits the "
                    "models when overhaul does not)")
     p.add_argument("--feature-arg", action="append", metavar="K=V")
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs per row")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--epochs", type=_positive_int, default=3,
+                   help="timed epochs per row (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=1,
                    help="run the rows round-robin this often; each keeps its fastest repeat")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="default: %(default)s")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="default: %(default)s")
     p.add_argument("--augment", action="append", metavar="K=V")
-    p.add_argument("--views", type=int, default=1, help="views per sample (view mode)")
+    p.add_argument("--views", type=_positive_int, default=1,
+                   help="views per sample (view mode; default: %(default)s)")
     p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
-    p.add_argument("--target", type=float, help="val accuracy (%%) for 'epochs to target'")
+    p.add_argument("--target", type=_percent,
+                   help="val accuracy (%%) for 'epochs to target' (default: none)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row")
     p.add_argument("--channels-last", action="store_true", help="add a channels-last row")
     p.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kdkit.errors import ConfigError
 from kdkit.train.loop import LoopSettings
@@ -21,8 +30,7 @@ from kdkit.train.loop import LoopSettings
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 MAX_CONFIG_BYTES = 1024**2  # a config larger than this is not a config
 MAX_CONFIG_VALUES = 100_000  # YAML aliases can expand a small file without bound
-# Geometry arguments are filled in from the dataset, never by the user.
-_DATA_FILLED = ("num_classes", "in_channels", "input_size")
+MAX_CONFIG_DEPTH = 64  # sections nested deeper than this are not a config
 
 
 class _Strict(BaseModel):
@@ -196,6 +204,13 @@ class TransferSpec(_Strict):
             raise ValueError("source 'record' needs a kind: top_layer, all_layers, "
                              "all_layers_dropout, spectral_all or spectral_pairs")
         return self
+
+    @model_serializer(mode="wrap")
+    def _own_options_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The options of the other sources are refused on input, so they are not written
+        # out either: a dumped config (run/config.yaml) must load again.
+        keep = _TRANSFER_COMMON | _TRANSFER_OPTIONS[self.source]
+        return {k: v for k, v in handler(self).items() if k in keep}
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`kdkit.pipelines.datafree.build_transfer`."""
@@ -380,7 +395,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
     from kdkit.data import DATASETS
     from kdkit.data.augment import build_augment
     from kdkit.distill.methods import METHODS, check_method_kwargs
-    from kdkit.models import MODELS
+    from kdkit.models import DATA_FILLED, MODELS
 
     problems: list[str] = []
 
@@ -397,9 +412,9 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
             return
         kwargs = {k: v for k, v in spec.items() if k != "name"}
         for key in kwargs:
-            if key in _DATA_FILLED:
+            if key in DATA_FILLED:
                 problems.append(f"{where}.{key}: set from the dataset; remove it")
-        kw = {k: v for k, v in kwargs.items() if k not in _DATA_FILLED}
+        kw = {k: v for k, v in kwargs.items() if k not in DATA_FILLED}
         problems.extend(f"{where}: {p}" for p in MODELS.check_kwargs(name, kw))
 
     def check_augment(train: dict[str, Any] | None, where: str) -> None:
@@ -551,7 +566,7 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.replace("[", ".").replace("]", "").split(".")
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
-        key: Any = int(part) if part.isdigit() else part
+        key: Any = int(part) if part.isdecimal() else part  # not isdigit: int('²') fails
         if isinstance(node, list):
             if not isinstance(key, int) or key >= len(node):
                 raise ConfigError(f"--set {dotted}: index {part} is not in a list of {len(node)}")
@@ -608,30 +623,56 @@ def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: 'problem (line L, column C), context (line, column)'."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return _clip(" ".join(str(e).split()), 300)
+
+    def at(m: Any) -> str:
+        return f" (line {m.line + 1}, column {m.column + 1})" if m is not None else ""
+
+    text = f"{problem}{at(mark)}"
+    context = getattr(e, "context", None)
+    if context:
+        text += f", {context}{at(getattr(e, 'context_mark', None))}"
+    return _clip(text, 300)
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text: duplicate keys refused, alias expansion bounded; one ConfigError."""
+    """Parse YAML text: duplicate keys refused, alias expansion and nesting bounded; one
+    ConfigError."""
     try:
         value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source} is not valid YAML: {_clip(str(e), 300)}") from None
-    if _count_values(value, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{source} nests more than {MAX_CONFIG_DEPTH} levels deep; a config "
+                          "is not that deep") from None
+    count, depth = _count_values(value, MAX_CONFIG_VALUES)
+    if count > MAX_CONFIG_VALUES:
         raise ConfigError(f"{source} expands to more than {MAX_CONFIG_VALUES:,} values "
                           "(YAML aliases nested in aliases?); a config is not that large")
+    if depth > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{source} nests more than {MAX_CONFIG_DEPTH} levels deep; a config "
+                          "is not that deep")
     return value
 
 
-def _count_values(value: Any, limit: int) -> int:
-    """Values in a parsed YAML tree, counting shared (aliased) nodes each time; stops at limit."""
-    count, stack = 0, [value]
+def _count_values(value: Any, limit: int) -> tuple[int, int]:
+    """(values, depth) of a parsed YAML tree, counting shared (aliased) nodes each time;
+    stops at ``limit`` values."""
+    count, depth, stack = 0, 0, [(value, 1)]
     while stack and count <= limit:
-        v = stack.pop()
+        v, d = stack.pop()
         count += 1
+        depth = max(depth, d)
         if isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return count
+            stack.extend((k, d + 1) for k in v)
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, (list, set)):
+            stack.extend((x, d + 1) for x in v)
+    return count, depth
 
 
 def load_raw(path: str | Path | None) -> tuple[dict[str, Any], str]:

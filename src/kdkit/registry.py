@@ -12,11 +12,19 @@ from kdkit.errors import KdkitError
 T = TypeVar("T")
 
 
+def _shown(name: object, limit: int = 80) -> str:
+    """A name as an error quotes it: a string in quotes, anything else as its repr; clipped."""
+    text = f"'{name}'" if isinstance(name, str) else repr(name)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 class Registry(Generic[T]):
     """Maps names to factories. ``kind`` ("model", "dataset", "method") appears in errors."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        # the command that lists them ('kdkit datasets' does not exist)
+        self.listing = "kdkit data list" if kind == "dataset" else f"kdkit {kind}s"
         self._items: dict[str, Callable[..., T]] = {}
         self._summaries: dict[str, str] = {}
 
@@ -47,15 +55,18 @@ class Registry(Generic[T]):
         return self._summaries[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and name in self._items
 
     def get(self, name: str) -> Callable[..., T]:
+        if not isinstance(name, str):  # a name read from a file may be anything
+            raise KdkitError(f"a {self.kind} name must be a string, got {_shown(name)}. "
+                             f"Run `{self.listing}` to list them.")
         if name not in self._items:
-            close = difflib.get_close_matches(name, self._items, n=3)
+            close = difflib.get_close_matches(name[:200], self._items, n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise KdkitError(
-                f"unknown {self.kind} '{name}'.{hint} "
-                f"Run `kdkit {self.kind}s` to list them."
+                f"unknown {self.kind} {_shown(name)}.{hint} "
+                f"Run `{self.listing}` to list them."
             )
         return self._items[name]
 

@@ -26,6 +26,27 @@ def check_geometry(
         )
 
 
+def check_rate(model: str, arg: str, p: object) -> None:
+    """Raise :class:`KdkitError` unless ``p`` is a number in [0, 1) (a dropout rate)."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+        raise KdkitError(f"model '{model}': {arg} must be a number in [0, 1), got {p!r:.60}")
+
+
+# Deepest nets built: ResNet-1202 (He et al. 2016) and WRN-1001 (He et al. 2016b); a depth
+# far beyond these would take minutes (or forever) just to construct its modules.
+MAX_DEPTH = 2000
+
+
+def check_depth(model: str, depth: object, rule: str, ok: bool) -> None:
+    """Raise :class:`KdkitError` unless ``depth`` is an int that satisfies ``ok`` (``rule``
+    says which) and is at most :data:`MAX_DEPTH`."""
+    if not isinstance(depth, int) or isinstance(depth, bool) or not ok:
+        raise KdkitError(f"model '{model}': depth must be {rule}, got {depth!r}")
+    if depth > MAX_DEPTH:
+        raise KdkitError(f"model '{model}': depth {depth} is beyond the {MAX_DEPTH} layers "
+                         "kdkit builds (the deepest CIFAR ResNet has 1202)")
+
+
 def init_kaiming(model: nn.Module) -> None:
     """Kaiming-normal (fan_out, ReLU) convolutions, unit-scale zero-shift batch norms."""
     for m in model.modules():

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models._common import check_geometry
+from kdkit.models._common import MAX_DEPTH, check_geometry, check_rate
 from kdkit.models._registry import MODELS
 
 
@@ -57,13 +57,15 @@ def _build(
         raise KdkitError(f"model '{name}': hidden must be a list of positive integers "
                          f"(e.g. [256, 256]), got {str(hidden)[:40]!r}")
     hidden = list(hidden)
+    if len(hidden) > MAX_DEPTH:
+        raise KdkitError(f"model '{name}': {len(hidden):,} hidden layers is beyond the "
+                         f"{MAX_DEPTH} layers kdkit builds")
     if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
         raise KdkitError(
             f"model '{name}': hidden must be a list of positive integers, got {hidden}"
         )
     for arg, p in (("dropout", dropout), ("input_dropout", input_dropout)):
-        if not 0.0 <= p < 1.0:
-            raise KdkitError(f"model '{name}': {arg} must be in [0, 1), got {p}")
+        check_rate(name, arg, p)
     return MLP(in_channels * input_size * input_size, hidden, num_classes, dropout, input_dropout)
 
 

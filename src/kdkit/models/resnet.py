@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models._common import check_geometry, init_kaiming
+from kdkit.models._common import check_depth, check_geometry, init_kaiming
 from kdkit.models._registry import MODELS
 
 
@@ -82,12 +82,9 @@ class CifarResNet(nn.Module):
 def _build(
     name: str, depth: int, width: int, num_classes: int, in_channels: int, input_size: int
 ) -> CifarResNet:
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise KdkitError(
-            f"model '{name}': depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), "
-            f"got {depth!r}"
-        )
-    if not isinstance(width, int) or width < 1:
+    check_depth(name, depth, "6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...)",
+                isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0)
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
         raise KdkitError(f"model '{name}': width must be a positive integer, got {width!r}")
     # Stride-2 3x3 convs with padding 1 map S to ceil(S/2): any S >= 1 works.
     check_geometry(name, num_classes, in_channels, input_size)

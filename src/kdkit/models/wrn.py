@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models._common import check_geometry, init_kaiming
+from kdkit.models._common import check_depth, check_geometry, check_rate, init_kaiming
 from kdkit.models._registry import MODELS
 
 
@@ -91,15 +91,11 @@ def _build(
     in_channels: int,
     input_size: int,
 ) -> WideResNet:
-    if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise KdkitError(
-            f"model '{name}': depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), "
-            f"got {depth!r}"
-        )
-    if not isinstance(widen, int) or widen < 1:
+    check_depth(name, depth, "6n+4 with n >= 1 (10, 16, 22, 28, 40, ...)",
+                isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0)
+    if not isinstance(widen, int) or isinstance(widen, bool) or widen < 1:
         raise KdkitError(f"model '{name}': widen must be a positive integer, got {widen!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise KdkitError(f"model '{name}': dropout must be in [0, 1), got {dropout}")
+    check_rate(name, "dropout", dropout)
     # Stride-2 3x3 convs with padding 1 map S to ceil(S/2): any S >= 1 works.
     check_geometry(name, num_classes, in_channels, input_size)
     return WideResNet(depth, widen, dropout, num_classes, in_channels)

@@ -19,8 +19,8 @@ from kdkit.data.augment import build_augment
 from kdkit.data.loader import BatchLoader, derive_seed
 from kdkit.distill import Distiller, build_stages
 from kdkit.errors import KdkitError
-from kdkit.files import mark_run_dir, remove_run_dir
-from kdkit.models import create_model
+from kdkit.files import RUN_MARKER, mark_run_dir, remove_run_dir
+from kdkit.models import DATA_FILLED, create_model
 from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
 from kdkit.train.checkpoint import (
     atomic_write_json,
@@ -61,7 +61,9 @@ def run_identity(
         "model": {"name": model_name, "kwargs": model_kwargs},
         "method": {"name": method, "kwargs": method_kwargs},
         "teachers": {k: module_fingerprint(t) for k, t in sorted(teachers.items())},
-        "data": {**data.source, "train_sha256": tensors_digest({"x": train_x, "y": train_y})},
+        # where the files lie does not matter, only what they hold (the content hashes)
+        "data": {**{k: v for k, v in data.source.items() if k != "root"},
+                 "train_sha256": tensors_digest({"x": train_x, "y": train_y})},
         "batch_size": batch_size, "augment": augment, "teacher_mode": teacher_mode,
         "teacher_cache": teacher_cache, "channels_last": channels_last,
     }
@@ -69,6 +71,11 @@ def run_identity(
 
 def build_model(name: str, kwargs: dict[str, Any], data: DatasetSplits, seed: int) -> nn.Module:
     """Create a registered model for ``data``'s geometry, initialised under ``seed``."""
+    filled = sorted(k for k in kwargs if k in DATA_FILLED)
+    if filled:
+        raise KdkitError(f"model '{name}': {', '.join(filled)} come from the data "
+                         f"'{data.name}'; remove {'them' if len(filled) > 1 else 'it'} from the "
+                         "model's arguments")
     torch.manual_seed(derive_seed(seed, _INIT_STREAM))
     c, h, _ = data.input_shape
     return create_model(name, num_classes=data.num_classes, in_channels=c, input_size=h, **kwargs)
@@ -96,6 +103,10 @@ def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> None:
         raise KdkitError("--resume continues a run and --force deletes it; give one of them")
     if path.exists() and not path.is_dir():
         raise KdkitError(f"--out {path}: a file of that name exists; choose another --out")
+    if str(path) in ("", "."):
+        raise KdkitError("--out names the current directory; give a run directory of its own "
+                         "(e.g. --out runs/my-run)") if str(path) == "." else KdkitError(
+                             "--out is empty; give a run directory (e.g. --out runs/my-run)")
     if path.is_dir() and any(path.iterdir()):
         if force:
             remove_run_dir(path)
@@ -103,6 +114,12 @@ def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> None:
             raise KdkitError(
                 f"run directory {path} already exists; use --resume to continue it, "
                 "--force to overwrite it, or --out to choose another"
+            )
+        elif not (path / RUN_MARKER).is_file():
+            raise KdkitError(
+                f"--resume: {path} is not a kdkit run directory (no {RUN_MARKER} marker), so "
+                "kdkit will not write into it; choose another --out (a run made by kdkit 0.1 "
+                f"continues after `touch {path / RUN_MARKER}`)"
             )
     mark_run_dir(path)
 

@@ -68,6 +68,8 @@ def _model_recipe(meta: dict[str, Any], where: str) -> tuple[dict[str, Any], dic
     if not isinstance(data, dict):
         problems.append("'data' must be a mapping")
     else:
+        if not isinstance(data.get("name"), str):
+            problems.append(f"'data.name' must be a dataset name, got {str(data.get('name'))[:40]}")
         shape = data.get("input_shape")
         if not (isinstance(shape, list) and len(shape) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):

@@ -5,7 +5,8 @@ the folder; see :mod:`kdkit.files`); nothing is ever unpickled.
 
 - **Training state** (:func:`save_state` / :func:`load_state`), rewritten many times by a
   resumable run: *one* file, ``state.safetensors``, whose header's string metadata holds the
-  JSON state (epoch, step, settings, history) and the SHA-256 of the tensors. A checkpoint
+  JSON state (epoch, step, settings, history) and one SHA-256 over the tensors and that
+  state. A checkpoint
   is therefore one atomic unit: a kill can never pair new weights with old JSON. The
   previous checkpoint is kept as ``state.prev.safetensors``; if the newest is missing or
   unreadable, resume falls back to it and says so.
@@ -97,7 +98,7 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{what} {path} does not exist") from None
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{what} {path} is not valid UTF-8 JSON ({str(e)[:120]}); it is "
                               "corrupt: delete it, or restore it from a copy") from None
     except OSError as e:
@@ -112,10 +113,15 @@ def prev_path(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
+def _state_digest(tensors: dict[str, Tensor], state: str) -> str:
+    """SHA-256 of a checkpoint's tensors and its JSON state text together."""
+    return hashlib.sha256(f"{tensors_digest(tensors)}:{state}".encode()).hexdigest()
+
+
 def save_state(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     """Write one atomic checkpoint file (tensors + JSON state); keep the previous one."""
-    metadata = {"format": STATE_FORMAT, "sha256": tensors_digest(tensors),
-                "state": json.dumps(meta, sort_keys=True)}
+    state = json.dumps(meta, sort_keys=True)
+    metadata = {"format": STATE_FORMAT, "sha256": _state_digest(tensors, state), "state": state}
     plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     tmp = temp_file(path)
     try:
@@ -140,11 +146,13 @@ def read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise CheckpointError(f"{path} is unreadable ({str(e)[:160]})") from None
     if metadata.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a kdkit checkpoint ({STATE_FORMAT} expected)")
-    if tensors_digest(tensors) != metadata.get("sha256"):
-        raise CheckpointError(f"{path} is corrupt: its tensors do not match their SHA-256")
+    state = metadata.get("state")
+    if not isinstance(state, str) or _state_digest(tensors, state) != metadata.get("sha256"):
+        raise CheckpointError(f"{path} is corrupt: its tensors and state do not match their "
+                              "SHA-256")
     try:
-        meta = json.loads(metadata["state"])
-    except (KeyError, ValueError):
+        meta = json.loads(state)
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path} is corrupt: its state is not valid JSON") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is corrupt: its state is not a JSON object")

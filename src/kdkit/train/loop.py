@@ -201,6 +201,7 @@ def fit(
     saved = found is not None
     if found is not None:
         tensors, meta, where = found
+        _check_state(meta, where)
         if "identity" in meta:
             problems = identity_diff(meta["identity"], ident)
         else:  # kdkit 0.1 recorded only the loop settings: check what it can tell
@@ -214,7 +215,12 @@ def fit(
             )
         model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         load_state_strict(distiller, model_state, str(where))
-        restore_optimizer(opt, tensors, meta["optimizer"])
+        try:
+            restore_optimizer(opt, tensors, meta["optimizer"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{where}: its optimiser state does not fit this optimiser "
+                                  f"({type(e).__name__}: {str(e)[:80]}); start over with "
+                                  "--force") from None
         epoch, start_step, partial = meta["epoch"], meta["step"], meta["partial"]
         result.history = meta["history"]
         wall_before = float(meta.get("wall_s", 0.0))
@@ -317,6 +323,32 @@ def _load_resume_state(
         tensors, meta = load_checkpoint(legacy)
         return tensors, meta, legacy.with_suffix(".json")
     return None
+
+
+def _check_state(meta: dict[str, Any], where: Path) -> None:
+    """The JSON state of a checkpoint has the fields the loop reads, of the right types."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    problems = [k for k in ("epoch", "step", "metrics_lines") if not whole(meta.get(k))]
+    partial = meta.get("partial")
+    if not isinstance(partial, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in partial.values()):
+        problems.append("partial")
+    history = meta.get("history")
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        problems.append("history")
+    optimizer = meta.get("optimizer")
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
+            and isinstance(optimizer.get("scalars"), dict)):
+        problems.append("optimizer")
+    if "identity" in meta and not isinstance(meta["identity"], dict):
+        problems.append("identity")
+    if not isinstance(meta.get("wall_s", 0.0), (int, float)):
+        problems.append("wall_s")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} is malformed ({', '.join(problems)}); start "
+                              "over with --force")
 
 
 def _legacy_identity(meta: dict[str, Any]) -> dict[str, Any]:
