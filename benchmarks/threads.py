@@ -30,6 +30,7 @@ POLICIES = {
     "threads 1": (["--threads", "1"], {}),
     "spin 3 ms (libgomp default, kdkit <= 0.1)": ([], {"GOMP_SPINCOUNT": "300000"}),
     "spin 0.1 ms": ([], {"GOMP_SPINCOUNT": "10000"}),
+    "spin 10 us": ([], {"GOMP_SPINCOUNT": "1000"}),
 }
 HOG = "while True: pass"
 

@@ -218,6 +218,10 @@ def _riskiest(events: list[dict[str, Any]]) -> dict[str, int]:
             out["between the chosen candidate's copied model files"] = k
         if e["op"] == "unlink" and "generator-partial" in dst and "unlink" not in prev["op"]:
             out["right before the partial generator state is removed"] = k
+    marks = [k for k, e in enumerate(events) if e["op"] == "open(w)"
+             and e["paths"][-1].endswith(".kdkit-run.TMP")]
+    if marks:  # the first run folder's marker half written: --resume must still accept it
+        out["the run marker written, not yet renamed"] = marks[0]
     for k, e in enumerate(events):  # each writer's last summary, written but not renamed
         if "summary" in _kinds(e):
             writer = _caller(e, "atomic_write_json") or _caller(e, "atomic_copy")

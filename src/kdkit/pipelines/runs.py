@@ -19,7 +19,7 @@ from kdkit.data.augment import build_augment
 from kdkit.data.loader import BatchLoader, derive_seed
 from kdkit.distill import Distiller, build_stages
 from kdkit.errors import KdkitError
-from kdkit.files import RUN_MARKER, mark_run_dir, remove_run_dir
+from kdkit.files import RUN_MARKER, clean_stale_temps, mark_run_dir, remove_run_dir
 from kdkit.models import DATA_FILLED, create_model
 from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
 from kdkit.train.checkpoint import (
@@ -107,6 +107,8 @@ def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> None:
         raise KdkitError("--out names the current directory; give a run directory of its own "
                          "(e.g. --out runs/my-run)") if str(path) == "." else KdkitError(
                              "--out is empty; give a run directory (e.g. --out runs/my-run)")
+    if path.is_dir():
+        clean_stale_temps(path)  # e.g. the marker's own temporary, if a kill came mid-write
     if path.is_dir() and any(path.iterdir()):
         if force:
             remove_run_dir(path)
