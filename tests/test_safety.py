@@ -482,3 +482,70 @@ def test_resume_refuses_a_folder_kdkit_did_not_create(tmp_path, capsys):
                  "--out", str(user)]) == 2
     assert "not a kdkit run directory" in one_error_line(capsys.readouterr().err)
     assert sorted(p.name for p in user.iterdir()) == ["summary.json"]  # no marker written
+
+
+def test_after_a_fallback_the_good_previous_checkpoint_survives_the_next_save(digits, tmp_path):
+    from kdkit.train.checkpoint import load_state, prev_path, unreadable_path
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(out, digits, stop_after=40)  # checkpoints at the end of epoch 1 (30), then 40
+    ckpt = out / CHECKPOINT
+    good = read_state(prev_path(ckpt))[1]["step"]
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # the newest is damaged
+    assert load_state(ckpt, log=None)[1]["step"] == good
+    # set aside: the next save must not rotate it over the good one
+    assert not ckpt.exists() and unreadable_path(ckpt).exists()
+    assert read_state(prev_path(ckpt))[1]["step"] == good
+
+
+def test_a_finished_run_is_not_reused_under_other_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", "mlp", "--model-arg", "hidden=[8]", "--epochs", "1",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert main([*argv, "--resume"]) == 0  # the same run: its summary is the answer
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--lr", "0.5"]) == 2
+    assert "loop.lr (0.05 -> 0.5)" in one_error_line(capsys.readouterr().err)
+
+
+def test_force_refuses_a_symbolic_link(tmp_path, capsys):
+    real = tmp_path / "real"
+    prepare_run_dir(real, resume=False, force=False)
+    (real / "keep.txt").write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert main(["run", "--out", str(link), "--force", "--no-progress"]) == 2
+    assert "symbolic link" in one_error_line(capsys.readouterr().err)
+    assert (real / "keep.txt").exists()
+
+
+def test_kdkit_never_adopts_a_non_empty_folder_it_did_not_create(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "data.csv").write_text("1,2")
+    with pytest.raises(KdkitError, match="not created by kdkit"):
+        files.mark_run_dir(theirs)
+    assert not (theirs / files.RUN_MARKER).exists()
+
+
+def test_a_fresh_start_drops_checkpoints_an_earlier_run_left(digits, tmp_path):
+    from kdkit.train.checkpoint import prev_path
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(out, digits, stop_after=40)
+    assert prev_path(out / CHECKPOINT).exists()
+    from kdkit.data.loader import BatchLoader
+    from kdkit.distill import Distiller, build_method
+    from kdkit.models import create_model
+    from kdkit.train.loop import fit
+
+    student = create_model("mlp", hidden=[8], input_size=8)
+    with pytest.raises(TrainingInterrupted):
+        fit(Distiller(student, {}, build_method("ce", student)),
+            BatchLoader(digits.train, 64, shuffle=True, seed=0), LoopSettings(epochs=2),
+            run_dir=out, progress=False, stop_after=2)  # resume=False: a new run here
+    assert not prev_path(out / CHECKPOINT).exists()
+    assert read_state(out / CHECKPOINT)[1]["step"] == 2

@@ -32,7 +32,17 @@ from pathlib import Path
 from kdkit.errors import KdkitError
 
 RUN_MARKER = ".kdkit-run"
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+def _host_tag() -> str:
+    """This machine and PID namespace: containers sharing a hostname and a folder each see
+    only their own pids, so a pid is only judged where it lives."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+    try:
+        return f"{host}_{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
+_HOST = _host_tag()
 _TEMP_RE = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 STALE_FOREIGN_S = 24 * 3600.0  # a temporary of another host is stale after a day
 _umask: int | None = None
@@ -220,6 +230,9 @@ def mark_run_dir(path: Path) -> None:
         clean_stale_temps(path)
         marker = path / RUN_MARKER
         if not marker.exists():
+            if any(path.iterdir()):  # somebody else's folder: never adopt it
+                raise KdkitError(f"{path} exists and was not created by kdkit (no {RUN_MARKER} "
+                                 "marker); kdkit will not write into it: choose another --out")
             atomic_write_bytes(marker, b"created by kdkit; --force may delete this folder\n")
     except (NotADirectoryError, FileExistsError):
         raise KdkitError(f"cannot create run directory {path}: a file stands in its place or "
@@ -230,7 +243,14 @@ def mark_run_dir(path: Path) -> None:
 
 
 def remove_run_dir(path: Path) -> None:
-    """Delete a run directory for ``--force``: only one kdkit created, never anything else."""
+    """Delete a run directory for ``--force``: only one kdkit created, never anything else.
+
+    The folder is renamed to a temporary name first, then deleted: a kill midway leaves a
+    temporary that the next run removes, never a half-deleted run without its marker.
+    """
+    if path.is_symlink():
+        raise KdkitError(f"--force refuses to delete {path}: it is a symbolic link; remove the "
+                         "link yourself or choose another --out")
     resolved = path.resolve()
     if not (resolved / RUN_MARKER).is_file():
         raise KdkitError(
@@ -240,4 +260,4 @@ def remove_run_dir(path: Path) -> None:
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents or resolved == Path(resolved.anchor):
         raise KdkitError(f"--force refuses to delete {path}: it holds the current directory")
-    shutil.rmtree(resolved)
+    discard_dir(resolved)

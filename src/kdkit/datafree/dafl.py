@@ -39,6 +39,7 @@ from kdkit.train.checkpoint import (
     prev_path,
     restore_optimizer,
     save_state,
+    unreadable_path,
 )
 
 GENERATOR_STEM = "generator"
@@ -199,9 +200,10 @@ def _load_partial(
 
 
 def remove_partial(checkpoint: Path) -> None:
-    """Delete a partial generator state (newest, previous, and kdkit 0.1's JSON)."""
+    """Delete a partial generator state (newest, previous, one set aside as unreadable, and
+    kdkit 0.1's JSON)."""
     path = state_file(checkpoint)
-    for p in (_legacy_json(path), path, prev_path(path)):
+    for p in (_legacy_json(path), path, prev_path(path), unreadable_path(path)):
         p.unlink(missing_ok=True)
 
 

@@ -30,7 +30,7 @@ from kdkit.data.loader import derive_seed
 from kdkit.datafree.common import StageProgress, replace_artifact
 from kdkit.errors import CheckpointError, KdkitError
 from kdkit.files import clean_stale_temps
-from kdkit.train.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from kdkit.train.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 
 TRANSFER_STEM = "transfer"
 TRANSFER_FORMAT = "kdkit-transfer-set-1"
@@ -119,7 +119,7 @@ def optimise_inputs(
     }
     settings = json.loads(json.dumps(settings))
     state_path = out_dir / "synthesis.json"
-    if state_path.exists() and json.loads(state_path.read_text()) != settings:
+    if state_path.exists() and read_json(state_path, "synthesis settings") != settings:
         raise KdkitError(
             f"{out_dir} holds a synthesis with other settings ({state_path}); continue it "
             "with the same settings, or start over with --force"

@@ -42,6 +42,7 @@ def distill_chain(
     ``run_kwargs`` go to every stage's :func:`train_one` (data, method, settings, ...).
     Assistant stages live in ``run_dir/stage<k>-<model>``; the student in ``run_dir``.
     """
+    mark_run_dir(run_dir)  # before the assistants' stage folders are made inside it
     current, stages = teacher, []
     for k, (name, kwargs) in enumerate(assistants, start=1):
         stage_dir = run_dir / f"stage{k}-{name}"

@@ -121,7 +121,9 @@ def _publish_teacher(run_dir: Path, cached: Path) -> None:
     The cache never holds half a teacher; a folder another process published first is kept
     (publish_dir never replaces it). A broken folder is first renamed aside, then deleted.
     """
-    discard_dir(cached)
+    if _usable_cached_teacher(cached, lambda _m: None):
+        return  # another process published it meanwhile: keep theirs (others may copy it)
+    discard_dir(cached)  # a broken folder
     tmp = temp_dir(cached)
     try:
         for name in (*_TEACHER_FILES, SUMMARY):
@@ -153,7 +155,7 @@ def run_experiment(
         raise ConfigError(problems, f"'{cfg.name}'")
     resolved = dump_config(cfg)
     cfg_path = out_dir / "config.yaml"
-    if resume and cfg_path.exists() and cfg_path.read_text() != resolved:
+    if resume and cfg_path.exists() and cfg_path.read_bytes() != resolved.encode():
         raise KdkitError(
             f"{cfg_path} differs from the config given now; --resume needs the same config "
             "(use --force to start over, or --out for a new run directory)"
@@ -227,7 +229,10 @@ def _student(
     train = cfg.student_train(run)
     model = cfg.student_model(run)
     extra: dict[str, Any] = {"role": "student", "teachers": sorted(teachers)}
+    if (run_dir / SUMMARY).exists():  # finished; config.yaml's check made it this very run
+        return dict(read_json(run_dir / SUMMARY, "run summary"))
     loader = None
+    mark_run_dir(run_dir)  # before its transfer set or assistant stages are written into it
     if run.transfer is not None and not (run_dir / SUMMARY).exists():
         (t_label, teacher), = teachers.items()
         t_data = (teacher_data or {}).get(t_label, data)

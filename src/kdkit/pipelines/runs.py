@@ -5,9 +5,10 @@ Used by the experiment pipeline and by ``kdkit train`` / ``kdkit distill``.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from kdkit.train.checkpoint import (
     read_json,
     tensors_digest,
 )
-from kdkit.train.loop import LoopSettings, fit
+from kdkit.train.loop import LoopSettings, fit, identity_diff
 from kdkit.train.metrics import count_parameters, evaluate
 from kdkit.train.teacher_cache import CacheSettings, TeacherCache
 
@@ -54,19 +55,38 @@ def run_identity(
     *, data: DatasetSplits, model_name: str, model_kwargs: dict[str, Any], method: str,
     method_kwargs: dict[str, Any], teachers: dict[str, nn.Module], batch_size: int,
     augment: dict[str, Any] | None, teacher_mode: str, teacher_cache: dict[str, Any] | None,
-    channels_last: bool, train_x: Any, train_y: Any,
+    channels_last: bool, settings: LoopSettings, train: Any = None,
 ) -> dict[str, Any]:
-    """Everything that makes a training run what it is; a resume must match all of it."""
-    return {
+    """Everything that makes a training run what it is (JSON); a resume must match all of it.
+
+    ``train``: the training samples when the data's source does not determine them (a
+    transfer set, a generator's loader); their SHA-256 joins the identity.
+    """
+    digest = tensors_digest({"x": train.x, "y": train.y}) if train is not None else None
+    return json.loads(json.dumps({
         "model": {"name": model_name, "kwargs": model_kwargs},
         "method": {"name": method, "kwargs": method_kwargs},
         "teachers": {k: module_fingerprint(t) for k, t in sorted(teachers.items())},
         # where the files lie does not matter, only what they hold (the content hashes)
         "data": {**{k: v for k, v in data.source.items() if k != "root"},
-                 "train_sha256": tensors_digest({"x": train_x, "y": train_y})},
+                 "train_sha256": digest},
         "batch_size": batch_size, "augment": augment, "teacher_mode": teacher_mode,
         "teacher_cache": teacher_cache, "channels_last": channels_last,
-    }
+        "loop": asdict(settings),
+    }, default=str))
+
+
+def _check_same_run(found: dict[str, Any], identity: dict[str, Any], where: Path) -> None:
+    """A finished run (or stage) is reused only for the same run; else one clear refusal."""
+    if "identity" not in found:  # written before runs recorded their identity
+        return
+    problems = identity_diff(found["identity"], identity)
+    if problems:
+        raise KdkitError(
+            f"{where} holds a finished run of other settings: "
+            f"{', '.join(problems[:6])}{' ...' if len(problems) > 6 else ''} differ. Use the "
+            "same settings, or start over with --force (or another --out)"
+        )
 
 
 def build_model(name: str, kwargs: dict[str, Any], data: DatasetSplits, seed: int) -> nn.Module:
@@ -162,8 +182,20 @@ def train_one(
     batches of ``data.train`` (e.g. a DAFL generator's samples).
     """
     summary_path = run_dir / SUMMARY
+    own_train = loader is not None or not data.source or "train" in data.source
+    if own_train and loader is not None and not hasattr(loader.dataset, "x"):
+        own_train = False  # fresh generator samples: the generator's settings identify them
+    identity = run_identity(
+        data=data, model_name=model_name, model_kwargs=model_kwargs, method=method,
+        method_kwargs=method_kwargs, teachers=teachers, batch_size=batch_size, augment=augment,
+        teacher_mode=teacher_mode, teacher_cache=teacher_cache, channels_last=channels_last,
+        settings=settings,
+        train=(loader.dataset if loader is not None else data.train) if own_train else None,
+    )
     if summary_path.exists():
-        return dict(read_json(summary_path, "run summary"))
+        found = dict(read_json(summary_path, "run summary"))
+        _check_same_run(found, identity, summary_path)
+        return found
     mark_run_dir(run_dir)
     student = build_model(model_name, model_kwargs, data, settings.seed)
     if channels_last:
@@ -183,13 +215,6 @@ def train_one(
             views=cache_settings.views if cache_settings else None,
         )
     val = (data.val.x, data.val.y) if len(data.val) else None
-    identity = run_identity(
-        data=data, model_name=model_name, model_kwargs=model_kwargs, method=method,
-        method_kwargs=method_kwargs, teachers=teachers, batch_size=batch_size, augment=augment,
-        teacher_mode=teacher_mode, teacher_cache=teacher_cache, channels_last=channels_last,
-        train_x=getattr(loader.dataset, "x", data.train.x),
-        train_y=getattr(loader.dataset, "y", data.train.y),
-    )
     fit_wall = 0.0  # training time of every stage, summed over every process (resumes too)
     for k, stage in enumerate(stages, start=1):
         last = k == len(stages)
@@ -201,7 +226,10 @@ def train_one(
             lr=settings.lr if stage.lr is None else stage.lr,
             optimizer=stage.optimizer or settings.optimizer,
         )
+        stage_identity = {**identity, "stage": f"{k}/{len(stages)} {stage.name}"}
         if not last and (stage_dir / SUMMARY).exists():
+            _check_same_run(read_json(stage_dir / SUMMARY, "stage summary"), stage_identity,
+                            stage_dir / SUMMARY)
             tensors, _ = load_checkpoint(stage_dir / MODEL_STEM)
             load_state_strict(student, tensors, str(stage_dir / MODEL_STEM))
             fit_wall += float(read_json(stage_dir / SUMMARY, "stage summary").get("wall_s", 0.0))
@@ -220,7 +248,7 @@ def train_one(
             distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,
             progress=progress, label=label if last else f"{label}/{stage.name}",
             stop_after=stop_after, teacher_cache=cache,
-            identity={**identity, "stage": f"{k}/{len(stages)} {stage.name}"},
+            identity=stage_identity,
             log=_to_stderr if progress else None,
         )
         fit_wall += result.wall_s
@@ -228,7 +256,8 @@ def train_one(
             save_model(stage_dir, student, name=model_name, kwargs=model_kwargs,
                        data=data_meta(data), extra={"stage": stage.name})
             atomic_write_json(stage_dir / SUMMARY, {"stage": stage.name, "wall_s": result.wall_s,
-                                                    "history": result.history[-1:]})
+                                                    "history": result.history[-1:],
+                                                    "identity": stage_identity})
     t0 = time.perf_counter()
     test = evaluate(student, data.test.x, data.test.y, eval_batch_size)
     model_path = save_model(
@@ -244,7 +273,7 @@ def train_one(
         "val_acc": final.get("val/acc"), "epochs": stage_settings.epochs,
         "train_samples": len(loader.dataset),
         "wall_s": round(fit_wall + time.perf_counter() - t0, 2),
-        "resumed_from": result.resumed_from, **(extra or {}),
+        "resumed_from": result.resumed_from, **(extra or {}), "identity": identity,
     }
     atomic_write_json(summary_path, summary)
     return summary

@@ -108,6 +108,11 @@ def read_json(path: Path, what: str) -> Any:
 # ------------------------------------------------------------------ training state (1 file)
 
 
+def unreadable_path(path: Path) -> Path:
+    """Where an unreadable newest checkpoint is set aside when resume falls back."""
+    return path.with_name(path.stem + ".unreadable" + path.suffix)
+
+
 def prev_path(path: Path) -> Path:
     """Where the checkpoint before ``path`` is kept: ``state.safetensors`` -> ``state.prev...``."""
     return path.with_name(path.stem + ".prev" + path.suffix)
@@ -178,9 +183,14 @@ def load_state(
         except CheckpointError as e:
             problems.append(str(e))
             continue
-        if problems and log is not None:
-            log(f"kdkit: warning: {problems[0]}; resuming from the previous checkpoint {p.name} "
-                f"(epoch {out[1].get('epoch', '?')}, step {out[1].get('step', '?')})")
+        if problems:
+            # Set the unreadable newest aside: the next save would otherwise rotate it over
+            # this good one, and a kill between that save's two renames would leave nothing.
+            os.replace(path, unreadable_path(path))
+            if log is not None:
+                log(f"kdkit: warning: {problems[0]}; resuming from the previous checkpoint "
+                    f"{p.name} (epoch {out[1].get('epoch', '?')}, step {out[1].get('step', '?')})"
+                    f"; the unreadable one is kept as {unreadable_path(path).name}")
         elif p != path and log is not None:
             log(f"kdkit: warning: newest checkpoint {path.name} is missing; resuming from the "
                 f"previous one {p.name}")

@@ -33,6 +33,7 @@ from kdkit.train.checkpoint import (
     load_state,
     load_state_strict,
     optimizer_tensors,
+    prev_path,
     restore_optimizer,
     save_state,
 )
@@ -202,6 +203,9 @@ def fit(
     if found is not None:
         tensors, meta, where = found
         _check_state(meta, where)
+        if where.suffix == ".safetensors" and "identity" not in meta:
+            raise CheckpointError(f"checkpoint {where} is malformed (no identity); start over "
+                                  "with --force")
         if "identity" in meta:
             problems = identity_diff(meta["identity"], ident)
         else:  # kdkit 0.1 recorded only the loop settings: check what it can tell
@@ -227,8 +231,12 @@ def fit(
         if metrics_path is not None:
             _truncate_lines(metrics_path, meta["metrics_lines"])
         result.resumed_from = (epoch, start_step)
-    elif run_dir is not None and metrics_path is not None and metrics_path.exists():
-        metrics_path.unlink()
+    elif run_dir is not None and metrics_path is not None:
+        # A fresh start: what an earlier run left here is not this run's (its checkpoints
+        # would otherwise be rotated into this one's 'previous').
+        metrics_path.unlink(missing_ok=True)
+        for old in (run_dir / CHECKPOINT, prev_path(run_dir / CHECKPOINT)):
+            old.unlink(missing_ok=True)
 
     t_start = time.perf_counter()
 
