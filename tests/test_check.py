@@ -255,3 +255,16 @@ def test_meta_device_path_finds_the_same_problems() -> None:
         "students[3] (label 'bad')", "students[4] (label 'worse').model"]
     redone = sorted(f.split(" (")[0] for f in meta.fallbacks)
     assert redone == ["method overhaul", "method rkd"]
+
+
+def test_a_dataset_registered_by_the_user_is_not_refused(monkeypatch):
+    """Its geometry is not in the table; the dry build steps aside instead of failing."""
+    from kdkit.data import DATASETS
+    from kdkit.pipelines.check import DryBuild
+
+    monkeypatch.setitem(DATASETS._items, "my_data", DATASETS.get("digits"))
+    monkeypatch.setitem(DATASETS._summaries, "my_data", "a user's dataset")
+    cfg = load_config(None, ["data.name=my_data"])
+    build = DryBuild(cfg).run()
+    assert build.problems == []
+    assert "checked when it loads" in build.fallbacks[0]

@@ -45,21 +45,14 @@ def _cache_dir(arg: str | None, disabled: bool) -> Path | None:
 
 
 def _kv_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
-    from kdkit.config import parse_yaml
+    from kdkit.config import parse_key_value
 
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise ConfigError(f"{flag} expects KEY=VALUE, got '{item[:80]}'")
-        k, v = item.split("=", 1)
-        if k.strip() in out:
-            raise ConfigError(f"{flag} {k.strip()} is given twice")
-        try:
-            out[k.strip()] = parse_yaml(v, f"{flag} {k.strip()}")
-        except ConfigError as e:
-            if "given twice" in str(e) or "expands to" in str(e):
-                raise
-            out[k.strip()] = v  # not YAML: the plain string
+        key, value = parse_key_value(item, flag)
+        if key in out:
+            raise ConfigError(f"{flag} {key} is given twice")
+        out[key] = value
     return out
 
 

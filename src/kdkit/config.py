@@ -580,22 +580,30 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             node = node[key]
 
 
+def parse_key_value(item: str, flag: str) -> tuple[str, Any]:
+    """One ``KEY=VALUE`` of a command-line flag. VALUE is read as YAML (``5``, ``[32]``,
+    ``true``), or kept as the plain string when it is not YAML at all; YAML that is
+    malformed in other ways (duplicate keys, alias bombs, deep nesting) is refused."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{flag} expects KEY=VALUE (e.g. train.epochs=5), got '{_clip(item)}'")
+    try:
+        value = parse_yaml(raw, f"{flag} {key.strip()}")
+    except _NotYaml:
+        value = raw
+    return key.strip(), value
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=5), got '{item}'")
-        key, raw = item.split("=", 1)
-        if not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE with a key, got '{_clip(item)}'")
-        try:
-            value = parse_yaml(raw, f"--set {key.strip()}")
-        except ConfigError as e:
-            if "given twice" in str(e) or "expands to" in str(e):
-                raise
-            value = raw  # not YAML: the plain string
-        out.append((key.strip(), value))
-    return out
+    return [parse_key_value(item, "--set") for item in items]
+
+
+class _NotYaml(ConfigError):
+    """Text that does not parse as YAML at all."""
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -613,7 +621,7 @@ def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         except TypeError:  # an unhashable key: construct_mapping reports it
             continue
         if duplicate:
-            raise yaml.constructor.ConstructorError(
+            raise _DuplicateKey(
                 None, None, f"key {_clip(repr(key), 60)} is given twice in one mapping",
                 key_node.start_mark)
         seen.add(key)
@@ -644,8 +652,10 @@ def parse_yaml(text: str, source: str) -> Any:
     ConfigError."""
     try:
         value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
+    except _DuplicateKey as e:
         raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(e)}") from None
+    except yaml.YAMLError as e:
+        raise _NotYaml(f"{source} is not valid YAML: {_yaml_problem(e)}") from None
     except RecursionError:  # PyYAML's composer recurses once per nesting level
         raise ConfigError(f"{source} nests more than {MAX_CONFIG_DEPTH} levels deep; a config "
                           "is not that deep") from None

@@ -32,6 +32,7 @@ from kdkit.files import clean_stale_temps
 from kdkit.losses.datafree import activation_loss, information_entropy_loss, one_hot_loss
 from kdkit.taps import Tap, penultimate, run_with_taps
 from kdkit.train.checkpoint import (
+    NoReadableCheckpoint,
     load_checkpoint,
     load_state,
     load_state_strict,
@@ -183,8 +184,8 @@ def _load_partial(
     """The newest readable partial generator state (or the one before it); None if none."""
     try:
         found = load_state(path, log=say)
-    except CheckpointError as e:  # its advice (--force) does not apply: we start over
-        found, problem = None, str(e).split(". Start over with --force")[0]
+    except NoReadableCheckpoint as e:  # its advice (--force) does not apply: we start over
+        found, problem = None, "no readable checkpoint: " + "; ".join(e.reasons)
     else:
         problem = ""
     legacy = _legacy_json(path)

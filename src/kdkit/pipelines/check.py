@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from kdkit.config import ExperimentConfig, ModelSpec, StudentRunSpec
 from kdkit.data.geometry import dataset_geometry
 from kdkit.distill import Distiller, build_stages, method_teachers
 from kdkit.errors import KdkitError
 from kdkit.models import create_model
+from kdkit.models.meta import on_device
 
 REAL_PARAM_LIMIT = 5_000_000  # models up to this size are checked for real, on the CPU
 MAX_CPU_PARAMS = 100_000_000  # never allocated (400 MB in float32): checked on meta only
@@ -77,32 +76,6 @@ def _meta_artefact(e: BaseException | None) -> bool:
     return False
 
 
-# In-place random fills of weight initialisation. On meta tensors some of them (normal_)
-# go through torch._refs, whose first call imports torch._dynamo (over a second); a meta
-# tensor holds no values, so they are skipped there.
-_INIT_FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_,
-                         torch.Tensor.exponential_, torch.Tensor.log_normal_,
-                         torch.Tensor.cauchy_, torch.Tensor.geometric_})
-
-
-class _SkipInitFills(TorchFunctionMode):
-    def __torch_function__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
-        if func in _INIT_FILLS and args and getattr(args[0], "is_meta", False):
-            return args[0]
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def _on_device(device: str) -> Iterator[None]:
-    """New tensors on ``device``: on meta without init fills; on the CPU as usual."""
-    if device == "cpu":
-        yield
-        return
-    with torch.device(device), _SkipInitFills():
-        yield
-
-
 def _key(spec: ModelSpec) -> str:
     return json.dumps([spec.name, spec.kwargs], sort_keys=True, default=repr)
 
@@ -136,7 +109,12 @@ class DryBuild:
         try:
             self._geometry = dataset_geometry(self.cfg.data.name)
         except KdkitError as e:
-            self.problems.append(f"data.name: {e}")
+            from kdkit.data import DATASETS
+
+            if self.cfg.data.name in DATASETS:  # registered by the user: checked at run time
+                self.fallbacks.append(f"data.name: {e}; models are checked when it loads")
+            else:
+                self.problems.append(f"data.name: {e}")
             return self
         # Building on the CPU draws initial weights: leave the caller's RNG as it was.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -238,7 +216,7 @@ class DryBuild:
 
     def _build(self, spec: ModelSpec, device: str) -> nn.Module:
         num_classes, (c, h, _) = self._geometry
-        with _on_device(device):
+        with on_device(device):
             return create_model(spec.name, num_classes=num_classes, in_channels=c,
                                 input_size=h, **spec.kwargs)
 
@@ -328,7 +306,7 @@ class DryBuild:
             s = self._build(student, dev)
             ts = {label: self._instance(self._model(spec), dev) for label, spec in teachers.items()}
             x, y = self._input(dev)
-            with _on_device(dev):  # adapters and loss buffers on the models' device
+            with on_device(dev):  # adapters and loss buffers on the models' device
                 stages = build_stages(method, s, ts, example_input=x, **run.method.kwargs)
                 for stage in stages:
                     try:

@@ -14,6 +14,7 @@ from torch import nn
 
 from kdkit.errors import CheckpointError, KdkitError
 from kdkit.models import create_model
+from kdkit.models.meta import on_device
 from kdkit.train.checkpoint import load_checkpoint, load_state_strict, save_checkpoint, signature
 
 MODEL_STEM = "model"
@@ -118,9 +119,7 @@ def _rebuild(spec: dict[str, Any], data: dict[str, Any], stem: Path, device: str
     c, h, _w = data["input_shape"]
     try:
         if device == "meta":
-            from kdkit.pipelines.check import _on_device  # meta without the init fills
-
-            with _on_device("meta"):
+            with on_device("meta"):  # meta without the init fills
                 return create_model(spec["name"], num_classes=data["num_classes"],
                                     in_channels=c, input_size=h, **spec["kwargs"])
         return create_model(spec["name"], num_classes=data["num_classes"], in_channels=c,

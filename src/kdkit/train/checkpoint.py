@@ -108,6 +108,15 @@ def read_json(path: Path, what: str) -> Any:
 # ------------------------------------------------------------------ training state (1 file)
 
 
+class NoReadableCheckpoint(CheckpointError):
+    """Neither the newest checkpoint nor the one kept before it can be read."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        self.reasons = reasons
+        super().__init__("no readable checkpoint: " + "; ".join(reasons)
+                         + ". Start over with --force (or delete the checkpoint folder)")
+
+
 def unreadable_path(path: Path) -> Path:
     """Where an unreadable newest checkpoint is set aside when resume falls back."""
     return path.with_name(path.stem + ".unreadable" + path.suffix)
@@ -195,10 +204,7 @@ def load_state(
             log(f"kdkit: warning: newest checkpoint {path.name} is missing; resuming from the "
                 f"previous one {p.name}")
         return out
-    raise CheckpointError(
-        "no readable checkpoint: " + "; ".join(problems)
-        + ". Start over with --force (or delete the checkpoint folder)"
-    )
+    raise NoReadableCheckpoint(problems)
 
 
 # ------------------------------------------------------------- artifacts (.safetensors + .json)

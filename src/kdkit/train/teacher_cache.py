@@ -32,11 +32,14 @@ Guarantees (the primitives are in :mod:`kdkit.files`):
 
 - The folder is built under a temporary name (``<root>/.<key>.<host>-<pid>.<random>.tmp``)
   and renamed into place when complete, so a crash never leaves a torn cache; temporaries
-  left by killed builds are deleted by the next :meth:`TeacherCache.open_or_build`.
+  left by killed builds are deleted by the next :meth:`TeacherCache.open_or_build` (those of
+  another machine after a day).
 - Every open verifies the folder: a manifest that does not match what is asked (another
   teacher, other data, another augmentation, K, dtype or taps), or an array file whose size
-  or SHA-256 differs from the manifest's (truncated, corrupted, missing), gets the folder
-  rebuilt, never used; the log says why.
+  differs from the manifest's (truncated, missing), or which was modified since the build
+  and whose SHA-256 differs (corrupted), gets the folder rebuilt, never used; the log says
+  why. (A file of the build's size and modification time is not re-hashed: that would
+  re-read gigabytes of feature maps on every run.)
 - A published folder is never deleted while valid: when two processes build the same cache,
   the one that finishes second discards its own copy and uses the published one. An invalid
   folder is first renamed aside (readers holding its files open keep working), then deleted,
@@ -269,13 +272,16 @@ def _read_manifest(folder: Path, identity: dict[str, Any]) -> tuple[dict[str, An
                 return None, f"has a manifest naming a file outside it ({fname!r})"
             path = folder / fname
             try:
-                size = path.stat().st_size
+                st = path.stat()
             except FileNotFoundError:
                 return None, f"has lost {fname}"
-            if size != int(check["bytes"]):
-                return None, (f"has {fname} of {size} bytes, not {int(check['bytes'])} "
+            if st.st_size != int(check["bytes"]):
+                return None, (f"has {fname} of {st.st_size} bytes, not {int(check['bytes'])} "
                               "(truncated?)")
-            if sha256_file(path) != check["sha256"]:
+            # Hashing every array on every open would re-read the whole cache (gigabytes for
+            # feature maps) per run: a file untouched since the build (same size and
+            # modification time) is trusted, any other is hashed.
+            if st.st_mtime_ns != check.get("mtime_ns") and sha256_file(path) != check["sha256"]:
                 return None, f"has {fname} with the wrong SHA-256 (corrupted)"
     except (KeyError, TypeError, AttributeError, ValueError):
         return None, "has a malformed manifest"
@@ -386,7 +392,8 @@ def _build(
         del arrays
         bar.close()
         checks = {
-            fname: {"bytes": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
+            fname: {"bytes": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname),
+                    "mtime_ns": (tmp / fname).stat().st_mtime_ns}
             for entry in entries for fname in entry["files"].values()
         }
         build_s = round(time.perf_counter() - t0, 2)
