@@ -65,7 +65,7 @@ SAMPLE_PER_JOB = 6  # kill points per job in CI, the riskiest ones included
 # Fields that measure time or say where a run came from; everything else must be identical.
 TIMING_KEYS = frozenset({
     "epoch_s", "wall_s", "wall_s_mean", "build_s", "synthesis_s", "transfer_s", "latency_ms",
-    "cached_from", "resumed_from",
+    "cached_from", "resumed_from", "mtime_ns",
 })
 _KDKIT_SRC = str(Path(kdkit.__file__).resolve().parent) + os.sep
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND

@@ -1,7 +1,8 @@
 """Crash-safe file operations: atomic writes, published folders, stale temporaries, run dirs.
 
-Everything kdkit writes goes through here, so that "a crash never leaves a torn file" holds
-by construction:
+Every file kdkit writes goes through here (the one exception, ``metrics.jsonl``, is appended
+in place and cut back to the lines its checkpoint has seen on resume), so that "a crash
+never leaves a torn file" holds by construction:
 
 - :func:`atomic_write_bytes` writes a temporary file in the same folder, fsyncs it, renames
   it over the target and fsyncs the folder: after a crash (or a power cut) the target holds

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kdkit.errors import CheckpointError
-from kdkit.files import atomic_write_bytes, commit_file, fsync_dir, sync_file, temp_file
+from kdkit.files import atomic_write_bytes, commit_file, sync_file, temp_file
 
 FORMAT = "kdkit-checkpoint-1"
 STATE_FORMAT = "kdkit-state-1"
@@ -61,7 +61,7 @@ def module_fingerprint(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -71,17 +71,22 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
     for name, t in sorted(tensors.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no copy
     return h.hexdigest()
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor],
-                  metadata: dict[str, str] | None = None) -> None:
+                  metadata: dict[str, str] | None = None, *, keep_previous: bool = False) -> None:
+    """Write ``tensors`` to ``path`` atomically and durably; with ``keep_previous`` the file
+    that was there becomes :func:`prev_path` (a kill between the two renames leaves it)."""
     # safetensors refuses shared storage and non-contiguous views; store plain copies.
     plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     tmp = temp_file(path)
     try:
         save_file(plain, str(tmp), metadata=metadata)
+        if keep_previous and path.exists():
+            sync_file(tmp)
+            os.replace(path, prev_path(path))
         commit_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -136,18 +141,7 @@ def save_state(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> 
     """Write one atomic checkpoint file (tensors + JSON state); keep the previous one."""
     state = json.dumps(meta, sort_keys=True)
     metadata = {"format": STATE_FORMAT, "sha256": _state_digest(tensors, state), "state": state}
-    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    tmp = temp_file(path)
-    try:
-        save_file(plain, str(tmp), metadata=metadata)
-        sync_file(tmp)
-        if path.exists():
-            os.replace(path, prev_path(path))  # a kill here leaves prev: resume falls back
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _save_tensors(path, tensors, metadata, keep_previous=True)
 
 
 def read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

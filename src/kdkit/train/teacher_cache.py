@@ -103,7 +103,7 @@ def tensor_fingerprint(t: Tensor) -> str:
     """SHA-256 of a tensor's bytes, dtype and shape."""
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}:{list(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no copy
     return h.hexdigest()
 
 
