@@ -549,3 +549,19 @@ def test_a_fresh_start_drops_checkpoints_an_earlier_run_left(digits, tmp_path):
             run_dir=out, progress=False, stop_after=2)  # resume=False: a new run here
     assert not prev_path(out / CHECKPOINT).exists()
     assert read_state(out / CHECKPOINT)[1]["step"] == 2
+
+
+def test_a_resumed_experiment_reports_the_time_of_every_process(tmp_path, monkeypatch):
+    from conftest import kill_fit_call
+
+    cfg = config_from_dict(tiny_raw())
+    out = tmp_path / "exp"
+    restore = kill_fit_call(monkeypatch, call=2, steps=3)  # the student's run dies
+    with pytest.raises(TrainingInterrupted):
+        run_experiment(cfg, out, cache_dir=None, progress=False, log=quiet)
+    restore()
+    before = json.loads((out / "elapsed.json").read_text())["wall_s"]
+    assert before > 0
+    result = run_experiment(cfg, out, resume=True, cache_dir=None, progress=False, log=quiet)
+    assert result["wall_s"] >= round(before, 1)
+    assert json.loads((out / "elapsed.json").read_text())["wall_s"] >= before

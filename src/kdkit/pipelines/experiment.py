@@ -39,6 +39,7 @@ from kdkit.train.artifacts import MODEL_STEM, load_model
 from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json, read_json
 from kdkit.train.metrics import cpu_latency_ms
 
+ELAPSED = "elapsed.json"  # the experiment's wall time so far, for resumed runs
 CACHE_FORMAT = 2  # 2: keyed by the data's content hash (1 knew only the dataset's name)
 _TEACHER_FILES = (f"{MODEL_STEM}.safetensors", f"{MODEL_STEM}.json", "metrics.jsonl")
 
@@ -163,6 +164,13 @@ def run_experiment(
     prepare_run_dir(out_dir, resume=resume, force=force)
     atomic_write_bytes(cfg_path, resolved.encode())
     t0 = time.perf_counter()
+    # The experiment's wall time sums every process that worked on it (resumes included).
+    elapsed_path = out_dir / ELAPSED
+    wall_before = _elapsed(elapsed_path) if resume else 0.0
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - t0
+
     runs: list[dict[str, Any]] = []
     for seed in cfg.seeds:
         seed_dir = out_dir / f"seed{seed}"
@@ -178,6 +186,7 @@ def run_experiment(
             summary = _teacher(cfg, spec, full, seed, t_dir, cache_dir, resume, progress, log)
             runs.append(summary)
             _report(log, seed, summary)
+            atomic_write_json(elapsed_path, {"wall_s": wall()})
             teachers[spec.label] = load_teacher(t_dir, full)
             teacher_val[spec.label] = summary.get("val_acc")
             teacher_data[spec.label] = full
@@ -193,15 +202,25 @@ def run_experiment(
                                cache_dir=cache_dir)
             runs.append(summary)
             _report(log, seed, summary)
+            atomic_write_json(elapsed_path, {"wall_s": wall()})
     table_rows = aggregate(runs, out_dir, cfg.seeds[0], cfg.eval.latency_repeats)
     result = {
         "name": cfg.name, "seeds": cfg.seeds, "rows": table_rows, "runs": runs,
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": round(wall(), 1),
     }
     atomic_write_json(out_dir / SUMMARY, result)
     table = format_table(table_rows, cfg)
     atomic_write_bytes(out_dir / "table.md", table.encode())
     return result
+
+
+def _elapsed(path: Path) -> float:
+    """Wall time the earlier processes of a resumed experiment recorded (0 if none)."""
+    try:
+        value = read_json(path, "elapsed time").get("wall_s", 0.0)
+    except (KdkitError, AttributeError):
+        return 0.0
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else 0.0
 
 
 def _select_teachers(
