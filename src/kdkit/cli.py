@@ -498,6 +498,12 @@ def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) ->
     _add_out_flags(p)
 
 
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="experiment YAML (default: the built-in default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+
+
 def _add_out_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
@@ -520,9 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a whole experiment (default: built-in digits KD)",
                        description="Teacher -> scratch baseline -> distilled students -> table, "
                        "over several seeds. With no CONFIG, runs the built-in default.")
-    p.add_argument("config", nargs="?", help="experiment YAML (default: built-in)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    _add_config_args(p)
     p.add_argument("--cache-dir", help="teacher cache (default $KDKIT_CACHE or ~/.cache/kdkit)")
     p.add_argument("--no-cache", action="store_true", help="always retrain teachers")
     _add_out_flags(p)
@@ -531,9 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config and list every problem",
                        description="Checks a config's keys and values, and builds every model "
                        "and method on the data's geometry (nothing is trained or loaded).")
-    p.add_argument("config", nargs="?", help="experiment YAML (default: the built-in default)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, as for `kdkit run` (repeatable)")
+    _add_config_args(p)
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("train", help="train one plain model (e.g. a teacher) with cross-entropy")

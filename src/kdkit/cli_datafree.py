@@ -205,20 +205,17 @@ def add_parser(sub: Any, add_out_flags: Any) -> None:
         a.add_argument("--seed", type=int, default=0, help="random seed of everything drawn")
         if samples:
             a.add_argument("--samples", type=int, default=10000, help="transfer set size")
-        if optimiser == "dafl":
+        if optimiser is not None:  # a generator (DAFL) or the inputs themselves are trained
+            gen = optimiser == "dafl"
             a.add_argument("--batch-size", type=int, default=256,
-                           help="generator samples per training step")
+                           help="generator samples per training step" if gen
+                           else "inputs optimised together")
             a.add_argument("--steps", type=int, default=DEFAULT_STEPS[optimiser],
-                           help="generator training steps")
+                           help="generator training steps" if gen
+                           else "Adam steps per batch of inputs")
             a.add_argument("--lr", type=float, default=DEFAULT_LR[optimiser],
-                           help="the generator's Adam learning rate")
-        elif optimiser is not None:
-            a.add_argument("--batch-size", type=int, default=256,
-                           help="inputs optimised together")
-            a.add_argument("--steps", type=int, default=DEFAULT_STEPS[optimiser],
-                           help="Adam steps per batch of inputs")
-            a.add_argument("--lr", type=float, default=DEFAULT_LR[optimiser],
-                           help="Adam learning rate (on pixel values)")
+                           help="the generator's Adam learning rate" if gen
+                           else "Adam learning rate (on pixel values)")
         if optimiser in ("record", "deepinversion"):
             a.add_argument("--init-mean", type=float, default=0.15,
                            help="inputs start as N(init-mean, init-std) pixels")

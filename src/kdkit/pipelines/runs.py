@@ -123,10 +123,9 @@ def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> None:
         raise KdkitError("--resume continues a run and --force deletes it; give one of them")
     if path.exists() and not path.is_dir():
         raise KdkitError(f"--out {path}: a file of that name exists; choose another --out")
-    if str(path) in ("", "."):
-        raise KdkitError("--out names the current directory; give a run directory of its own "
-                         "(e.g. --out runs/my-run)") if str(path) == "." else KdkitError(
-                             "--out is empty; give a run directory (e.g. --out runs/my-run)")
+    if path == Path("."):  # also what Path("") is
+        raise KdkitError("--out names the current directory (or is empty); give a run "
+                         "directory of its own (e.g. --out runs/my-run)")
     if path.is_dir():
         clean_stale_temps(path)  # e.g. the marker's own temporary, if a kill came mid-write
     if path.is_dir() and any(path.iterdir()):
