@@ -30,6 +30,18 @@ _AUGMENT_STREAM = 1
 _VIEW_STREAM = 3
 
 
+def _take(src: Tensor, rows: Tensor, device: torch.device) -> Tensor:
+    """``src[rows]`` on ``device``: cut there if ``src`` lives there, else cut into pinned
+    host memory and copied without waiting."""
+    if src.device == device:
+        return src[rows]
+    if not src.is_pinned():
+        return src[rows].to(device)
+    out = torch.empty((len(rows), *src.shape[1:]), dtype=src.dtype, pin_memory=True)
+    torch.index_select(src, 0, rows, out=out)
+    return out.to(device, non_blocking=True)
+
+
 def derive_seed(*ints: int) -> int:
     """Mix integers into a seed in [0, 2**63) that is stable across runs and platforms."""
     packed = b"".join(struct.pack("<q", int(i)) for i in ints)
@@ -67,6 +79,31 @@ class BatchLoader:
         self.seed = int(seed)
         self.augment = augment
         self.drop_last = drop_last
+        self.device = torch.device("cpu")
+        self._x, self._y = dataset.x, dataset.y  # where batches are cut from
+
+    def place(self, device: torch.device) -> BatchLoader:
+        """Cut batches on ``device``: the whole dataset moves there once if it fits (then
+        batching and augmentation run there, with no per-step copy of data); otherwise it
+        stays in (pinned) host memory and each batch is copied without waiting."""
+        from kdkit.train.device import fits_on_device, nbytes
+
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        x, y = self.dataset.x, self.dataset.y
+        if device.type == "cpu":
+            self._x, self._y = x.cpu(), y.cpu()
+        elif fits_on_device(nbytes(x, y), device):
+            self._x, self._y = x.to(device), y.to(device)
+        else:
+            self._x, self._y = x.cpu().pin_memory(), y.cpu().pin_memory()
+        self.device = device
+        return self
+
+    def batch_rows(self, step: int) -> int:
+        """How many samples global batch ``step`` holds (the last one may be short)."""
+        return max(0, min(self.batch_size, len(self.dataset) - step * self.batch_size))
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -81,23 +118,45 @@ class BatchLoader:
         return torch.randperm(n, generator=gen)
 
     def epoch_batches(
-        self, epoch: int, start_step: int = 0
+        self, epoch: int, start_step: int = 0, *, shard: tuple[int, int] = (0, 1)
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Yield the batches of ``epoch`` from batch number ``start_step`` on."""
+        """Yield the batches of ``epoch`` from batch number ``start_step`` on.
+
+        ``shard=(rank, world)``: only rank ``rank``'s contiguous share of each global batch
+        (:func:`kdkit.dist.shard_bounds`); the global batches are those of one process, with
+        the same order and augmentation. ``x`` and ``y`` are on the loader's device
+        (:meth:`place`); ``index`` stays on the CPU.
+        """
+        from kdkit.dist import shard_bounds
+
         if start_step < 0:
             raise KdkitError(f"start_step must be >= 0, got {start_step}")
+        part, parts = shard
         order = self.order(epoch)
-        x_all, y_all = self.dataset.x, self.dataset.y
+        x_all, y_all = self._x, self._y
+        order_dev = order.to(x_all.device)
+        dev = self.device
         for step in range(start_step, len(self)):
-            index = order[step * self.batch_size : (step + 1) * self.batch_size]
-            x = x_all[index.to(x_all.device)]
-            y = y_all[index.to(y_all.device)]
+            lo, hi = step * self.batch_size, (step + 1) * self.batch_size
+            hi = min(hi, len(order))
+            a, b = shard_bounds(hi - lo, part, parts) if parts > 1 else (0, hi - lo)
+            batch_aug = self.views is None and self.augment is not None
+            if batch_aug and parts > 1:
+                a_x, b_x = 0, hi - lo  # the global batch's augmentation, then this shard
+            else:
+                a_x, b_x = a, b
+            index = order[lo + a : lo + b]
+            rows = order_dev[lo + a_x : lo + b_x]
+            x = _take(x_all, rows, dev)
+            y = _take(y_all, order_dev[lo + a : lo + b], dev)
             if self.views is not None:
                 x = make_views(self.augment, x, self.sample_keys()[index],
                                self.view_ids(epoch, index))
             elif self.augment is not None:
                 seed = derive_seed(self.seed, epoch, step, _AUGMENT_STREAM)
                 x = self.augment(x, torch.Generator().manual_seed(seed))
+                if parts > 1:
+                    x = x[a:b]
             yield x, y, index
 
     def sample_keys(self) -> Tensor:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from kdkit.data.loader import derive_seed
 from kdkit.datafree.common import StageProgress, replace_artifact, stderr_line
+from kdkit.dist import shard_bounds
 from kdkit.errors import CheckpointError, KdkitError
 from kdkit.files import clean_stale_temps
 from kdkit.losses.datafree import activation_loss, information_entropy_loss, one_hot_loss
@@ -42,6 +43,7 @@ from kdkit.train.checkpoint import (
     save_state,
     unreadable_path,
 )
+from kdkit.train.device import module_device
 
 GENERATOR_STEM = "generator"
 # The state of an unfinished generator training: one file (weights, optimiser and JSON
@@ -276,14 +278,31 @@ class GeneratorLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def place(self, device: torch.device) -> GeneratorLoader:
+        """Generate on ``device`` (the latent draws stay on the CPU, so they do not depend
+        on it)."""
+        self.generator.to(device)
+        self.teacher.to(device)
+        return self
+
+    def batch_rows(self, step: int) -> int:
+        return self.batch_size
+
+    def epoch_batches(self, epoch: int, start_step: int = 0, *, shard: tuple[int, int] = (0, 1)
+                      ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Batches from ``start_step`` on; ``shard=(rank, world)``: that rank's share of
+        each global batch (the global batch's latents are drawn, then cut)."""
+        part, parts = shard
+        a, b = shard_bounds(self.batch_size, part, parts)
+        device = module_device(self.generator)
         for step in range(start_step, self.steps):
             gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, step, _SAMPLE_STREAM))
-            z = torch.randn((self.batch_size, self.latent_dim), generator=gen)
+            z = torch.randn((self.batch_size, self.latent_dim), generator=gen)[a:b]
             with torch.no_grad():
-                x = self.generator(z)
+                x = self.generator(z.to(device))
                 y = self.teacher(x).argmax(1)
-            yield x, y, torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+            first = step * self.batch_size
+            yield x, y, torch.arange(first + a, first + b)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         return self.epoch_batches(0)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from kdkit.dist import gather_batch
 from kdkit.distill.term import Term
 from kdkit.errors import KdkitError
 from kdkit.taps import Tap, run_with_taps
@@ -139,6 +141,7 @@ class Distiller(nn.Module):
         *,
         progress: float = 0.0,
         teacher_outputs: Mapping[str, Mapping[str, Tensor]] | None = None,
+        global_batch: tuple[int, ...] | None = None,
     ) -> dict[str, Tensor]:
         """Compute the objective on a batch.
 
@@ -147,6 +150,9 @@ class Distiller(nn.Module):
             progress: fraction of training done, in [0, 1], for scheduled weights.
             teacher_outputs: precomputed teacher tensors (from a cache) to skip teacher
                 forwards; same layout as :meth:`teacher_outputs`.
+            global_batch: under DDP, every rank's shard size (rank order): the terms that
+                relate samples (RKD, SP, PKT, triplets, ...) then see the global batch, all
+                gathered with gradient (``global_batch_terms``); None: each rank's shard.
         """
         logits, s_feats = run_with_taps(self.student, x, self._student_taps)
         t_all = teacher_outputs if teacher_outputs is not None else self.teacher_outputs(x)
@@ -158,7 +164,11 @@ class Distiller(nn.Module):
             if reads:
                 t_val = reads if term.teacher_is_list else reads[0]
             s_val = [s_feats[str(tap)] for tap in term.student_taps()]
-            value = term.compute(s_val if isinstance(term.student, tuple) else s_val[0], t_val, y)
+            gather = None
+            if global_batch is not None and term.relates_samples:
+                gather = partial(gather_batch, sizes=global_batch)
+            value = term.compute(s_val if isinstance(term.student, tuple) else s_val[0], t_val, y,
+                                 gather=gather)
             w = term.weight_at(progress)
             if w != 0.0:
                 total = total + w * value

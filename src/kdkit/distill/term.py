@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
@@ -78,10 +80,53 @@ class Term:
     def weight_at(self, progress: float) -> float:
         return float(self.weight(progress)) if callable(self.weight) else float(self.weight)
 
+    @property
+    def relates_samples(self) -> bool:
+        """The loss relates the samples of a batch (RKD, SP, PKT, triplets, ...): under DDP
+        it sees the rank's shard unless the distiller gathers the global batch for it."""
+        return bool(getattr(self.loss, "relates_samples", False))
+
     def compute(
         self, student: Tensor | list[Tensor], teacher: Tensor | list[Tensor] | None,
-        target: Tensor | None,
+        target: Tensor | None, *, gather: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """Unweighted value of this term on already-captured tensors."""
+        """Unweighted value of this term on already-captured tensors.
+
+        The adapter runs under the caller's autocast; the loss itself always computes in
+        float32 with autocast off (inputs in half precision are cast first), so every
+        softmax, log-softmax, KL divergence and norm of every loss is a float32 one.
+        ``gather``: maps a rank's shard to the global batch (student tensors keep their
+        gradient), for terms that relate samples under ``global_batch_terms``.
+        """
         s = self.adapter(student) if self.adapter is not None else student
+        if gather is not None:
+            s, teacher = _tree(gather, s), _tree(gather, teacher)
+            target = gather(target) if target is not None else None
+        device_type = _device_type(s)
+        if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self.loss(_tree(_fp32, s), _tree(_fp32, teacher), target=target)
         return self.loss(s, teacher, target=target)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")  # (autocast cannot be asked about "meta")
+
+
+def _fp32(t: Tensor) -> Tensor:
+    return t.float() if t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _tree(fn: Callable[[Tensor], Tensor], v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return fn(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_tree(fn, t) for t in v)
+    return v
+
+
+def _device_type(v: Any) -> str | None:
+    if isinstance(v, Tensor):
+        return v.device.type
+    if isinstance(v, (list, tuple)) and v:
+        return _device_type(v[0])
+    return None

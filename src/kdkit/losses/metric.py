@@ -86,5 +86,9 @@ class AbsoluteTeacherLoss(nn.Module):
 class RelativeTeacherLoss(nn.Module):
     """Module form of :func:`relative_teacher_loss`: student (B, D), teacher (B, D')."""
 
+    # relates the samples of a batch: under DDP it sees the rank's shard unless
+    # global_batch_terms gathers the global batch for it (kdkit.distill.term.Term)
+    relates_samples = True
+
     def forward(self, student: Tensor, teacher: Tensor, *, target: Tensor | None = None) -> Tensor:
         return relative_teacher_loss(student, teacher)

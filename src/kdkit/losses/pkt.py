@@ -54,6 +54,10 @@ def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
 class PKTLoss(nn.Module):
     """Module form of :func:`pkt_loss`: student (B, ...), teacher (B, ...)."""
 
+    # relates the samples of a batch: under DDP it sees the rank's shard unless
+    # global_batch_terms gathers the global batch for it (kdkit.distill.term.Term)
+    relates_samples = True
+
     def __init__(self, eps: float = 1e-7) -> None:
         super().__init__()
         if eps <= 0:

@@ -58,6 +58,10 @@ class RelativeDissimilarityLoss(nn.Module):
     0 (keeping the graph) if B < 3 or none is kept. Votes carry no gradient.
     """
 
+    # relates the samples of a batch: under DDP it sees the rank's shard unless
+    # global_batch_terms gathers the global batch for it (kdkit.distill.term.Term)
+    relates_samples = True
+
     def __init__(self, margin: float = 1.0, triplets_per_anchor: int = 1) -> None:
         super().__init__()
         if margin < 0:

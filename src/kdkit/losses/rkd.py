@@ -86,12 +86,20 @@ def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
 class RKDDistanceLoss(nn.Module):
     """Module form of :func:`rkd_distance`: student (B, D), teacher (B, D')."""
 
+    # relates the samples of a batch: under DDP it sees the rank's shard unless
+    # global_batch_terms gathers the global batch for it (kdkit.distill.term.Term)
+    relates_samples = True
+
     def forward(self, student: Tensor, teacher: Tensor, *, target: Tensor | None = None) -> Tensor:
         return rkd_distance(student, teacher)
 
 
 class RKDAngleLoss(nn.Module):
     """Module form of :func:`rkd_angle`: student (B, D), teacher (B, D')."""
+
+    # relates the samples of a batch: under DDP it sees the rank's shard unless
+    # global_batch_terms gathers the global batch for it (kdkit.distill.term.Term)
+    relates_samples = True
 
     def forward(self, student: Tensor, teacher: Tensor, *, target: Tensor | None = None) -> Tensor:
         return rkd_angle(student, teacher)

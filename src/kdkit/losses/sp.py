@@ -35,5 +35,9 @@ def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class SPLoss(nn.Module):
     """Module form of :func:`sp_loss`: student (B, ...), teacher (B, ...)."""
 
+    # relates the samples of a batch: under DDP it sees the rank's shard unless
+    # global_batch_terms gathers the global batch for it (kdkit.distill.term.Term)
+    relates_samples = True
+
     def forward(self, student: Tensor, teacher: Tensor, *, target: Tensor | None = None) -> Tensor:
         return sp_loss(student, teacher)

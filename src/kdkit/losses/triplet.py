@@ -103,6 +103,10 @@ class TripletKDLoss(nn.Module):
     ``forward(student, teacher, *, target)``: logits (B, C) each, labels (B,) required.
     """
 
+    # relates the samples of a batch: under DDP it sees the rank's shard unless
+    # global_batch_terms gathers the global batch for it (kdkit.distill.term.Term)
+    relates_samples = True
+
     def __init__(self, margin: float = 5.0, p: float = 2.0) -> None:
         super().__init__()
         if margin < 0:
@@ -125,6 +129,10 @@ class BatchHardTripletLoss(nn.Module):
 
     ``teacher`` is ignored (may be None); ``target`` (B,) is required.
     """
+
+    # relates the samples of a batch: under DDP it sees the rank's shard unless
+    # global_batch_terms gathers the global batch for it (kdkit.distill.term.Term)
+    relates_samples = True
 
     def __init__(self, margin: float = 0.2) -> None:
         super().__init__()

@@ -8,8 +8,8 @@ reaches bit-for-bit the same weights as one that was never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import signal
 import sys
 import time
@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from kdkit import dist
 from kdkit.data.loader import BatchLoader, derive_seed
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import CheckpointError, KdkitError, NonFiniteLossError
@@ -37,6 +38,7 @@ from kdkit.train.checkpoint import (
     restore_optimizer,
     save_state,
 )
+from kdkit.train.device import Precision, fits_on_device, nbytes, resolve_device, tree_to
 from kdkit.train.metrics import evaluate
 from kdkit.train.optim import build_optimizer, lr_at, set_lr
 from kdkit.train.teacher_cache import TeacherCache
@@ -65,6 +67,14 @@ class LoopSettings:
     grad_clip: float | None = None
     seed: int = 0
     log_every: int = 0  # also log every N steps (0: only at epoch ends)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    compile: bool = False  # torch.compile the student and teachers
+    sync_bn: bool = False  # under DDP: BatchNorm statistics of the global batch
+    global_batch_terms: bool = False  # under DDP: terms relating samples see the global batch
+
+
+_LATER_SETTINGS = ("precision", "compile", "sync_bn", "global_batch_terms")
 
 
 CHECKPOINT = Path("checkpoint") / "state.safetensors"  # inside the run directory
@@ -154,10 +164,16 @@ def fit(
 ) -> FitResult:
     """Train ``distiller``'s trainable part on ``loader`` for ``settings.epochs`` epochs.
 
+    The distiller (teachers included) and every batch go to ``settings.device``; the
+    forward passes run under ``settings.precision``'s autocast. Under torchrun
+    (``torch.distributed`` initialised), the trainable part is wrapped in DDP, each rank
+    takes its share of every global batch, metrics are summed over ranks and rank 0 alone
+    writes ``run_dir``.
+
     Args:
         val: validation (x, y), evaluated at the end of every epoch.
         run_dir: where ``metrics.jsonl`` and ``checkpoint/`` go (None: keep nothing).
-        resume: continue from ``run_dir/checkpoint/last`` if it exists.
+        resume: continue from ``run_dir``'s checkpoint if it exists.
         stop_after: stop, checkpoint and raise :class:`TrainingInterrupted` after this many
             global steps (a step budget; also how tests simulate a crash).
         teacher_cache: precomputed teacher outputs, looked up by (sample, view) instead of
@@ -182,23 +198,41 @@ def fit(
             f"{label}: the teacher cache holds {teacher_cache.views} view(s) per sample but the "
             f"loader draws views={loader.views}; build the loader with views={teacher_cache.views}"
         )
+    world, rank = dist.world_size(), dist.rank()
+    main = rank == 0
+    if world > 1 and loader.batch_rows(steps_per_epoch - 1) < world:
+        raise KdkitError(
+            f"{label}: {world} processes share each batch of {loader.batch_size}, but the last "
+            f"batch holds {loader.batch_rows(steps_per_epoch - 1)} sample(s); use a batch size "
+            "that leaves every rank at least one sample (or fewer processes)")
+    device = resolve_device(s.device)
+    prec = Precision(s.precision, device)
+    distiller.to(device)
+    loader.place(device)
+    if val is not None and fits_on_device(nbytes(*val), device):
+        val = (val[0].to(device), val[1].to(device))
     total_steps = s.epochs * steps_per_epoch
     opt = build_optimizer(
         distiller.parameters(), s.optimizer, s.lr,
         momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov,
     )
-    if run_dir is not None:
+    writes = run_dir is not None and main  # rank 0 alone writes
+    if writes:
+        assert run_dir is not None
         run_dir.mkdir(parents=True, exist_ok=True)
         for folder in (run_dir, (run_dir / CHECKPOINT).parent):  # left by a killed process
             clean_stale_temps(folder)
-    metrics_path = run_dir / "metrics.jsonl" if run_dir else None
-    ckpt_path = run_dir / CHECKPOINT if run_dir else None
+    metrics_path = run_dir / "metrics.jsonl" if writes and run_dir else None
+    ckpt_path = run_dir / CHECKPOINT if writes and run_dir else None
     result = FitResult()
-    ident = json.loads(json.dumps({**(identity or {}), "loop": _jsonable(s),
+    ident = json.loads(json.dumps({**(identity or {}), "loop": loop_identity(s),
                                    "steps_per_epoch": steps_per_epoch}, default=str))
-
+    keys = ["loss", *(t.name for t in distiller.terms)]
     epoch, start_step, partial, wall_before = 0, 0, {}, 0.0
-    found = _load_resume_state(run_dir) if resume and run_dir is not None else None
+    found = None
+    if resume and run_dir is not None:
+        with dist.main_first():  # rank 0 may set an unreadable file aside; then all read
+            found = _load_resume_state(run_dir)
     saved = found is not None
     if found is not None:
         tensors, meta, where = found
@@ -221,6 +255,8 @@ def fit(
         load_state_strict(distiller, model_state, str(where))
         try:
             restore_optimizer(opt, tensors, meta["optimizer"])
+            if meta.get("scaler"):
+                prec.scaler.load_state_dict(meta["scaler"])
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise CheckpointError(f"{where}: its optimiser state does not fit this optimiser "
                                   f"({type(e).__name__}: {str(e)[:80]}); start over with "
@@ -231,17 +267,20 @@ def fit(
         if metrics_path is not None:
             _truncate_lines(metrics_path, meta["metrics_lines"])
         result.resumed_from = (epoch, start_step)
-    elif run_dir is not None and metrics_path is not None:
+    elif writes and metrics_path is not None and run_dir is not None:
         # A fresh start: what an earlier run left here is not this run's (its checkpoints
         # would otherwise be rotated into this one's 'previous').
         metrics_path.unlink(missing_ok=True)
         for old in (run_dir / CHECKPOINT, prev_path(run_dir / CHECKPOINT)):
             old.unlink(missing_ok=True)
+    dist.barrier()  # nobody starts before rank 0 has cleaned up
 
     t_start = time.perf_counter()
+    meter = _Meter(keys, device, partial if main else {})
 
     def checkpoint(ep: int, st: int, part: dict[str, float]) -> None:
         nonlocal saved
+        saved = True
         if ckpt_path is None:
             return
         opt_t, opt_meta = optimizer_tensors(opt)
@@ -252,24 +291,34 @@ def fit(
             "epoch": ep, "step": st, "partial": part, "history": result.history,
             "optimizer": opt_meta, "identity": ident, "metrics_lines": lines, "label": label,
             "wall_s": wall_before + time.perf_counter() - t_start,
+            **({"scaler": prec.scaler.state_dict()} if prec.scaler.is_enabled() else {}),
         })
-        saved = True
 
+    progress = progress and main
     bar = progress_bar(
         total=total_steps, initial=epoch * steps_per_epoch + start_step, desc=label,
         disable=not progress, leave=False, dynamic_ncols=True, unit="step", mininterval=0.5,
     )
     epoch_log = log if progress and bar.disable else None
-    distiller.train()
-    with _sigint_flag() as sig, bar:
+    # Reading a value from the device waits for it; on one CPU process that costs nothing,
+    # so the non-finite check and Ctrl-C run every step; elsewhere every CHECK_EVERY steps.
+    check_every = 1 if (device.type == "cpu" and world == 1) else CHECK_EVERY
+    global_batch = world > 1 and s.global_batch_terms
+    with contextlib.ExitStack() as stack:
+        sig = stack.enter_context(_sigint_flag())
+        stack.enter_context(bar)
+        if s.sync_bn and world > 1:
+            stack.enter_context(dist.sync_batchnorm(distiller, on_cuda=device.type == "cuda"))
+        model = _wrap(distiller, device, world)
+        distiller.train()
         while epoch < s.epochs:
-            sums: dict[str, float] = dict(partial) or {"n": 0.0, "correct": 0.0}
             t_epoch = time.perf_counter()
             for step, (x, y, index) in enumerate(
-                loader.epoch_batches(epoch, start_step), start=start_step
+                loader.epoch_batches(epoch, start_step, shard=(rank, world)), start=start_step
             ):
                 gstep = epoch * steps_per_epoch + step
-                torch.manual_seed(derive_seed(s.seed, epoch, step, _DROPOUT_STREAM))
+                seed_ints = (s.seed, epoch, step, _DROPOUT_STREAM) + ((rank,) if world > 1 else ())
+                torch.manual_seed(derive_seed(*seed_ints))
                 prog = gstep / total_steps
                 lr = lr_at(prog, s.lr, s.schedule, milestones=tuple(s.milestones),
                            gamma=s.gamma, warmup=s.warmup_epochs / s.epochs)
@@ -277,44 +326,157 @@ def fit(
 
                 cached = None
                 if teacher_cache is not None:
-                    cached = teacher_cache.lookup(index, loader.view_ids(epoch, index))
-                out = distiller(x, y, progress=prog, teacher_outputs=cached)
-                _check_finite(out, distiller, gstep, epoch, saved)
+                    cached = tree_to(teacher_cache.lookup(index, loader.view_ids(epoch, index)),
+                                     device)
+                rows = loader.batch_rows(step)
+                sizes = tuple(dist.shard_sizes(rows, world)) if global_batch else None
+                with prec.autocast():
+                    out = model(x, y, progress=prog, teacher_outputs=cached, global_batch=sizes)
+                meter.add(out, y, gstep)
+                last_of_epoch = step + 1 == steps_per_epoch
+                if check_every == 1:
+                    meter.check(distiller, epoch, saved)  # before the step: weights stay good
+                loss = out["loss"]
+                if world > 1 and len(y) * world != rows:  # shards of unequal size: weigh each
+                    loss = loss * (len(y) * world / rows)  # so DDP's mean is the batch mean
                 opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                prec.scaler.scale(loss).backward()
                 if s.grad_clip is not None:
+                    prec.scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(distiller.parameters(), s.grad_clip)
-                opt.step()
-
-                b = float(len(y))
-                sums["n"] += b
-                sums["correct"] += float((out["logits"].detach().argmax(1) == y).sum())
-                for k in ["loss", *(t.name for t in distiller.terms)]:
-                    sums[k] = sums.get(k, 0.0) + float(out[k].detach()) * b
+                prec.scaler.step(opt)
+                prec.scaler.update()
                 bar.update(1)
-                if s.log_every and (gstep + 1) % s.log_every == 0 and metrics_path:
-                    _append_jsonl(metrics_path, {"epoch": epoch, "step": step + 1, "lr": lr,
-                                                 "train/loss": float(out["loss"].detach())})
                 done = gstep + 1
-                if sig["stop"] or (stop_after is not None and done >= stop_after):
+                stop = False
+                if check_every == 1:
+                    stop = sig["stop"]
+                elif (step + 1) % check_every == 0 or last_of_epoch or (
+                        stop_after is not None and done >= stop_after):
+                    stop = meter.check(distiller, epoch, saved, stop=sig["stop"])
+                if s.log_every and done % s.log_every == 0:
+                    step_loss = meter.step_loss(out)
+                    if metrics_path:
+                        _append_jsonl(metrics_path, {"epoch": epoch, "step": step + 1, "lr": lr,
+                                                     "train/loss": step_loss})
+                if stop or (stop_after is not None and done >= stop_after):
                     nxt_epoch, nxt_step = (epoch, step + 1)
+                    sums = meter.totals()
                     if nxt_step == steps_per_epoch:  # epoch finished: log it first
                         _end_epoch(result, sums, epoch, lr, val, distiller, metrics_path,
                                    t_epoch, on_epoch, bar, epoch_log, label, s.epochs)
                         nxt_epoch, nxt_step, sums = epoch + 1, 0, {}
+                        meter.reset({})
                     checkpoint(nxt_epoch, nxt_step, sums)
-                    why = "interrupted (Ctrl-C)" if sig["stop"] else f"stopped after {done} steps"
+                    kept_in = (str((run_dir / CHECKPOINT).parent) if run_dir
+                               else "(nowhere: no run dir)")
+                    why = "interrupted (Ctrl-C)" if stop else f"stopped after {done} steps"
                     raise TrainingInterrupted(
                         f"{label}: {why} at epoch {nxt_epoch} step {nxt_step}; checkpoint saved "
-                        f"in {ckpt_path.parent if ckpt_path else '(nowhere: no run dir)'}; "
-                        "continue with --resume"
+                        f"in {kept_in}; continue with --resume"
                     )
-            _end_epoch(result, sums, epoch, lr, val, distiller, metrics_path, t_epoch, on_epoch,
-                       bar, epoch_log, label, s.epochs)
-            epoch, start_step, partial = epoch + 1, 0, {}
+            _end_epoch(result, meter.totals(), epoch, lr, val, distiller, metrics_path, t_epoch,
+                       on_epoch, bar, epoch_log, label, s.epochs)
+            meter.reset({})
+            epoch, start_step = epoch + 1, 0
             checkpoint(epoch, 0, {})
     result.wall_s = wall_before + time.perf_counter() - t_start
     return result
+
+
+CHECK_EVERY = 25  # steps between reads of the device's non-finite flags (off one CPU)
+_NEVER = 2**62  # "no bad step yet"
+
+
+class _Meter:
+    """Per-epoch sums of the metrics, kept on the device (no host read per step).
+
+    ``add`` accumulates samples, correct predictions and each term's value times the batch
+    size, and remembers the first step at which each term was NaN/inf; ``check`` reads that
+    (summed over ranks) and raises :class:`NonFiniteLossError` naming the term and step.
+    """
+
+    def __init__(self, keys: list[str], device: torch.device, partial: dict[str, float]
+                 ) -> None:
+        self.keys = keys
+        self.device = device
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.bad_at = torch.full((len(keys),), _NEVER, dtype=torch.long, device=device)
+        self.bad_val = torch.zeros(len(keys), dtype=torch.float32, device=device)
+        self.reset(partial)
+
+    def reset(self, partial: dict[str, float]) -> None:
+        names = ["n", "correct", *self.keys]
+        self.sums = torch.tensor([float(partial.get(k, 0.0)) for k in names], dtype=self.dtype,
+                                 device=self.device)
+        self.extra = {k: v for k, v in partial.items() if k not in names}
+
+    def add(self, out: dict[str, Tensor], y: Tensor, gstep: int) -> None:
+        vals = torch.stack([out[k].detach().float() for k in self.keys])
+        correct = (out["logits"].detach().argmax(1) == y).sum()
+        b = float(len(y))
+        row = torch.cat([torch.stack([correct.new_tensor(len(y)), correct]).to(self.dtype),
+                         vals.to(self.dtype) * b])
+        self.sums += row
+        fresh = ~torch.isfinite(vals) & (self.bad_at == _NEVER)
+        self.bad_at = torch.where(fresh, gstep, self.bad_at)
+        self.bad_val = torch.where(fresh, vals, self.bad_val)
+
+    def check(self, distiller: Distiller, epoch: int, saved: bool, stop: bool = False) -> bool:
+        """Raise if a term went non-finite (on any rank); return whether any rank was
+        asked to stop (Ctrl-C). Reads the device: call at check points only."""
+        flags = torch.cat([self.bad_at, self.bad_at.new_tensor([_NEVER - int(stop)])])
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        host = flags.tolist()
+        first = min(host[:-1])
+        if first < _NEVER:
+            local, vals = self.bad_at.tolist(), self.bad_val.tolist()
+            order = [*range(1, len(self.keys)), 0]  # name a term before the total
+            for i in order:
+                if host[i] == first:  # the value is known where it happened (this rank?)
+                    value = vals[i] if local[i] == first else float("nan")
+                    raise NonFiniteLossError(self.keys[i], first, epoch, value,
+                                             checkpoint_kept=saved)
+        return host[-1] < _NEVER
+
+    def step_loss(self, out: dict[str, Tensor]) -> float:
+        """This step's loss, averaged over ranks (a log point: reads the device)."""
+        v = out["loss"].detach().float().reshape(1)
+        return float(dist.all_reduce_sum(v.clone()).item()) / dist.world_size()
+
+    def totals(self) -> dict[str, float]:
+        """The sums so far over every rank, as the checkpoint's ``partial`` holds them."""
+        sums = dist.all_reduce_sum(self.sums.clone()).tolist()
+        return {**self.extra, **dict(zip(["n", "correct", *self.keys], sums, strict=True))}
+
+
+def _wrap(distiller: Distiller, device: torch.device, world: int) -> nn.Module:
+    """The module the loop calls: under DDP the distiller's trainable part in DDP (its
+    teachers are not registered, so DDP neither syncs nor sees them), else the distiller."""
+    if world <= 1:
+        return distiller
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Terms whose weight can reach 0 skip their adapters on some steps; DDP must expect that.
+    may_skip = any(callable(t.weight) or t.weight == 0 for t in distiller.terms)
+    return DistributedDataParallel(
+        distiller, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=may_skip,
+    )
+
+
+def loop_identity(settings: LoopSettings) -> dict[str, Any]:
+    """The loop settings that make a run what it is: not where it ran (``device``), and the
+    settings added after kdkit 0.1 only when they differ from their defaults (so that runs
+    made before them resume)."""
+    d = _jsonable(settings)
+    d.pop("device", None)
+    defaults = _jsonable(LoopSettings())
+    for k in _LATER_SETTINGS:
+        if d.get(k) == defaults[k]:
+            d.pop(k, None)
+    return d
 
 
 def _load_resume_state(
@@ -386,7 +548,10 @@ def _end_epoch(
             rec[f"train/{k}"] = v / n
     rec["train/acc"] = 100.0 * sums.get("correct", 0.0) / n
     if val is not None:
-        ev = evaluate(distiller.student, *val)
+        # Under DDP each rank's BatchNorm statistics saw its own shard: all take rank 0's
+        # (as DDP's next forward would), then each evaluates its share of the split.
+        dist.broadcast_state(distiller, buffers_only=True)
+        ev = evaluate(distiller.student, *val, distributed=True)
         rec["val/acc"], rec["val/loss"] = ev["acc"], ev["loss"]
         distiller.train()
     rec["epoch_s"] = round(time.perf_counter() - t_epoch, 3)
@@ -401,18 +566,6 @@ def _end_epoch(
                   f"{val_text} ({rec['epoch_s']:.1f} s)")
     if on_epoch is not None:
         on_epoch(rec)
-
-
-def _check_finite(
-    out: dict[str, Tensor], distiller: Distiller, gstep: int, epoch: int, saved: bool
-) -> None:
-    names = [t.name for t in distiller.terms]
-    vals = torch.stack([out[n].detach().float() for n in names] + [out["loss"].detach().float()])
-    if bool(torch.isfinite(vals).all()):
-        return
-    for name, v in zip([*names, "loss"], vals.tolist(), strict=True):
-        if not math.isfinite(v):
-            raise NonFiniteLossError(name, gstep, epoch, v, checkpoint_kept=saved)
 
 
 def _jsonable(s: LoopSettings) -> dict[str, Any]:

@@ -11,16 +11,35 @@ from torch import Tensor, nn
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on in-memory (x, y)."""
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, *, distributed: bool = False
+) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on in-memory (x, y).
+
+    Batches go to the model's device and are evaluated in float32; the sums stay there
+    and are read once. ``distributed``: under DDP each rank evaluates its contiguous share
+    and the sums are added over ranks (every rank gets the whole split's figures).
+    """
+    from kdkit import dist
+    from kdkit.train.device import module_device, to_device
+
     was_training = model.training
     model.eval()
-    correct, loss_sum = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size])
-        yb = y[i : i + batch_size]
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
+    device = module_device(model)
+    lo, hi = 0, len(x)
+    if distributed and dist.world_size() > 1:
+        lo, hi = dist.shard_bounds(len(x), dist.rank(), dist.world_size())
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    sums = torch.zeros(2, dtype=dtype, device=device)
+    for i in range(lo, hi, batch_size):
+        j = min(i + batch_size, hi)
+        xb, yb = to_device(x[i:j], device), to_device(y[i:j], device)
+        logits = model(xb).float()
+        sums += torch.stack([F.cross_entropy(logits, yb, reduction="sum").to(dtype),
+                             (logits.argmax(1) == yb).sum().to(dtype)])
+    if distributed:
+        dist.all_reduce_sum(sums)
+    loss_sum, correct = sums.tolist()
     model.train(was_training)
     n = max(1, len(x))
     return {"acc": 100.0 * correct / n, "loss": loss_sum / n}
