@@ -47,6 +47,7 @@ from kdkit.losses.datafree import (
     total_variation,
 )
 from kdkit.models import create_model
+from kdkit.pipelines.datafree import build_transfer
 from kdkit.pipelines.experiment import run_experiment
 
 
@@ -736,6 +737,176 @@ def test_a_kill_while_an_artifact_is_replaced_never_pairs_new_weights_with_old_j
         load_record(tmp_path / "rec")
 
 
+# ----------------------------------------------------------------------------- devices
+
+
+def test_an_explicit_cpu_device_gives_what_the_default_gives(mlp_teacher, digits, tmp_path):
+    """device="cpu" (where the teacher already is) changes nothing: the same draws, the
+    same inputs, the same generator."""
+    obj = RecordObjective(mlp_teacher, compute_record(
+        mlp_teacher, digits.train.x, digits.train.y, kind="all_layers_dropout",
+        num_classes=10, progress=False)).batch_loss
+    assert obj.__self__.device == torch.device("cpu")
+    a = _synth(obj, digits, tmp_path / "a", samples=20, steps=5)
+    b = _synth(obj, digits, tmp_path / "b", samples=20, steps=5, device="cpu")
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert a.meta["final_loss_mean"] == b.meta["final_loss_mean"]
+    kw = dict(teacher=mlp_teacher, teacher_data=digits, data=digits, seed=0, progress=False,
+              log=lambda s: None, samples=32, batch_size=16, steps=3, width=8, latent_dim=8)
+    _, la, _ = build_transfer("dafl", folder=tmp_path / "da", **kw)
+    _, lb, _ = build_transfer("dafl", folder=tmp_path / "db", device="cpu", **kw)
+    _same_weights(la.generator, lb.generator)
+    xa, ya, _ = next(la.epoch_batches(0))
+    xb, yb, _ = next(lb.epoch_batches(0))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_build_transfer_on_a_device_saves_cpu_artifacts(mlp_teacher, digits, tmp_path):
+    import copy
+
+    teacher = copy.deepcopy(mlp_teacher)
+    kw = dict(teacher=teacher, teacher_data=digits, data=digits, seed=0, progress=False,
+              log=lambda s: None, samples=20, batch_size=10, steps=3, device="cpu")
+    data, loader, info = build_transfer("record", folder=tmp_path / "r", kind="spectral_pairs",
+                                        **kw)
+    assert loader is None and info["record"] == "spectral_pairs"
+    assert data.train.x.device.type == "cpu" and data.train.y.device.type == "cpu"
+    rec = load_record(tmp_path / "r" / "record")
+    assert rec.tensors and all(t.device.type == "cpu" for t in rec.tensors.values())
+    ts = load_transfer(tmp_path / "r")
+    assert ts.x.device.type == "cpu" and torch.equal(ts.x, data.train.x)
+    assert ts.y.tolist() == [i % 10 for i in range(20)]
+    data, _, _ = build_transfer("noise", folder=tmp_path / "n", **kw)
+    assert data.train.y.device.type == "cpu" and len(load_transfer(tmp_path / "n").y) == 20
+    with pytest.raises(KdkitError, match="not a device"):
+        build_transfer("noise", folder=tmp_path / "x", **{**kw, "device": "gpu!"})
+
+
+def test_loss_watch_off_the_cpu_names_the_first_bad_step_at_a_check_point():
+    from kdkit.datafree.common import LossWatch
+
+    watch = LossWatch(torch.device("cpu"), eager=False)  # an accelerator's bookkeeping
+    for step, v in enumerate([1.0, 0.5, float("nan"), 2.0, float("inf")]):
+        assert watch.see(torch.tensor(v), step) is None  # nothing read per step
+    bad = watch.first_bad()
+    assert bad is not None and bad[0] == 2 and math.isnan(bad[1])
+    assert watch.last() == float("inf")
+    fine = LossWatch(torch.device("cpu"), eager=False)
+    fine.see(torch.tensor(3.0), 0)
+    assert fine.first_bad() is None and fine.last() == 3.0
+    eager = LossWatch(torch.device("cpu"))  # on the CPU each value is read at once
+    assert eager.see(torch.tensor(1.0), 0) is None
+    assert eager.see(torch.tensor(float("nan")), 1)[0] == 1
+
+
+def test_a_deferred_nan_check_still_names_its_step(mlp_teacher, digits, tmp_path, monkeypatch):
+    from kdkit.datafree import common, synthesis
+
+    class Deferred(common.LossWatch):
+        def __init__(self, device):
+            super().__init__(device, eager=False)
+
+    monkeypatch.setattr(synthesis, "LossWatch", Deferred)
+    calls = {"n": 0}
+
+    def objective(y, gen):
+        def loss(x):
+            calls["n"] += 1
+            bad = float("nan") if calls["n"] >= 8 else 0.0
+            return (x**2).mean() + bad
+        return loss
+
+    with pytest.raises(KdkitError, match="became nan at batch 0 step 7"):
+        _synth(objective, digits, tmp_path / "s", samples=10, steps=20)
+    assert calls["n"] == 20  # read at the end of the batch (off the CPU), not per step
+    assert not list((tmp_path / "s" / "batches").glob("*.json"))  # nothing NaN was kept
+
+
+@pytest.fixture
+def meta_device(monkeypatch):
+    """The 'meta' device as a stand-in accelerator: a module there has shapes but no data.
+    An op that mixes a meta tensor with a CPU one raises, as on a GPU; reads back to the
+    host (cpu(), float(), a boolean mask, ...) are faked as zeros here."""
+    from kdkit.datafree import common
+
+    T = torch.Tensor
+
+    def zeros(t):
+        return torch.zeros(t.shape, dtype=t.dtype)
+
+    def faked(name, read):
+        real = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda self, *a, **k: read(self, *a, **k)
+                            if self.is_meta else real(self, *a, **k))
+
+    real_to, real_getitem = T.to, T.__getitem__
+
+    def to(self, *a, **k):
+        try:
+            return real_to(self, *a, **k)
+        except NotImplementedError:  # out of meta
+            return real_to(zeros(self), *a, **k)
+
+    def getitem(self, idx):
+        if isinstance(idx, torch.Tensor) and idx.is_meta and idx.dtype == torch.bool:
+            assert self.device == idx.device
+            return real_getitem(self, slice(0, 1))
+        return real_getitem(self, idx)
+
+    monkeypatch.setattr(T, "to", to)
+    monkeypatch.setattr(T, "__getitem__", getitem)
+    faked("cpu", lambda t: zeros(t))
+    faked("item", lambda t: zeros(t).item())
+    faked("tolist", lambda t: zeros(t).tolist())
+    for name in ("__float__", "__int__", "__bool__", "__index__"):
+        faked(name, lambda t, name=name: getattr(zeros(t), name)())
+    unique, equal, first_bad = torch.unique, torch.equal, common.LossWatch.first_bad
+    monkeypatch.setattr(torch, "unique", lambda t, *a, **k: (
+        unique(zeros(t), *a, **k).to(t.device) if t.is_meta else unique(t, *a, **k)))
+
+    def meta_equal(a, b):
+        assert a.device == b.device
+        return True if a.is_meta else equal(a, b)
+
+    monkeypatch.setattr(torch, "equal", meta_equal)
+    monkeypatch.setattr(common.LossWatch, "first_bad", lambda self: (
+        None if not self.eager and self._bad_step.is_meta else first_bad(self)))
+    return torch.device("meta")
+
+
+def test_datafree_work_runs_where_the_teacher_is(meta_device, mlp_teacher, digits, tmp_path):
+    """With the teacher on another device, every tensor the data-free code makes for it
+    (inputs, targets, dropout filters, statistics, latents, optimiser state) is made there,
+    and what it saves or returns is on the CPU. The fixture makes any mix an error."""
+    import copy
+
+    from kdkit.datafree import noise_set
+    from kdkit.datafree.dafl import dafl_generator, sample_generator
+
+    teacher = copy.deepcopy(mlp_teacher).to(meta_device)
+    x, y = digits.train.x[:200], digits.train.y[:200]
+    for kind in ("all_layers_dropout", "spectral_pairs"):
+        rec = compute_record(teacher, x, y, kind=kind, num_classes=10, progress=False)
+        assert all(t.device.type == "cpu" for t in rec.tensors.values())
+        ts = _synth(RecordObjective(teacher, rec).batch_loss, digits, tmp_path / kind,
+                    samples=10, steps=2)
+        assert ts.x.device.type == "cpu" and ts.y.device.type == "cpu"
+    bn_teacher = _BNNet().eval().to(meta_device)
+    student = create_model("mlp", num_classes=10, in_channels=1, input_size=8, hidden=[8])
+    di = DeepInversionObjective(bn_teacher, competition_weight=1.0, student=student)
+    assert next(student.parameters()).device == meta_device  # moved beside the teacher
+    assert _synth(di, digits, tmp_path / "di", samples=10, steps=2).x.device.type == "cpu"
+    g = dafl_generator(teacher, tmp_path / "dafl", **{**DAFL_KW, "steps": 3})
+    assert next(g.parameters()).device == meta_device
+    gx, gy = sample_generator(g, teacher, samples=20, latent_dim=8, seed=0)
+    assert gx.device.type == "cpu" and gy.device.type == "cpu"
+    loader = GeneratorLoader(g, teacher, latent_dim=8, batch_size=4, steps_per_epoch=1, seed=0)
+    bx, by, index = next(loader.epoch_batches(0))
+    assert bx.device == by.device == meta_device and index.device.type == "cpu"
+    nx, ny = noise_set(teacher, samples=20, input_shape=(1, 8, 8), seed=0)
+    assert nx.device.type == "cpu" and ny.device.type == "cpu"
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -811,3 +982,25 @@ def test_datafree_help_is_plain_and_shows_defaults(capsys):
         assert main(["datafree", "noise", "--teacher", "t", "--out", "o", flag, "3"]) == 2
         err = capsys.readouterr().err
         assert f"unrecognized arguments: {flag} 3" in err and err.startswith("kdkit: error:")
+
+
+def test_datafree_commands_take_a_device(tmp_path, capsys):
+    for action in ("record", "synthesize", "deepinversion", "dafl", "noise"):
+        with pytest.raises(SystemExit):
+            main(["datafree", action, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--device DEVICE where the teacher runs: auto (a GPU when there is one)" in text
+        assert "mps; the draws are the same on every device (default: auto)" in text
+    for bad in ("tpu", "cuda:99"):  # not a device; not on this machine (CPU build or GPUs)
+        assert main(["datafree", "noise", "--teacher", "t", "--out", "o", "--device", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kdkit: error: kdkit datafree noise: argument --device: device")
+        assert err.count("\n") == 1
+    t = tmp_path / "t"
+    assert main(["train", "--model", "mlp", "--model-arg", "hidden=[8]", "--data", "digits",
+                 "--epochs", "1", "--out", str(t), "--no-progress"]) == 0
+    assert main(["datafree", "dafl", "--teacher", str(t), "--device", "cpu", "--samples", "12",
+                 "--steps", "2", "--batch-size", "4", "--width", "8", "--latent-dim", "8",
+                 "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    ts = load_transfer(tmp_path / "d")
+    assert len(ts.y) == 12 and ts.x.device.type == "cpu"

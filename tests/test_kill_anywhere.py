@@ -173,7 +173,7 @@ def _kinds(e: dict[str, Any]) -> list[str]:
             out.append("model file")
         if name == "summary.json":
             out.append("summary")
-        if _caller(e, "atomic_copy") == "_teacher":
+        if _caller(e, "atomic_copy") == "_copy_cached_teacher":
             out.append("teacher copy")
         if _caller(e, "atomic_copy") == "_publish_teacher":
             out.append("teacher cache file")

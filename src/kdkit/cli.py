@@ -83,6 +83,16 @@ _positive_float = _bounded(float, "a finite number > 0", lambda v: 0 < v < float
 _percent = _bounded(float, "a percentage in [0, 100]", lambda v: 0 <= v <= 100)
 
 
+def _device(text: str) -> str:
+    """An argparse type: a device name (auto, cpu, cuda, cuda:N, mps), lower-cased."""
+    import re
+
+    value = text.strip().lower()
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got '{text}'")
+    return value
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -96,7 +106,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_experiment(
         cfg, out, resume=args.resume, force=args.force,
         cache_dir=_cache_dir(args.cache_dir, args.no_cache), progress=not args.no_progress,
+        device=args.device, only=args.only, jobs=args.jobs,
     )
+    if args.only:
+        print(f"ran {', '.join(result['only'])} in {out}/; when every sub-run is finished, "
+              f"`kdkit run {args.config or ''} --out {out} --resume` assembles the table"
+              .replace("  ", " "))
+        return 0
     print()
     print(format_table(result["rows"], cfg))
     print(f"wall time {result['wall_s']:.1f} s; results in {out}/ (summary.json, table.md)")
@@ -135,6 +151,9 @@ def _train_spec(args: argparse.Namespace) -> TrainSpec:
         "schedule": args.schedule, "augment": augment,
         "teacher_cache": cache,
         "channels_last": args.channels_last or None,
+        "device": args.device, "precision": args.precision,
+        "compile": args.compile or None, "sync_bn": args.sync_bn or None,
+        "global_batch_terms": args.global_batch_terms or None,
     }
     from kdkit.config import TrainSpec
 
@@ -146,10 +165,12 @@ def _train_spec(args: argparse.Namespace) -> TrainSpec:
 
 def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[str, Any],
                 model: str, model_kwargs: dict[str, Any], teacher: str | None) -> int:
+    from kdkit import dist
     from kdkit.data import load_dataset
     from kdkit.distill.methods import check_method_kwargs
     from kdkit.models import DATA_FILLED, MODELS
     from kdkit.pipelines.runs import load_teacher, prepare_run_dir, train_one
+    from kdkit.train.device import check_precision, resolve_device
 
     MODELS.get(model)
     problems = [f"--model-arg {k}: set from the dataset (--data); remove it"
@@ -160,8 +181,11 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
     if problems:
         raise ConfigError(problems)
     train = _train_spec(args)
-    data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
-                        train_subset=args.train_subset, seed=args.seed)
+    resolve_device(train.device)  # an unusable device is refused before anything is made
+    check_precision(train.precision, resolve_device(train.device))
+    with dist.main_first():  # rank 0 fetches first (if it must), then the others read
+        data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
+                            train_subset=args.train_subset, seed=args.seed)
     teachers = {}
     if teacher is not None:
         # The teacher's own train split is irrelevant here: only its weights are used.
@@ -171,7 +195,9 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
 
         data = load_synthetic(args.synthetic, data, teachers.get("teacher"))
     out = Path(args.out)
-    prepare_run_dir(out, resume=args.resume, force=args.force)
+    with dist.main_first() as main:
+        if main:
+            prepare_run_dir(out, resume=args.resume, force=args.force)
     summary = train_one(
         run_dir=out, label=out.name, data=data, model_name=model, model_kwargs=model_kwargs,
         method=method, method_kwargs=method_kwargs, teachers=teachers,
@@ -383,7 +409,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from kdkit.pipelines.bench import BenchSpec, format_bench, run_bench
+    from kdkit.train.device import PRECISIONS
 
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        raise KdkitError("kdkit bench starts the processes of its rows itself; run it in one "
+                         "process and add DDP rows with --ddp N")
+    precisions: list[str] = []
+    for item in args.precision or ["fp32"]:  # repeatable, each a comma list
+        for name in (p.strip().lower() for p in item.split(",")):
+            if name not in PRECISIONS:
+                raise KdkitError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+            if name not in precisions:
+                precisions.append(name)
     spec = BenchSpec(
         data=args.data, data_root=args.data_root, train_subset=args.train_subset,
         val_fraction=args.val_fraction, teacher=args.teacher,
@@ -396,7 +433,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         augment=_kv_pairs(args.augment, "--augment") or None, views=args.views,
         dtype=args.cache_dtype, target=args.target, compile=args.compile,
         channels_last=args.channels_last, threads=torch.get_num_threads(), seed=args.seed,
-        repeats=args.repeats,
+        repeats=args.repeats, device=args.device, precisions=precisions, ddp=args.ddp or 1,
     )
     out = Path(args.out or f"runs/bench-{args.data}-{args.student}")
     report = run_bench(spec, out)
@@ -423,8 +460,10 @@ def _add_bench_parser(sub: Any) -> None:
     p = sub.add_parser(
         "bench", help="measure plain vs distilled training speed (live teacher, cache)",
         description="Times plain student training, KD with a live teacher and with the "
-        "teacher-output cache, a feature method live and cached, and one teacher forward; "
-        "writes bench.json and bench.md. Run it on a quiet machine.")
+        "teacher-output cache, a feature method live and cached, one teacher forward, and "
+        "the floor: a hand-written PyTorch loop on the same job (with and without the "
+        "teacher), per device and precision; writes bench.json and bench.md. Run it on a "
+        "quiet machine.")
     p.add_argument("--data", default="digits")
     p.add_argument("--data-root", default=None)
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -456,6 +495,16 @@ def _add_bench_parser(sub: Any) -> None:
                    help="val accuracy (%%) for 'epochs to target' (default: none)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row")
     p.add_argument("--channels-last", action="store_true", help="add a channels-last row")
+    p.add_argument("--device", default="auto",
+                   help="where every row runs: auto (a GPU if any), cpu, cuda, cuda:N, mps "
+                   "(default: %(default)s)")
+    p.add_argument("--precision", action="append", metavar="P[,P...]",
+                   help="fp32, bf16 or fp16 (autocast); repeatable or a comma list, e.g. "
+                   "fp32,bf16: every row is made for each (default: fp32)")
+    p.add_argument("--ddp", type=_bounded(int, "a whole number >= 2", lambda v: v >= 2),
+                   metavar="N", help="add the plain and live-KD rows under N processes (DDP "
+                   "via torchrun; gloo on CPUs, each process with --threads threads) and "
+                   "their scaling efficiency")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default runs/bench-DATA-STUDENT)")
     p.set_defaults(fn=cmd_bench)
@@ -495,7 +544,23 @@ def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) ->
     p.add_argument("--channels-last", action="store_true",
                    help="NHWC memory format for the student (faster CPU convolutions)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    _add_device_flag(p)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="forward passes under autocast; losses stay float32 (default: "
+                   f"{d['precision']}; bf16 works on CPUs too)")
+    p.add_argument("--compile", action="store_true", help="torch.compile student and teachers")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics of the global batch")
+    p.add_argument("--global-batch-terms", action="store_true",
+                   help="under torchrun: terms relating samples (RKD, SP, PKT, triplets) see "
+                   "the global batch, not each rank's shard")
     _add_out_flags(p)
+
+
+def _add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device,
+                   help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto: a "
+                   "GPU when there is one); under torchrun each rank takes cuda:LOCAL_RANK")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -517,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    ap.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                    help="run the command in N processes on this machine (torchrun, DDP: gloo "
+                    "on CPUs, NCCL on GPUs); across machines launch `torchrun ... -m kdkit`")
     ap.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                     help="CPU threads for torch (default: $KDKIT_THREADS, else torch's default, "
                     "one per core). Idle threads sleep rather than spin (OMP_WAIT_POLICY="
@@ -529,6 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--cache-dir", help="teacher cache (default $KDKIT_CACHE or ~/.cache/kdkit)")
     p.add_argument("--no-cache", action="store_true", help="always retrain teachers")
+    _add_device_flag(p)
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="run up to N ready sub-runs at once, each a process with a fair share "
+                   "of the threads (or its own GPU); the table is the same (default: 1)")
+    p.add_argument("--only", action="append", metavar="[seedK/]LABEL",
+                   help="run just this sub-run (repeatable; its teachers must be finished), "
+                   "e.g. from a SLURM array; `--resume` afterwards assembles the table")
     _add_out_flags(p)
     p.set_defaults(fn=cmd_run)
 
@@ -593,8 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # not. libgomp reads this when torch loads, so it is set before anything imports torch
     # (kdkit.cli itself does not). An explicit OMP_WAIT_POLICY is respected.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from kdkit.train.loop import TrainingInterrupted
-
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -604,6 +678,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from kdkit.launch import launch
+
+        return launch(args.nproc, _without_nproc(argv))
     env_threads = os.environ.get("KDKIT_THREADS", "")
     threads = args.threads
     if threads is None and env_threads.strip():
@@ -616,21 +694,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    return _run_command(args)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N`` (what each process of the launch runs)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command; every failure is one line (naming the rank under torchrun)."""
+    from kdkit.train.loop import TrainingInterrupted
+
+    where, ok = "", False
     try:
-        return int(args.fn(args))
+        if "WORLD_SIZE" in os.environ:
+            from kdkit import dist
+
+            if dist.init_from_env():
+                where = f" (rank {dist.rank()} of {dist.world_size()})"
+                if not dist.is_main():  # one copy of the output: rank 0's
+                    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+                    args.no_progress = True
+        code = int(args.fn(args))
+        ok = True
+        return code
     except TrainingInterrupted as e:
         print(f"kdkit: {e}", file=sys.stderr)
         return 130
     except KdkitError as e:
-        print(f"kdkit: error: {e}", file=sys.stderr)
+        print(f"kdkit: error{where}: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system said no (permissions, disk full, ...)
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"kdkit: error: {e.strerror or e}{where}", file=sys.stderr)
+        where_file = f" ({e.filename})" if e.filename else ""
+        print(f"kdkit: error{where}: {e.strerror or e}{where_file}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kdkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if where and type(e).__module__.startswith("torch.distributed"):
+            print(f"kdkit: error{where}: lost contact with the other processes (one of them "
+                  f"failed or stopped): {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
+                  file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if where:
+            from kdkit import dist
+
+            dist.shutdown(graceful=ok)
 
 
 if __name__ == "__main__":

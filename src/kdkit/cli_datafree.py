@@ -8,7 +8,9 @@
     kdkit distill --teacher RUN --student S --data mnist --synthetic SET
 
 Only 'record' reads the training data; the others need just the teacher (its model.json
-gives the input geometry and normalisation).
+gives the input geometry and normalisation). Each runs the teacher on --device (default
+auto: a GPU when there is one); what it saves is the same whatever the device, up to
+floating-point rounding.
 """
 
 # This docstring is the help text of 'kdkit datafree --help': plain text, no reST markup.
@@ -24,11 +26,24 @@ from typing import Any
 from kdkit.errors import KdkitError
 
 
-def _teacher(path: str) -> tuple[Any, dict[str, Any]]:
+def _device_arg(text: str) -> Any:
+    """An argparse type: the torch device ``text`` names, checked to exist here."""
+    from kdkit.train.device import resolve_device
+
+    try:
+        return resolve_device(text)
+    except KdkitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _teacher(path: str, device: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The model at ``path`` (on ``device`` if given) and its metadata."""
     from kdkit.train.artifacts import load_model, model_stem
 
     model, meta = load_model(path)
     meta["weights_bytes"] = model_stem(path).with_suffix(".safetensors").stat().st_size
+    if device is not None:
+        model.to(device)
     return model, meta
 
 
@@ -60,7 +75,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     from kdkit.datafree.records import compute_record, save_record
     from kdkit.pipelines.runs import check_teacher_fits
 
-    teacher, meta = _teacher(args.teacher)
+    teacher, meta = _teacher(args.teacher, args.device)
     data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
                         seed=args.seed)
     check_teacher_fits(meta, data, args.teacher)
@@ -91,7 +106,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from kdkit.datafree.records import RecordObjective, load_record, record_digest
     from kdkit.datafree.synthesis import optimise_inputs
 
-    teacher, meta = _teacher(args.teacher)
+    teacher, meta = _teacher(args.teacher, args.device)
     rec = load_record(args.record)
     objective = RecordObjective(teacher, rec, f"record {args.record}")
     g = _geometry(meta)
@@ -102,7 +117,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         input_shape=g["input_shape"], mean=g["mean"], std=g["std"],
         meta={"source": "record", "record": rec.kind, "data": meta["data"],
               "record_sha256": record_digest(args.record), "teacher": rec.teacher},
-        lr=args.lr, init_mean=args.init_mean, init_std=args.init_std, **_synth_common(args),
+        lr=args.lr, init_mean=args.init_mean, init_std=args.init_std, device=args.device,
+        **_synth_common(args),
     )
     return _finish(out, len(ts.y), t0, f"synthesize ({rec.kind})")
 
@@ -112,8 +128,8 @@ def cmd_deepinversion(args: argparse.Namespace) -> int:
     from kdkit.datafree.synthesis import optimise_inputs
     from kdkit.train.checkpoint import module_fingerprint as teacher_fingerprint
 
-    teacher, meta = _teacher(args.teacher)
-    student = _teacher(args.student)[0] if args.student else None
+    teacher, meta = _teacher(args.teacher, args.device)
+    student = _teacher(args.student, args.device)[0] if args.student else None
     weights = {"ce_weight": args.ce_weight, "bn_weight": args.bn_weight,
                "tv_weight": args.tv_weight, "l2_weight": args.l2_weight,
                "competition_weight": args.competition_weight}
@@ -127,7 +143,7 @@ def cmd_deepinversion(args: argparse.Namespace) -> int:
         meta={"source": "deepinversion", "weights": weights, "data": meta["data"],
               "teacher": teacher_fingerprint(teacher)},
         lr=args.lr, betas=DI_BETAS, init_mean=args.init_mean, init_std=args.init_std,
-        **_synth_common(args),
+        device=args.device, **_synth_common(args),
     )
     return _finish(out, len(ts.y), t0, "deepinversion")
 
@@ -137,7 +153,7 @@ def cmd_dafl(args: argparse.Namespace) -> int:
     from kdkit.datafree.synthesis import save_transfer
     from kdkit.train.checkpoint import module_fingerprint as teacher_fingerprint
 
-    teacher, meta = _teacher(args.teacher)
+    teacher, meta = _teacher(args.teacher, args.device)
     g = _geometry(meta)
     out = _prepare(args)
     t0 = time.perf_counter()
@@ -160,7 +176,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     from kdkit.datafree.synthesis import noise_set, save_transfer
     from kdkit.train.checkpoint import module_fingerprint as teacher_fingerprint
 
-    teacher, meta = _teacher(args.teacher)
+    teacher, meta = _teacher(args.teacher, args.device)
     g = _geometry(meta)
     out = _prepare(args)
     t0 = time.perf_counter()
@@ -203,6 +219,9 @@ def add_parser(sub: Any, add_out_flags: Any) -> None:
                             formatter_class=_HelpFormatter)
         a.add_argument("--teacher", required=True, help="teacher run directory or model file")
         a.add_argument("--seed", type=int, default=0, help="random seed of everything drawn")
+        a.add_argument("--device", type=_device_arg, default="auto",
+                       help="where the teacher runs: auto (a GPU when there is one), cpu, "
+                       "cuda, cuda:N or mps; the draws are the same on every device")
         if samples:
             a.add_argument("--samples", type=int, default=10000, help="transfer set size")
         if optimiser is not None:  # a generator (DAFL) or the inputs themselves are trained

@@ -9,6 +9,7 @@ classes it builds receive plain arguments.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,6 +118,21 @@ class TrainSpec(_Strict):
     log_every: int = Field(0, ge=0)
     teacher_cache: TeacherCacheSpec | None = None
     channels_last: bool = False
+    # where and how it computes (docs/DESIGN.md "Devices and processes"); the device is not
+    # part of what a run is: a run may resume on another device
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    sync_bn: bool = False
+    global_batch_terms: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        text = v.strip().lower()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {v[:30]!r}")
+        return text
 
     @field_validator("teacher_cache", mode="before")
     @classmethod

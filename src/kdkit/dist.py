@@ -89,8 +89,12 @@ def init_from_env() -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(*, graceful: bool = True) -> None:
+    """Leave the process group. ``graceful`` (every rank got here): wait for the others
+    first, so that no rank closes its connections while a peer still uses them."""
     if is_initialized():
+        if graceful and world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

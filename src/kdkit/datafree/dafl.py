@@ -12,6 +12,9 @@ and the student is then distilled (module 2) on fresh samples G(z) every step wi
 T = 1 (:class:`GeneratorLoader` feeds them to the normal training loop). The generator
 follows the paper's MNIST/CIFAR design (fc → 2× (upsample, conv3, BN, LeakyReLU) → conv3,
 tanh, BN without affine); ``width`` scales its channels (the paper uses 128).
+
+The generator trains and samples on the teacher's device; its latents z are drawn on the
+CPU (seeded) and then moved, so they are the same on every device.
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.data.loader import derive_seed
-from kdkit.datafree.common import StageProgress, replace_artifact, stderr_line
+from kdkit.datafree.common import (
+    LossWatch,
+    StageProgress,
+    cpu_tensors,
+    draw_to,
+    replace_artifact,
+    stderr_line,
+)
 from kdkit.dist import shard_bounds
 from kdkit.errors import CheckpointError, KdkitError
 from kdkit.files import clean_stale_temps
@@ -108,6 +118,8 @@ def train_generator(
 ) -> list[dict[str, float]]:
     """Module 1 of DAFL: train ``generator`` with Adam against the frozen ``teacher``.
 
+    The generator is moved to the teacher's device and trains there (it stays there).
+
     ``feature_tap``: the teacher features of L_a (default: the input of its last Linear).
     ``checkpoint``: a state file (e.g. ``folder/generator-partial.safetensors``; a path
     without that suffix gets it): the generator and optimiser are saved there every 10 % of
@@ -122,6 +134,8 @@ def train_generator(
         raise KdkitError(f"dafl: steps >= 1 and batch_size >= 2 needed (got {steps}, {batch_size})")
     say = log or stderr_line
     teacher.eval().requires_grad_(False)
+    device = module_device(teacher)
+    generator.to(device)  # before the optimiser: its state lives beside the parameters
     tap = feature_tap or penultimate(teacher)
     opt = torch.optim.Adam(generator.parameters(), lr=lr)
     generator.train()
@@ -139,31 +153,39 @@ def train_generator(
                                       if k.startswith("gen/")}, str(path))
         restore_optimizer(opt, tensors, meta["optimizer"])
         start, history = meta["step"], meta["history"]
+    watch = LossWatch(device)
+
+    def finite(bad: tuple[int, float] | None) -> None:
+        if bad is not None:
+            raise KdkitError(f"dafl: the generator loss became {bad[1]} at step {bad[0]}; "
+                             "lower the generator learning rate")
+
     with StageProgress("dafl generator", steps, enabled=progress, initial=start) as bar:
         for step in range(start, steps):
             gen = torch.Generator().manual_seed(derive_seed(seed, step, _TRAIN_STREAM))
-            z = torch.randn((batch_size, latent_dim), generator=gen)
+            z = draw_to(torch.randn((batch_size, latent_dim), generator=gen), device)
             logits, feats = run_with_taps(teacher, generator(z), {"f": tap})
             terms = {"oh": one_hot_loss(logits), "a": activation_loss(feats["f"]),
                      "ie": information_entropy_loss(logits)}
             loss = oh_weight * terms["oh"] + a_weight * terms["a"] + ie_weight * terms["ie"]
-            if not torch.isfinite(loss):
-                raise KdkitError(f"dafl: the generator loss became {float(loss)} at step {step}; "
-                                 "lower the generator learning rate")
+            finite(watch.see(loss, step))  # off the CPU: read at the check points below
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if step % every == 0 or step == steps - 1:
+                finite(watch.first_bad())
                 history.append({"step": step, **{k: float(v.detach()) for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
             bar.update()
             if path is not None and (step + 1) % every == 0 and step + 1 < steps:
+                finite(watch.first_bad())  # never checkpoint a generator gone NaN
                 opt_t, opt_meta = optimizer_tensors(opt)
                 state = {f"gen/{k}": v for k, v in generator.state_dict().items()}
-                save_state(path, {**state, **opt_t},
+                save_state(path, cpu_tensors({**state, **opt_t}),
                            {"kind": "dafl-generator-partial", "epoch": 0, "step": step + 1,
                             "settings": settings, "history": history, "optimizer": opt_meta})
                 _legacy_json(path).unlink(missing_ok=True)  # superseded by the new state
+    finite(watch.first_bad())
     generator.eval()
     return history
 
@@ -228,7 +250,8 @@ def dafl_generator(
     teacher: nn.Module, folder: Path, *, input_shape: tuple[int, int, int], seed: int,
     latent_dim: int = 100, width: int = 128, progress: bool = True, **train_kwargs: Any,
 ) -> Generator:
-    """Train (or reload, if ``folder`` holds a finished one with these settings) a generator.
+    """Train (or reload, if ``folder`` holds a finished one with these settings) a generator,
+    returned on the teacher's device.
 
     While it trains, its state is kept in ``folder/generator-partial.safetensors`` (see
     :func:`train_generator`), so a killed training continues; the finished generator is
@@ -242,7 +265,7 @@ def dafl_generator(
         g, old = load_generator(folder)
         if {k: old.get(k) for k in meta} == meta:
             remove_partial(folder / PARTIAL)  # left if a kill came before it was removed
-            return g
+            return g.to(module_device(teacher))
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
         torch.manual_seed(derive_seed(seed, _INIT_STREAM))
         g = Generator(latent_dim, c, h, width)
@@ -295,12 +318,13 @@ class GeneratorLoader:
         part, parts = shard
         a, b = shard_bounds(self.batch_size, part, parts)
         device = module_device(self.generator)
+        t_device = module_device(self.teacher)  # the same once placed (:meth:`place`)
         for step in range(start_step, self.steps):
             gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, step, _SAMPLE_STREAM))
             z = torch.randn((self.batch_size, self.latent_dim), generator=gen)[a:b]
             with torch.no_grad():
-                x = self.generator(z.to(device))
-                y = self.teacher(x).argmax(1)
+                x = self.generator(draw_to(z, device))
+                y = self.teacher(x.to(t_device)).argmax(1).to(device)
             first = step * self.batch_size
             yield x, y, torch.arange(first + a, first + b)
 
@@ -310,11 +334,18 @@ class GeneratorLoader:
 
 def sample_generator(generator: nn.Module, teacher: nn.Module, *, samples: int,
                      latent_dim: int, seed: int) -> tuple[Tensor, Tensor]:
-    """A fixed transfer set of ``samples`` generator outputs, labelled by the teacher."""
+    """A fixed transfer set of ``samples`` generator outputs, labelled by the teacher.
+
+    Generated on the generator's device, labelled on the teacher's; returned on the CPU.
+    """
     gen = torch.Generator().manual_seed(derive_seed(seed, _SAMPLE_STREAM, -1))
     z = torch.randn((samples, latent_dim), generator=gen)
     generator.eval()
+    g_device, t_device = module_device(generator), module_device(teacher)
+    xs, ys = [], []
     with torch.no_grad():
-        x = torch.cat([generator(z[i : i + 1000]) for i in range(0, samples, 1000)])
-        y = torch.cat([teacher(x[i : i + 1000]).argmax(1) for i in range(0, samples, 1000)])
-    return x, y
+        for i in range(0, samples, 1000):
+            x = generator(z[i : i + 1000].to(g_device))
+            ys.append(teacher(x.to(t_device)).argmax(1).cpu())
+            xs.append(x.cpu())
+    return torch.cat(xs), torch.cat(ys)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from kdkit.datafree.synthesis import BatchLoss
 from kdkit.errors import KdkitError
 from kdkit.losses.datafree import bn_statistics_loss, competition_loss, l2_prior, total_variation
+from kdkit.train.device import module_device
 
 DI_BETAS = (0.5, 0.9)  # Adam betas of the DeepInversion reference implementation
 
@@ -35,7 +36,12 @@ class DeepInversionObjective:
     Args:
         ce_weight, bn_weight, tv_weight, l2_weight: the weights of the terms above.
         competition_weight: Adaptive DeepInversion's term; needs ``student``.
-        student: the current student (frozen here) for the competition term.
+        student: the current student (frozen here, and moved to the teacher's device) for
+            the competition term.
+
+    The loss is computed on the teacher's device (:attr:`device`); labels and inputs given
+    on another device are moved there.
+
     Raises:
         KdkitError: the teacher has no BN layer while ``bn_weight > 0`` (set it to 0 for
         the priors-only variant), or the competition term has no student.
@@ -68,12 +74,15 @@ class DeepInversionObjective:
             raise KdkitError("deepinversion: competition_weight > 0 (Adaptive DeepInversion) "
                              "needs a student (--student RUN)")
         self.teacher = teacher.eval().requires_grad_(False)
-        self.student = student.eval().requires_grad_(False) if student is not None else None
+        if student is not None:
+            student = student.to(module_device(teacher)).eval().requires_grad_(False)
+        self.student = student
         self.w = {"ce": ce_weight, "bn": bn_weight, "tv": tv_weight, "l2": l2_weight,
                   "competition": competition_weight}
 
     def terms(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Each unweighted term on inputs ``x`` (B, C, H, W) for labels ``y`` (B,)."""
+        x, y = x.to(self.device), y.to(self.device)
         inputs: dict[str, list[Tensor]] = {name: [] for name, _ in self.bns}
         handles = [m.register_forward_pre_hook(
             lambda _m, a, name=name: inputs[name].append(a[0])) for name, m in self.bns]
@@ -98,7 +107,14 @@ class DeepInversionObjective:
             out["competition"] = competition_loss(logits, self.student(x))
         return out
 
+    @property
+    def device(self) -> torch.device:
+        """Where the loss is computed: the teacher's device."""
+        return module_device(self.teacher)
+
     def __call__(self, y: Tensor, gen: torch.Generator) -> BatchLoss:
+        y = y.to(self.device)
+
         def loss(x: Tensor) -> Tensor:
             terms = self.terms(x, y)
             return sum((self.w[k] * v for k, v in terms.items() if self.w[k] > 0),

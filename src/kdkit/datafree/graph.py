@@ -13,6 +13,11 @@ The graph Fourier basis is the eigenvector matrix of the combinatorial Laplacian
 ``L = D − W`` (Shuman et al. 2013). Only feed-forward chains are supported: each leaf
 module must consume the previous one's output (:func:`leaf_chain` checks this by
 running the model), which holds for MLPs, LeNets and plain CNNs, not for residual nets.
+
+Devices: the model runs where its parameters are (the identity basis pushed through it is
+made there); :func:`layer_adjacency` returns its block on the CPU, so the float64
+Laplacian and its eigendecomposition are CPU work, the same whatever device the model is
+on (and MPS has no float64).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
+from kdkit.train.device import module_device
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh,
                 nn.Sigmoid, nn.Dropout, nn.Identity)
@@ -38,8 +44,9 @@ def leaf_chain(model: nn.Module, example: Tensor) -> list[str]:
 
     Raises a :class:`KdkitError` naming the first module that breaks the chain (a module
     called twice, or one whose input is not the previous module's output, as in a
-    residual block).
+    residual block). ``example`` is moved to the model's device.
     """
+    example = example.to(module_device(model))
     leaves = {n: m for n, m in model.named_modules() if n and not any(m.children())}
     calls: list[tuple[str, Tensor, Tensor]] = []
     inputs: dict[str, Tensor] = {}
@@ -120,7 +127,8 @@ def _abs_apply(mod: nn.Module, x: Tensor, name: str) -> Tensor:
             raise KdkitError(f"conv '{name}': padding_mode {mod.padding_mode!r} is not supported")
         return F.conv2d(x, mod.weight.abs(), None, mod.stride, mod.padding, mod.dilation, mod.groups)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        var = mod.running_var if mod.running_var is not None else torch.ones(x.shape[1])
+        var = (mod.running_var if mod.running_var is not None
+               else torch.ones(x.shape[1], device=x.device))
         scale = (mod.weight.abs() if mod.weight is not None else torch.ones_like(var))
         scale = scale / torch.sqrt(var + mod.eps)
         return x * scale.view(1, -1, *([1] * (x.dim() - 2)))
@@ -145,7 +153,10 @@ def _abs_apply(mod: nn.Module, x: Tensor, name: str) -> Tensor:
 def layer_adjacency(
     model: nn.Module, chain: Sequence[str], src: str, dst: str, src_shape: Sequence[int]
 ) -> Tensor:
-    """Absolute connection weights (n_src, n_dst) from layer ``src`` to the later ``dst``."""
+    """Absolute connection weights (n_src, n_dst) from layer ``src`` to the later ``dst``.
+
+    Computed on the model's device; returned on the CPU.
+    """
     mods = dict(model.named_modules())
     i, j = chain.index(src), chain.index(dst)
     n = math.prod(src_shape)
@@ -155,16 +166,17 @@ def layer_adjacency(
             "dense eigendecomposition: record later/smaller layers (layers=[...]), or use "
             "all_layers or DeepInversion"
         )
-    x = torch.eye(n, dtype=torch.float32).view(n, *src_shape)
+    x = torch.eye(n, dtype=torch.float32, device=module_device(model)).view(n, *src_shape)
     with torch.no_grad():
         for name in chain[i + 1 : j + 1]:
             x = _abs_apply(mods[name], x, name)
-    return x.flatten(1)
+    return x.flatten(1).cpu()
 
 
 def graph_laplacian(blocks: Sequence[Tensor]) -> Tensor:
     """Laplacian (float64) of the layered graph whose consecutive layers are joined by
-    ``blocks[l]`` (n_l, n_{l+1}); vertices are the layers' neurons, in order."""
+    ``blocks[l]`` (n_l, n_{l+1}); vertices are the layers' neurons, in order. On the
+    device of ``blocks[0]`` (the CPU for :func:`layer_adjacency`'s blocks)."""
     sizes = [blocks[0].shape[0]] + [b.shape[1] for b in blocks]
     n = sum(sizes)
     if n > MAX_VERTICES:
@@ -172,7 +184,7 @@ def graph_laplacian(blocks: Sequence[Tensor]) -> Tensor:
             f"the graph has {n} neurons (> {MAX_VERTICES}); its eigendecomposition is too "
             "large: use spectral_pairs, or record fewer/smaller layers (layers=[...])"
         )
-    w = torch.zeros(n, n, dtype=torch.float64)
+    w = torch.zeros(n, n, dtype=torch.float64, device=blocks[0].device)
     off = 0
     for b, (n0, n1) in zip(blocks, zip(sizes, sizes[1:], strict=False), strict=True):
         w[off : off + n0, off + n0 : off + n0 + n1] = b.double()
@@ -189,6 +201,6 @@ def fourier_basis(laplacian: Tensor) -> tuple[Tensor, Tensor]:
     """
     evals, evecs = torch.linalg.eigh(laplacian)
     idx = evecs.abs().argmax(0)
-    signs = torch.sign(evecs[idx, torch.arange(evecs.shape[1])])
+    signs = torch.sign(evecs[idx, torch.arange(evecs.shape[1], device=evecs.device)])
     signs[signs == 0] = 1.0
     return evals, evecs * signs

@@ -31,6 +31,12 @@ input optimiser minimises (see :mod:`kdkit.datafree.synthesis`). Kinds:
 
 Records are saved as ``record.safetensors`` + ``record.json`` (kind, layers, shapes,
 teacher fingerprint, size) and refuse to load against another teacher.
+
+Devices: a record is computed where the teacher is (data batches are moved there; the
+float64 statistics are kept there too, except on MPS, which has no float64: there they are
+kept on the CPU). A :class:`MetadataRecord`'s tensors are on the CPU; a
+:class:`RecordObjective` keeps a copy of them on the teacher's device and draws its targets
+and dropout filters on the CPU (seeded), then moves them there.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from kdkit.errors import CheckpointError, KdkitError
 from kdkit.losses.datafree import matching_loss
 from kdkit.taps import LOGITS, Tap, run_with_taps
 from kdkit.train.checkpoint import load_checkpoint, module_fingerprint
+from kdkit.train.device import module_device
 
 RecordKind = Literal["top_layer", "all_layers", "all_layers_dropout", "spectral_all",
                      "spectral_pairs"]
@@ -77,7 +84,7 @@ teacher_fingerprint = module_fingerprint
 class MetadataRecord:
     """A teacher's activation statistics. ``layers``: recorded module paths (logits last,
     as ``""``); ``groups``: which layers each statistic covers (one per layer, one graph, or
-    one per adjacent pair) and its tensors ``group{g}/mean|chol|std|basis``."""
+    one per adjacent pair) and its tensors ``group{g}/mean|chol|std|basis`` (on the CPU)."""
 
     kind: str
     layers: list[str]
@@ -177,18 +184,21 @@ def _graph_groups(
 
 
 class _ClassMoments:
-    """Per-class sums of x and x xᵀ (or x², when ``full`` is False), in float64."""
+    """Per-class sums of x and x xᵀ (or x², when ``full`` is False), in float64, on
+    ``device`` (where :meth:`add`'s values and labels must be)."""
 
-    def __init__(self, num_classes: int, dim: int, full: bool) -> None:
+    def __init__(self, num_classes: int, dim: int, full: bool,
+                 device: torch.device | None = None) -> None:
         self.full = full
-        self.n = torch.zeros(num_classes, dtype=torch.float64)
-        self.s1 = torch.zeros(num_classes, dim, dtype=torch.float64)
+        kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
+        self.n = torch.zeros(num_classes, **kw)
+        self.s1 = torch.zeros(num_classes, dim, **kw)
         shape = (num_classes, dim, dim) if full else (num_classes, dim)
-        self.s2 = torch.zeros(shape, dtype=torch.float64)
+        self.s2 = torch.zeros(shape, **kw)
 
     def add(self, a: Tensor, y: Tensor) -> None:
         a = a.double()
-        self.n.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+        self.n.index_add_(0, y, torch.ones(len(y), dtype=torch.float64, device=y.device))
         self.s1.index_add_(0, y, a)
         if not self.full:
             self.s2.index_add_(0, y, a * a)
@@ -210,7 +220,7 @@ class _ClassMoments:
 def _cholesky(cov: Tensor) -> Tensor:
     """Cholesky factors of (K, D, D) covariances, with the smallest jitter that works."""
     d = cov.shape[-1]
-    eye = torch.eye(d, dtype=cov.dtype)
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
     scale = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
     for power in range(-9, 1):
         chol, info = torch.linalg.cholesky_ex(cov + (10.0**power) * scale * eye)
@@ -221,6 +231,12 @@ def _cholesky(cov: Tensor) -> Tensor:
 
 def _batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def stats_device(device: torch.device) -> torch.device:
+    """Where float64 statistics of activations on ``device`` are kept: there, except on MPS
+    (no float64), where they go to the CPU."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def compute_record(
@@ -245,6 +261,9 @@ def compute_record(
         fraction: spectral kinds keep this fraction of each graph's Fourier coefficients.
         dropout: ``all_layers_dropout``: the rate of the fixed dropout filters (default: each
             dropout layer's own rate).
+
+    The teacher runs on its own device (``x`` may stay on the CPU: each batch is moved);
+    the record's tensors are returned on the CPU.
     """
     t_start = time.perf_counter()
     if kind not in KINDS:
@@ -267,29 +286,34 @@ def compute_record(
             f"got counts {counts.tolist()}"
         )
     teacher.eval()
-    names, chain = _record_layers(teacher, kind, x[:2], layers)
+    device = module_device(teacher)
+    stats = stats_device(device)
+    example = x[:2].to(device)
+    names, chain = _record_layers(teacher, kind, example, layers)
     with torch.no_grad():
-        probe = run_with_taps(teacher, x[:2], _taps(names))[1]
+        probe = run_with_taps(teacher, example, _taps(names))[1]
     shapes = [list(probe[f"l{i}"].shape[1:]) for i in range(len(names))]
     dims = [math.prod(s) for s in shapes]
 
     groups: list[tuple[list[int], Tensor | None]]
     if kind.startswith("spectral"):
         assert chain is not None
-        groups = [(idx, basis) for idx, basis in _graph_groups(teacher, kind, names, shapes, chain)]
+        groups = [(idx, basis.to(stats))
+                  for idx, basis in _graph_groups(teacher, kind, names, shapes, chain)]
     else:
         groups = [([i], None) for i in range(len(names))]  # one statistic per layer
     data = _batches(x, y, batch_size)
 
     def signals(xb: Tensor) -> list[Tensor]:
         with torch.no_grad():
-            a = layer_activations(teacher, xb, names, temperature)
-        return [torch.cat([a[i] for i in idx], 1).double() for idx, _ in groups]
+            a = layer_activations(teacher, xb.to(device), names, temperature)
+        return [torch.cat([a[i] for i in idx], 1).to(stats).double() for idx, _ in groups]
 
     # Spectral: keep the coefficients with the most energy on the training data.
     bases: list[Tensor | None] = []
     if kind.startswith("spectral"):
-        energy = [torch.zeros(b.shape[1], dtype=torch.float64) for _, b in groups if b is not None]
+        energy = [torch.zeros(b.shape[1], dtype=torch.float64, device=stats)
+                  for _, b in groups if b is not None]
         with StageProgress("record: energy", len(data), enabled=progress, unit="batch") as bar:
             for xb, _ in data:
                 for g, s in enumerate(signals(xb)):
@@ -307,21 +331,21 @@ def compute_record(
     moments = []
     for (idx, _), basis in zip(groups, bases, strict=True):
         dim = basis.shape[1] if basis is not None else sum(dims[i] for i in idx)
-        moments.append(_ClassMoments(num_classes, dim, full=dim <= FULL_COV_MAX))
+        moments.append(_ClassMoments(num_classes, dim, full=dim <= FULL_COV_MAX, device=stats))
     with StageProgress(f"record: {kind}", len(data), enabled=progress, unit="batch") as bar:
         for xb, yb in data:
             for g, s in enumerate(signals(xb)):
                 basis = bases[g]
-                moments[g].add(s @ basis if basis is not None else s, yb)
+                moments[g].add(s @ basis if basis is not None else s, yb.to(stats))
             bar.update()
 
     tensors: dict[str, Tensor] = {}
     meta_groups = []
     for g, ((idx, _), basis, mom) in enumerate(zip(groups, bases, moments, strict=True)):
         for key, t in mom.finish().items():
-            tensors[f"group{g}/{key}"] = t.contiguous()
+            tensors[f"group{g}/{key}"] = t.cpu().contiguous()
         if basis is not None:
-            tensors[f"group{g}/basis"] = basis.float().contiguous()
+            tensors[f"group{g}/basis"] = basis.float().cpu().contiguous()
         meta_groups.append({
             "layers": idx, "dim": sum(dims[i] for i in idx),
             "coefficients": int(basis.shape[1]) if basis is not None else None,
@@ -415,8 +439,9 @@ def fixed_dropout(
     def hook(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
         p = float(rate if rate is not None else mod.p)  # type: ignore[arg-type]
         key = id(mod)
-        if key not in masks:
-            masks[key] = (torch.rand(args[0].shape, generator=gen) >= p).to(args[0].dtype)
+        if key not in masks:  # drawn on the CPU (device-independent), used where args[0] is
+            keep = torch.rand(args[0].shape, generator=gen) >= p
+            masks[key] = keep.to(device=args[0].device, dtype=args[0].dtype)
         return args[0] * masks[key] / (1.0 - p)
 
     handles = [m.register_forward_hook(hook) for m in dropout_layers(model)]
@@ -429,20 +454,40 @@ def fixed_dropout(
 
 class RecordObjective:
     """The reconstruction loss of a record: match the teacher's activations on x̂ to targets
-    sampled, per batch, from the record's class-conditional Gaussians."""
+    sampled, per batch, from the record's class-conditional Gaussians.
+
+    Computed on the teacher's device (:attr:`device`): the record's tensors are copied there
+    once (again if the teacher moves).
+    """
 
     def __init__(self, teacher: nn.Module, record: MetadataRecord, source: str = "record") -> None:
         check_record_fits(record, teacher, source)
         self.teacher = teacher.eval().requires_grad_(False)
         self.record = record
+        self._on: tuple[torch.device, dict[str, Tensor]] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the objective computes: the teacher's device."""
+        return module_device(self.teacher)
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """The record's tensors on :attr:`device` (copied once per device)."""
+        device = self.device
+        if self._on is None or self._on[0] != device:
+            self._on = (device, {k: v.to(device) for k, v in self.record.tensors.items()})
+        return self._on[1]
 
     def sample_targets(self, y: Tensor, gen: torch.Generator) -> list[Tensor]:
-        """One target per group for each label in ``y`` (B,): mean_y + L_y z."""
+        """One target per group for each label in ``y`` (B,): mean_y + L_y z, on
+        :attr:`device` (z is drawn from ``gen`` on the CPU)."""
         out = []
+        t = self.tensors
+        y = y.to(self.device)
         for g in range(len(self.record.groups)):
-            t = self.record.tensors
             mean = t[f"group{g}/mean"][y]
-            z = torch.randn(mean.shape, generator=gen)
+            z = torch.randn(mean.shape, generator=gen).to(self.device)
             if f"group{g}/chol" in t:
                 out.append(mean + (t[f"group{g}/chol"][y] @ z[:, :, None]).squeeze(-1))
             else:
@@ -453,10 +498,12 @@ class RecordObjective:
         """The loss of one batch (targets and dropout filters fixed for all its steps)."""
         rec = self.record
         targets = self.sample_targets(y, gen)
+        tensors, device = self.tensors, self.device
         filters: dict[int, Tensor] = {}  # this batch's dropout masks, drawn on first use
         mask_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
 
         def loss(x: Tensor) -> Tensor:
+            x = x.to(device)
             if rec.kind == "all_layers_dropout":
                 with fixed_dropout(self.teacher, filters, mask_gen, rec.dropout):
                     acts = layer_activations(self.teacher, x, rec.layers, rec.temperature)
@@ -465,7 +512,7 @@ class RecordObjective:
             total = x.new_zeros(())
             for g, group in enumerate(rec.groups):
                 s = torch.cat([acts[i] for i in group["layers"]], 1)
-                basis = rec.tensors.get(f"group{g}/basis")
+                basis = tensors.get(f"group{g}/basis")
                 if basis is not None:
                     s = s @ basis
                 total = total + matching_loss(s, targets[g])

@@ -10,7 +10,9 @@ data geometry and normalisation, settings). ``data: {synthetic: PATH}`` in a con
 DeepInversion): each batch's inputs start from N(init_mean, init_std) in pixel space and
 are optimised with Adam. Every draw of batch ``b`` comes from a generator seeded by
 (seed, b), so the set is deterministic under its seed; each finished batch is saved at
-once, so a killed synthesis resumes at the first unfinished batch.
+once, so a killed synthesis resumes at the first unfinished batch. The inputs are optimised
+on the objective's device (the teacher's); the draws are made on the CPU and moved there,
+so they do not depend on it. Transfer sets are kept and saved on the CPU.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.data.loader import derive_seed
-from kdkit.datafree.common import StageProgress, replace_artifact
+from kdkit.datafree.common import LossWatch, StageProgress, cpu_tensors, replace_artifact
 from kdkit.errors import CheckpointError, KdkitError
 from kdkit.files import clean_stale_temps
 from kdkit.train.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from kdkit.train.device import module_device
 
 TRANSFER_STEM = "transfer"
 TRANSFER_FORMAT = "kdkit-transfer-set-1"
@@ -43,7 +46,8 @@ BatchObjective = Callable[[Tensor, torch.Generator], BatchLoss]  # (labels, gene
 
 @dataclass
 class TransferSet:
-    """Synthetic inputs ``x`` (N, C, H, W), labels ``y`` (N,), and where they came from."""
+    """Synthetic inputs ``x`` (N, C, H, W), labels ``y`` (N,), and where they came from
+    (on the CPU)."""
 
     x: Tensor
     y: Tensor
@@ -51,7 +55,11 @@ class TransferSet:
 
 
 def save_transfer(folder: Path, x: Tensor, y: Tensor, meta: dict[str, Any]) -> TransferSet:
-    """Write ``folder/transfer.*``; an older set there is replaced safely (JSON removed first)."""
+    """Write ``folder/transfer.*``; an older set there is replaced safely (JSON removed first).
+
+    ``x`` and ``y`` may be on any device; the set returned holds them on the CPU.
+    """
+    x, y = x.detach().cpu(), y.detach().cpu()
     replace_artifact(folder / TRANSFER_STEM, {"x": x.float(), "y": y.long()},
                     {"kind": "transfer-set", "transfer_format": TRANSFER_FORMAT,
                      "samples": len(y), **meta})
@@ -78,6 +86,16 @@ def balanced_labels(samples: int, num_classes: int) -> Tensor:
     return torch.arange(samples) % num_classes
 
 
+def objective_device(objective: Any) -> torch.device | None:
+    """The device an objective computes on: its ``device`` attribute, or that of the object
+    a bound method (``RecordObjective(...).batch_loss``) belongs to; None if it has none."""
+    for owner in (objective, getattr(objective, "__self__", None)):
+        device = getattr(owner, "device", None)
+        if isinstance(device, (torch.device, str)):
+            return torch.device(device)
+    return None
+
+
 def optimise_inputs(
     objective: BatchObjective,
     *,
@@ -97,6 +115,7 @@ def optimise_inputs(
     seed: int = 0,
     progress: bool = True,
     label: str = "synthesize",
+    device: torch.device | str | None = None,
 ) -> TransferSet:
     """Optimise ``samples`` inputs, ``batch_size`` at a time, for ``steps`` Adam steps each.
 
@@ -105,6 +124,12 @@ def optimise_inputs(
     the normalised input (p − mean) / std. Finished batches are kept in
     ``out_dir/batches``; a call on a folder holding some of them continues (the settings
     must match); the complete set is written to ``out_dir/transfer.*``.
+
+    ``device``: where the inputs are optimised, and where the labels handed to
+    ``objective`` are (default: the objective's ``device``, see :func:`objective_device`,
+    else the CPU); it must be the teacher's. The initial inputs are drawn on the CPU and
+    moved there, so they are the same on every device; NaN/inf is checked without reading
+    the device at every step (see :class:`~kdkit.datafree.common.LossWatch`).
     """
     for name, v in (("samples", samples), ("batch_size", batch_size), ("steps", steps)):
         if v < 1:
@@ -118,6 +143,8 @@ def optimise_inputs(
         **meta,
     }
     settings = json.loads(json.dumps(settings))
+    dev = torch.device(device) if device is not None else objective_device(objective)
+    dev = dev or torch.device("cpu")
     state_path = out_dir / "synthesis.json"
     if state_path.exists() and read_json(state_path, "synthesis settings") != settings:
         raise KdkitError(
@@ -141,28 +168,34 @@ def optimise_inputs(
             y = y_all[b * batch_size : (b + 1) * batch_size]
             gen = torch.Generator().manual_seed(derive_seed(seed, b, _BATCH_STREAM))
             pixels = init_mean + init_std * torch.randn((len(y), *input_shape), generator=gen)
-            pixels.requires_grad_(True)
-            loss_fn = objective(y, gen)
+            pixels = pixels.to(dev).requires_grad_(True)
+            loss_fn = objective(y.to(dev), gen)
             opt = torch.optim.Adam([pixels], lr=lr, betas=betas)
-            value = float("nan")
+            watch = LossWatch(dev)
+
+            def finite(bad: tuple[int, float] | None, b: int = b) -> None:
+                if bad is not None:
+                    raise KdkitError(
+                        f"{label}: the objective became {bad[1]} at batch {b} step {bad[0]}; "
+                        "lower the learning rate (lr) or the prior weights"
+                    )
+
             t0 = time.perf_counter()
             for step in range(steps):
                 loss = loss_fn((pixels - mean) / std)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise KdkitError(
-                        f"{label}: the objective became {value} at batch {b} step {step}; "
-                        "lower the learning rate (lr) or the prior weights"
-                    )
+                finite(watch.see(loss, step))  # off the CPU: read at the check points
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 bar.update(1)
                 if step % 25 == 0:
-                    bar.set_postfix(batch=f"{b + 1}/{n_batches}", loss=f"{value:.4g}")
+                    finite(watch.first_bad())
+                    bar.set_postfix(batch=f"{b + 1}/{n_batches}", loss=f"{watch.last():.4g}")
+            finite(watch.first_bad())
             x = ((pixels.detach() - mean) / std).float()
-            save_checkpoint(stem, {"x": x, "y": y}, {"final_loss": value, "batch": b,
-                                                     "wall_s": time.perf_counter() - t0})
+            save_checkpoint(stem, cpu_tensors({"x": x, "y": y}),
+                            {"final_loss": watch.last(), "batch": b,
+                             "wall_s": time.perf_counter() - t0})
     xs, ys, losses, wall = [], [], [], 0.0
     for b in range(n_batches):
         tensors, m = load_checkpoint(out_dir / "batches" / f"b{b:05d}")
@@ -180,13 +213,14 @@ def noise_set(
     batch_size: int = 1000,
 ) -> tuple[Tensor, Tensor]:
     """The floor: standard Gaussian noise in normalised input space, labelled by the
-    teacher's argmax. Returns x (N, C, H, W), y (N,)."""
+    teacher's argmax (on the teacher's device). Returns x (N, C, H, W), y (N,), on the CPU."""
     if samples < 1:
         raise KdkitError(f"noise: samples must be >= 1, got {samples}")
     gen = torch.Generator().manual_seed(derive_seed(seed, _NOISE_STREAM))
     x = torch.randn((samples, *input_shape), generator=gen)
     teacher.eval()
+    device = module_device(teacher)
     with torch.no_grad():
-        y = torch.cat([teacher(x[i : i + batch_size]).argmax(1)
+        y = torch.cat([teacher(x[i : i + batch_size].to(device)).argmax(1).cpu()
                        for i in range(0, samples, batch_size)])
     return x, y

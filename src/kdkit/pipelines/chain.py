@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from kdkit import dist
 from kdkit.files import atomic_copy, mark_run_dir
 from kdkit.pipelines.runs import SUMMARY, train_one
 from kdkit.train.artifacts import MODEL_STEM, load_model
@@ -42,7 +43,8 @@ def distill_chain(
     ``run_kwargs`` go to every stage's :func:`train_one` (data, method, settings, ...).
     Assistant stages live in ``run_dir/stage<k>-<model>``; the student in ``run_dir``.
     """
-    mark_run_dir(run_dir)  # before the assistants' stage folders are made inside it
+    if dist.is_main():
+        mark_run_dir(run_dir)  # before the assistants' stage folders are made inside it
     current, stages = teacher, []
     for k, (name, kwargs) in enumerate(assistants, start=1):
         stage_dir = run_dir / f"stage{k}-{name}"
@@ -73,7 +75,8 @@ def search_paths(
     """
     if (run_dir / SUMMARY).exists():
         return dict(read_json(run_dir / SUMMARY, "run summary"))
-    mark_run_dir(run_dir)  # also removes temporaries a killed process left here
+    if dist.is_main():
+        mark_run_dir(run_dir)  # also removes temporaries a killed process left here
     results = []
     for j, assistants in enumerate(candidates, start=1):
         # Indexed: two candidates may use the same models with other arguments.
@@ -83,8 +86,10 @@ def search_paths(
         cdir = run_dir / name
         results.append((s, cdir, assistants))
     best, best_dir, best_path = max(results, key=lambda r: r[0]["val_acc"])
+    main = dist.is_main()  # under torchrun rank 0 alone writes
     for suffix in (".safetensors", ".json"):  # the JSON, which marks the model complete, last
-        atomic_copy(best_dir / f"{MODEL_STEM}{suffix}", run_dir / f"{MODEL_STEM}{suffix}")
+        if main:
+            atomic_copy(best_dir / f"{MODEL_STEM}{suffix}", run_dir / f"{MODEL_STEM}{suffix}")
     summary = dict(best, label=label, chosen=[n for n, _ in best_path], search=[
         {"via": [n for n, _ in a], "via_kwargs": [kw for _, kw in a], "val_acc": s["val_acc"],
          "test_acc": s["test_acc"]}
@@ -92,5 +97,7 @@ def search_paths(
     ])
     log(f"  {label}: chose via {summary['chosen']} by validation accuracy "
         f"({best['val_acc']:.2f}%)")
-    atomic_write_json(run_dir / SUMMARY, summary)
+    with dist.main_first():
+        if main:
+            atomic_write_json(run_dir / SUMMARY, summary)
     return summary

@@ -12,7 +12,8 @@
 Every product (record, batches, transfer set, generator) is saved in the run's
 ``transfer/`` folder, so a killed run resumes without redoing finished work. The
 student's validation and test splits stay the real ones (for reporting only: nothing
-is chosen on them).
+is chosen on them). The work runs on the teacher's device (``build_transfer(device=...)``
+moves the teacher there first); what is saved, and the transfer set returned, is on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from kdkit.data import ArrayDataset, DatasetSplits
@@ -50,6 +52,7 @@ from kdkit.datafree.synthesis import (
 )
 from kdkit.errors import KdkitError
 from kdkit.pipelines.runs import data_meta
+from kdkit.train.device import module_device, resolve_device
 
 SOURCES = ("record", "deepinversion", "dafl", "noise")
 
@@ -60,7 +63,7 @@ def make_record(
     layers: Sequence[str] | None = None, progress: bool = True,
 ) -> MetadataRecord:
     """Record ``teacher``'s metadata on ``train`` into ``folder`` (reused if already there
-    with the same settings and teacher)."""
+    with the same settings and teacher), on the teacher's device."""
     settings = {"record": kind, "temperature": temperature, "fraction": fraction,
                 "dropout": dropout, "requested_layers": list(layers) if layers else None}
     if record_stem(folder).with_suffix(".json").exists():
@@ -136,6 +139,7 @@ def build_transfer(
     batch_size: int = 256,
     steps: int | None = None,
     lr: float | None = None,
+    device: torch.device | str | None = None,
     **opts: Any,
 ) -> tuple[DatasetSplits, GeneratorLoader | None, dict[str, Any]]:
     """The student's data for a data-free run: (data with the transfer set as its train
@@ -144,9 +148,16 @@ def build_transfer(
     ``opts`` are the source's own options (record: kind, temperature, fraction, dropout,
     layers, init_mean, init_std; deepinversion: the term weights and init; dafl: latent_dim,
     width, oh_weight, a_weight, ie_weight, steps_per_epoch).
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a :class:`torch.device`):
+    the teacher is moved there first (it stays there), so the record, the synthesis and
+    the generator's training run there; None: where the teacher already is. The device is
+    not part of the settings: a set started on one device is continued on another.
     """
     if source not in SOURCES:
         raise KdkitError(f"unknown transfer source '{source}'; choose one of {', '.join(SOURCES)}")
+    if device is not None:
+        teacher.to(resolve_device(device))
     t0 = time.perf_counter()
     steps = steps or DEFAULT_STEPS.get(source, 0)
     lr = lr or DEFAULT_LR.get(source, 0.0)
@@ -195,7 +206,7 @@ def build_transfer(
             objective, out_dir=folder, samples=samples, num_classes=data.num_classes,
             input_shape=(c, h, w), mean=data.mean, std=data.std, meta=base,
             batch_size=batch_size, steps=steps, lr=lr, seed=seed, progress=progress,
-            label=f"{source} synthesis", **init,
+            label=f"{source} synthesis", device=module_device(teacher), **init,
         )
         info["final_objective"] = ts.meta.get("final_loss_mean")
     # The time spent making the set, as recorded when it was made (a resumed run reuses it).

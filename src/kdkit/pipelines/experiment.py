@@ -14,12 +14,14 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from kdkit.config import ExperimentConfig, StudentRunSpec, TeacherSpec, dump_config
+from kdkit import dist
+from kdkit.config import ExperimentConfig, StudentRunSpec, TeacherSpec, TrainSpec, dump_config
 from kdkit.data import DatasetSplits, load_dataset
 from kdkit.distill.methods import method_teachers
 from kdkit.errors import ConfigError, KdkitError
@@ -37,6 +39,8 @@ from kdkit.pipelines.datafree import build_transfer, load_synthetic
 from kdkit.pipelines.runs import SUMMARY, load_teacher, prepare_run_dir, train_one
 from kdkit.train.artifacts import MODEL_STEM, load_model
 from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json, read_json
+from kdkit.train.device import check_precision, resolve_device
+from kdkit.train.loop import LoopSettings
 from kdkit.train.metrics import cpu_latency_ms
 
 ELAPSED = "elapsed.json"  # the experiment's wall time so far, for resumed runs
@@ -57,15 +61,22 @@ def teacher_cache_key(
         "format": CACHE_FORMAT,
         "model": spec.model.model_dump(),
         # keys added later are left out at their defaults
-        "train": spec.train.model_dump(
-            exclude={"teacher_cache"} | ({"channels_last"} if not spec.train.channels_last else set())
-        ),
+        "train": _trained_as(spec.train),
         "train_subset": spec.train_subset,
         "data": {"name": cfg.data.name, "val_fraction": cfg.data.val_fraction,
                  "sha256": data.source.get("sha256")},
         "seed": seed,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _trained_as(train: TrainSpec) -> dict[str, Any]:
+    """The training settings that make a teacher what it is: not the device it ran on, and
+    the keys added later only when they differ from their defaults (older keys stay valid)."""
+    later = {"channels_last", "precision", "compile", "sync_bn", "global_batch_terms"}
+    defaults = TrainSpec().model_dump()
+    d = train.model_dump(exclude={"teacher_cache", "device"})
+    return {k: v for k, v in d.items() if not (k in later and v == defaults[k])}
 
 
 def _usable_cached_teacher(cached: Path, log: Callable[[str], None]) -> bool:
@@ -84,9 +95,35 @@ def _usable_cached_teacher(cached: Path, log: Callable[[str], None]) -> bool:
 def _teacher(
     cfg: ExperimentConfig, spec: TeacherSpec, data: DatasetSplits, seed: int, run_dir: Path,
     cache_dir: Path | None, resume: bool, progress: bool, log: Callable[[str], None],
+    device: str | None = None,
 ) -> dict[str, Any]:
     cached = (cache_dir / "teachers" / teacher_cache_key(spec, cfg, seed, data)
               if cache_dir else None)
+    with dist.main_first() as main:  # rank 0 copies from the cache; the others then read
+        copied = _copy_cached_teacher(spec, seed, run_dir, cached, log) if main else None
+    if copied is not None:
+        return copied
+    if not main and (run_dir / SUMMARY).exists():  # what rank 0 copied (or found) there
+        return dict(read_json(run_dir / SUMMARY, "run summary"))
+    train = spec.train
+    summary = train_one(
+        run_dir=run_dir, label=f"seed{seed}/{spec.label}", data=data,
+        model_name=spec.model.name, model_kwargs=spec.model.kwargs,
+        method="ce", method_kwargs={}, teachers={},
+        settings=_settings(train, seed, device), batch_size=train.batch_size,
+        augment=train.augment, resume=resume, progress=progress,
+        eval_batch_size=cfg.eval.batch_size, extra={"role": "teacher"},
+        channels_last=train.channels_last,
+    )
+    if cached is not None and dist.is_main() and not _usable_cached_teacher(cached,
+                                                                             lambda _m: None):
+        _publish_teacher(run_dir, cached)
+    return summary
+
+
+def _copy_cached_teacher(spec: TeacherSpec, seed: int, run_dir: Path, cached: Path | None,
+                         log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Copy a usable cached teacher into ``run_dir`` (unless it holds one); its summary."""
     if cached is not None:
         clean_stale_temps(cached.parent)
     if not (run_dir / SUMMARY).exists() and cached and _usable_cached_teacher(cached, log):
@@ -102,18 +139,13 @@ def _teacher(
         atomic_write_json(run_dir / SUMMARY, summary)
         log(f"[seed {seed}] {spec.label}: reused from cache {cached}")
         return dict(summary)
-    train = spec.train
-    summary = train_one(
-        run_dir=run_dir, label=f"seed{seed}/{spec.label}", data=data,
-        model_name=spec.model.name, model_kwargs=spec.model.kwargs,
-        method="ce", method_kwargs={}, teachers={},
-        settings=train.loop_settings(seed), batch_size=train.batch_size, augment=train.augment,
-        resume=resume, progress=progress, eval_batch_size=cfg.eval.batch_size,
-        extra={"role": "teacher"}, channels_last=train.channels_last,
-    )
-    if cached is not None and not _usable_cached_teacher(cached, lambda _m: None):
-        _publish_teacher(run_dir, cached)
-    return summary
+    return None
+
+
+def _settings(train: TrainSpec, seed: int, device: str | None) -> LoopSettings:
+    """The loop settings of a run; ``device`` (from the command line) overrides the config's."""
+    settings = train.loop_settings(seed)
+    return settings if device is None else replace(settings, device=device)
 
 
 def _publish_teacher(run_dir: Path, cached: Path) -> None:
@@ -145,24 +177,45 @@ def run_experiment(
     cache_dir: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str | None = None,
+    only: list[str] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run the whole experiment into ``out_dir``; return the aggregated summary.
 
     Every model and method is first built on the data's geometry (:func:`dry_build`), so a
     problem in any run is reported before anything trains.
+
+    Args:
+        device: overrides every run's ``train.device`` (not part of the config: a run may
+            resume on another device).
+        only: run just these sub-runs (``LABEL`` for every seed, or ``seedK/LABEL``), into
+            the same ``out_dir``; their teachers must be finished. The table is not
+            assembled: a later run without ``only`` (e.g. ``--resume``) does that. So a
+            scheduler (a SLURM array, a job queue) can fan an experiment out over machines.
+        jobs: run up to this many ready sub-runs at once, each in its own process with a
+            fair share of the CPU threads (or its own GPU); teachers before their students.
     """
     problems = dry_build(cfg)
     if problems:
         raise ConfigError(problems, f"'{cfg.name}'")
+    _check_devices(cfg, device)
+    selected = _selected(cfg, only) if only else None
+    if jobs > 1 and dist.world_size() > 1:
+        raise KdkitError("--jobs runs sub-runs as processes of their own; under torchrun give "
+                         "one or the other")
     resolved = dump_config(cfg)
     cfg_path = out_dir / "config.yaml"
-    if resume and cfg_path.exists() and cfg_path.read_bytes() != resolved.encode():
+    continuing = resume or selected is not None  # --only adds to the experiment's folder
+    if continuing and cfg_path.exists() and cfg_path.read_bytes() != resolved.encode():
         raise KdkitError(
-            f"{cfg_path} differs from the config given now; --resume needs the same config "
-            "(use --force to start over, or --out for a new run directory)"
+            f"{cfg_path} differs from the config given now; --resume and --only need the same "
+            "config (use --force to start over, or --out for a new run directory)"
         )
-    prepare_run_dir(out_dir, resume=resume, force=force)
-    atomic_write_bytes(cfg_path, resolved.encode())
+    with dist.main_first() as main:
+        if main:
+            prepare_run_dir(out_dir, resume=continuing, force=force)
+            atomic_write_bytes(cfg_path, resolved.encode())
     t0 = time.perf_counter()
     # The experiment's wall time sums every process that worked on it (resumes included).
     elapsed_path = out_dir / ELAPSED
@@ -171,6 +224,19 @@ def run_experiment(
     def wall() -> float:
         return wall_before + time.perf_counter() - t0
 
+    def note_elapsed() -> None:
+        if main and selected is None:
+            atomic_write_json(elapsed_path, {"wall_s": wall()})
+
+    if jobs > 1:
+        from kdkit.pipelines.jobs import run_parallel
+
+        run_parallel(cfg, cfg_path, out_dir, jobs=jobs, selected=selected, cache_dir=cache_dir,
+                     device=device, log=log)
+        if selected is not None:
+            return {"name": cfg.name, "only": sorted(selected), "runs": []}
+        note_elapsed()
+        resume = True  # every sub-run is finished: what follows assembles the table
     runs: list[dict[str, Any]] = []
     for seed in cfg.seeds:
         seed_dir = out_dir / f"seed{seed}"
@@ -178,40 +244,103 @@ def run_experiment(
         teachers: dict[str, nn.Module] = {}
         teacher_val: dict[str, float | None] = {}
         teacher_data: dict[str, DatasetSplits] = {}
+        wanted = [r for r in cfg.students if selected is None or (seed, r.label) in selected]
         for spec in cfg.all_teachers():
-            full = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
-                                train_subset=spec.train_subset, seed=seed,
-                                download=d.download, log=log)
+            full = _load(cfg, seed, spec.train_subset, log)
             t_dir = seed_dir / spec.label
-            summary = _teacher(cfg, spec, full, seed, t_dir, cache_dir, resume, progress, log)
-            runs.append(summary)
-            _report(log, seed, summary)
-            atomic_write_json(elapsed_path, {"wall_s": wall()})
+            if selected is not None and (seed, spec.label) not in selected:
+                if not wanted:
+                    continue
+                if not (t_dir / SUMMARY).exists():
+                    raise KdkitError(
+                        f"--only: teacher seed{seed}/{spec.label} is not finished; run it first "
+                        f"(--only seed{seed}/{spec.label})")
+                summary = dict(read_json(t_dir / SUMMARY, "run summary"))
+            else:
+                summary = _teacher(cfg, spec, full, seed, t_dir, cache_dir, resume, progress,
+                                   log, device)
+                runs.append(summary)
+                _report(log, seed, summary)
+                note_elapsed()
             teachers[spec.label] = load_teacher(t_dir, full)
             teacher_val[spec.label] = summary.get("val_acc")
             teacher_data[spec.label] = full
-        data = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
-                            train_subset=d.train_subset, seed=seed, download=d.download, log=log)
+        if not wanted:
+            continue
+        data = _load(cfg, seed, d.train_subset, log)
         if d.synthetic:
             data = load_synthetic(d.synthetic.replace("{seed}", str(seed)), data)
-        for run in cfg.students:
+        for run in wanted:
             chosen = _select_teachers(run, teachers, teacher_val)
             summary = _student(cfg, run, data, seed, seed_dir / run.label, chosen,
                                resume=resume, progress=progress, log=log,
                                teacher_data={k: teacher_data[k] for k in chosen},
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, device=device)
             runs.append(summary)
             _report(log, seed, summary)
-            atomic_write_json(elapsed_path, {"wall_s": wall()})
-    table_rows = aggregate(runs, out_dir, cfg.seeds[0], cfg.eval.latency_repeats)
-    result = {
-        "name": cfg.name, "seeds": cfg.seeds, "rows": table_rows, "runs": runs,
-        "wall_s": round(wall(), 1),
-    }
-    atomic_write_json(out_dir / SUMMARY, result)
-    table = format_table(table_rows, cfg)
-    atomic_write_bytes(out_dir / "table.md", table.encode())
+            note_elapsed()
+    if selected is not None:
+        return {"name": cfg.name, "only": sorted(f"seed{s}/{lab}" for s, lab in selected),
+                "runs": runs}
+    with dist.main_first():
+        if main:  # latency and the table: measured and written once
+            table_rows = aggregate(runs, out_dir, cfg.seeds[0], cfg.eval.latency_repeats)
+            result = {
+                "name": cfg.name, "seeds": cfg.seeds, "rows": table_rows, "runs": runs,
+                "wall_s": round(wall(), 1),
+            }
+            atomic_write_json(out_dir / SUMMARY, result)
+            table = format_table(table_rows, cfg)
+            atomic_write_bytes(out_dir / "table.md", table.encode())
+    if not main:
+        result = dict(read_json(out_dir / SUMMARY, "experiment summary"))
     return result
+
+
+def _check_devices(cfg: ExperimentConfig, device: str | None) -> None:
+    """Every run's device exists and computes in its precision (before anything is made)."""
+    specs = [t.train for t in cfg.all_teachers()] + [cfg.student_train(r) for r in cfg.students]
+    for train in specs:
+        check_precision(train.precision, resolve_device(device or train.device))
+
+
+def sub_runs(cfg: ExperimentConfig) -> list[tuple[int, str, bool]]:
+    """Every sub-run of the experiment as (seed, label, is a teacher), in running order."""
+    out = []
+    for seed in cfg.seeds:
+        out += [(seed, t.label, True) for t in cfg.all_teachers()]
+        out += [(seed, r.label, False) for r in cfg.students]
+    return out
+
+
+def _selected(cfg: ExperimentConfig, only: list[str]) -> set[tuple[int, str]]:
+    """The (seed, label) pairs ``--only`` names: ``LABEL`` (every seed) or ``seedK/LABEL``."""
+    known = sub_runs(cfg)
+    labels = sorted({lab for _, lab, _ in known})
+    chosen: set[tuple[int, str]] = set()
+    for item in only:
+        seed_text, _, label = item.rpartition("/")
+        seeds = cfg.seeds
+        if seed_text:
+            if not (seed_text.startswith("seed") and seed_text[4:].lstrip("-").isdigit()
+                    and int(seed_text[4:]) in cfg.seeds):
+                raise KdkitError(f"--only {item}: '{seed_text}' is not one of this experiment's "
+                                 f"seeds ({', '.join(f'seed{s}' for s in cfg.seeds)})")
+            seeds = [int(seed_text[4:])]
+        if label not in labels:
+            raise KdkitError(f"--only {item}: no sub-run is labelled '{label}'; the labels are "
+                             f"{', '.join(labels)}")
+        chosen |= {(s, label) for s in seeds}
+    return chosen
+
+
+def _load(cfg: ExperimentConfig, seed: int, train_subset: int | None,
+          log: Callable[[str], None]) -> DatasetSplits:
+    """The seed's splits; under torchrun rank 0 fetches (if it must) before the others read."""
+    d = cfg.data
+    with dist.main_first():
+        return load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
+                            train_subset=train_subset, seed=seed, download=d.download, log=log)
 
 
 def _elapsed(path: Path) -> float:
@@ -242,6 +371,7 @@ def _student(
     teachers: dict[str, nn.Module], *, resume: bool, progress: bool, log: Callable[[str], None],
     teacher_data: dict[str, DatasetSplits] | None = None,
     cache_dir: Path | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """One student run: direct, data-free (``transfer``), along a teacher-assistant path,
     or a search over paths."""
@@ -251,20 +381,23 @@ def _student(
     if (run_dir / SUMMARY).exists():  # finished; config.yaml's check made it this very run
         return dict(read_json(run_dir / SUMMARY, "run summary"))
     loader = None
-    mark_run_dir(run_dir)  # before its transfer set or assistant stages are written into it
+    if dist.is_main():
+        mark_run_dir(run_dir)  # before its transfer set or assistant stages are written into it
     if run.transfer is not None and not (run_dir / SUMMARY).exists():
         (t_label, teacher), = teachers.items()
         t_data = (teacher_data or {}).get(t_label, data)
-        data, loader, info = build_transfer(
-            run.transfer.source, teacher=teacher, teacher_data=t_data, data=data,
-            folder=run_dir / "transfer", seed=seed, progress=progress, log=log,
-            **run.transfer.options(),
-        )
+        # Synthesis (and a DAFL generator) runs on rank 0; the others then read what it made.
+        with dist.main_first() as main:
+            data, loader, info = build_transfer(
+                run.transfer.source, teacher=teacher, teacher_data=t_data, data=data,
+                folder=run_dir / "transfer", seed=seed, progress=progress and main, log=log,
+                device=device or train.device, **run.transfer.options(),
+            )
         extra.update(info)
     common: dict[str, Any] = dict(
         data=data, method=run.method.name, method_kwargs=run.method.kwargs,
-        settings=train.loop_settings(seed), batch_size=train.batch_size, augment=train.augment,
-        teacher_mode=run.teacher_mode, resume=resume, progress=progress,
+        settings=_settings(train, seed, device), batch_size=train.batch_size,
+        augment=train.augment, teacher_mode=run.teacher_mode, resume=resume, progress=progress,
         eval_batch_size=cfg.eval.batch_size,
         teacher_cache=train.teacher_cache.model_dump() if train.teacher_cache else None,
         cache_root=cache_dir / "teacher-outputs" if cache_dir else None,

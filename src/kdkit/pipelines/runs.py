@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdkit import dist
 from kdkit.data import DatasetSplits
 from kdkit.data.augment import build_augment
 from kdkit.data.loader import BatchLoader, derive_seed
@@ -31,7 +32,8 @@ from kdkit.train.checkpoint import (
     read_json,
     tensors_digest,
 )
-from kdkit.train.loop import LoopSettings, fit, identity_diff
+from kdkit.train.device import resolve_device
+from kdkit.train.loop import LoopSettings, fit, identity_diff, loop_identity
 from kdkit.train.metrics import count_parameters, evaluate
 from kdkit.train.teacher_cache import CacheSettings, TeacherCache
 
@@ -72,7 +74,7 @@ def run_identity(
                  "train_sha256": digest},
         "batch_size": batch_size, "augment": augment, "teacher_mode": teacher_mode,
         "teacher_cache": teacher_cache, "channels_last": channels_last,
-        "loop": asdict(settings),
+        "loop": loop_identity(settings),
     }, default=str))
 
 
@@ -195,7 +197,10 @@ def train_one(
         found = dict(read_json(summary_path, "run summary"))
         _check_same_run(found, identity, summary_path)
         return found
-    mark_run_dir(run_dir)
+    main = dist.is_main()  # under torchrun every rank runs this; rank 0 alone writes
+    if main:
+        mark_run_dir(run_dir)
+    device = resolve_device(settings.device)
     student = build_model(model_name, model_kwargs, data, settings.seed)
     if channels_last:
         student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -226,7 +231,7 @@ def train_one(
             optimizer=stage.optimizer or settings.optimizer,
         )
         stage_identity = {**identity, "stage": f"{k}/{len(stages)} {stage.name}"}
-        if not last and (stage_dir / SUMMARY).exists():
+        if not last and (stage_dir / SUMMARY).exists():  # (every rank reads it)
             _check_same_run(read_json(stage_dir / SUMMARY, "stage summary"), stage_identity,
                             stage_dir / SUMMARY)
             tensors, _ = load_checkpoint(stage_dir / MODEL_STEM)
@@ -234,15 +239,18 @@ def train_one(
             fit_wall += float(read_json(stage_dir / SUMMARY, "stage summary").get("wall_s", 0.0))
             continue
         distiller = Distiller(student, teachers, stage.terms, teacher_mode=teacher_mode)
+        distiller.to(device)
         if channels_last:  # not distiller.to(): that would convert the teachers too
             distiller.adapters.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         cache = None
         if cache_settings is not None and distiller.teacher_taps:
             # over train + val: every seed splits the same pool, so all seeds share it
-            cache = TeacherCache.open_or_build(
-                cache_root or run_dir / "teacher-outputs", distiller, data.train, aug,
-                cache_settings, pool=[data.train, data.val] if len(data.val) else None,
-                batch_size=eval_batch_size, log=print if progress else None)
+            # built once, by rank 0, while the others wait; then every rank maps it
+            with dist.main_first():
+                cache = TeacherCache.open_or_build(
+                    cache_root or run_dir / "teacher-outputs", distiller, data.train, aug,
+                    cache_settings, pool=[data.train, data.val] if len(data.val) else None,
+                    batch_size=eval_batch_size, log=print if progress and main else None)
         result = fit(
             distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,
             progress=progress, label=label if last else f"{label}/{stage.name}",
@@ -251,18 +259,21 @@ def train_one(
             log=_to_stderr if progress else None,
         )
         fit_wall += result.wall_s
-        if not last:
+        if not last and main:
             save_model(stage_dir, student, name=model_name, kwargs=model_kwargs,
                        data=data_meta(data), extra={"stage": stage.name})
             atomic_write_json(stage_dir / SUMMARY, {"stage": stage.name, "wall_s": result.wall_s,
                                                     "history": result.history[-1:],
                                                     "identity": stage_identity})
     t0 = time.perf_counter()
-    test = evaluate(student, data.test.x, data.test.y, eval_batch_size)
-    model_path = save_model(
-        run_dir, student, name=model_name, kwargs=model_kwargs, data=data_meta(data),
-        extra={"method": {"name": method, "kwargs": method_kwargs}, "seed": settings.seed},
-    )
+    test = evaluate(student, data.test.x, data.test.y, eval_batch_size, distributed=True)
+    model_path = run_dir / f"{MODEL_STEM}.safetensors"
+    with dist.main_first():
+        if main:
+            save_model(run_dir, student, name=model_name, kwargs=model_kwargs,
+                       data=data_meta(data), extra={"method": {"name": method,
+                                                               "kwargs": method_kwargs},
+                                                    "seed": settings.seed})
     final = result.history[-1] if result.history else {}
     summary = {
         "label": label, "seed": settings.seed, "model": model_name, "model_kwargs": model_kwargs,
@@ -274,7 +285,9 @@ def train_one(
         "wall_s": round(fit_wall + time.perf_counter() - t0, 2),
         "resumed_from": result.resumed_from, **(extra or {}), "identity": identity,
     }
-    atomic_write_json(summary_path, summary)
+    with dist.main_first():
+        if main:
+            atomic_write_json(summary_path, summary)
     return summary
 
 

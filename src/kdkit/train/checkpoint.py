@@ -80,7 +80,7 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor],
     """Write ``tensors`` to ``path`` atomically and durably; with ``keep_previous`` the file
     that was there becomes :func:`prev_path` (a kill between the two renames leaves it)."""
     # safetensors refuses shared storage and non-contiguous views; store plain copies.
-    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    plain = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     tmp = temp_file(path)
     try:
         save_file(plain, str(tmp), metadata=metadata)

@@ -208,6 +208,7 @@ def fit(
     device = resolve_device(s.device)
     prec = Precision(s.precision, device)
     distiller.to(device)
+    compiled = _compile(distiller, log) if s.compile else []
     loader.place(device)
     if val is not None and fits_on_device(nbytes(*val), device):
         val = (val[0].to(device), val[1].to(device))
@@ -380,8 +381,35 @@ def fit(
             meter.reset({})
             epoch, start_step = epoch + 1, 0
             checkpoint(epoch, 0, {})
+    dist.broadcast_state(distiller, buffers_only=True)  # every rank ends with rank 0's model
+    for module in compiled:
+        module._compiled_call_impl = None  # eager again (what Module.compile set)
     result.wall_s = wall_before + time.perf_counter() - t_start
     return result
+
+
+def _compile(distiller: Distiller, log: Callable[[str], None] | None) -> list[nn.Module]:
+    """torch.compile, in place (parameter names do not change), each network the method
+    reads at its output only; a network whose inner layers are tapped stays eager (its
+    compiled graph would not run the forward hooks that taps use), and ``log`` says so.
+    Returns the compiled modules; :func:`fit` makes them eager again when it returns, so a
+    later stage that taps them works."""
+    from kdkit.taps import LOGITS
+
+    nets = {"student": (distiller.student, list(distiller._student_taps.values()))}
+    for name, teacher in distiller.teachers.items():
+        nets[f"teacher '{name}'"] = (teacher, list(distiller._teacher_taps.get(name, {}).values()))
+    eager, compiled = [], []
+    for name, (module, taps) in nets.items():
+        if all(t == LOGITS for t in taps) and getattr(module, "_compiled_call_impl", 1) is None:
+            module.compile()
+            compiled.append(module)
+        else:
+            eager.append(name)
+    if eager and log is not None:
+        log(f"compile: {', '.join(eager)} left uncompiled: the method reads inner layers "
+            "(forward hooks), which compiled graphs skip")
+    return compiled
 
 
 CHECK_EVERY = 25  # steps between reads of the device's non-finite flags (off one CPU)

@@ -76,6 +76,7 @@ from kdkit.errors import KdkitError
 from kdkit.progress import progress_bar
 from kdkit.taps import LOGITS
 from kdkit.train.checkpoint import atomic_write_json, module_fingerprint, sha256_file
+from kdkit.train.device import module_device
 
 FORMAT = "kdkit-teacher-cache-2"  # bump when views, keys, the row or the manifest layout change
 MANIFEST = "manifest.json"
@@ -352,6 +353,7 @@ def _build(
     dtype = np.dtype(settings.dtype)
     was_training = distiller.training
     distiller.eval()
+    device = module_device(next(iter(distiller.teachers.values())))
     bar = progress_bar(total=n * k_views, desc="teacher cache", unit="row", leave=False,
                        dynamic_ncols=True)
     try:
@@ -362,7 +364,7 @@ def _build(
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(n, start + batch_size))
                 x = make_views(augment, x_pool[index], keys[index], torch.full_like(index, view))
-                outs = distiller.teacher_outputs(x)
+                outs = distiller.teacher_outputs(x.to(device))
                 for teacher, taps in outs.items():
                     for tap, t in taps.items():
                         parts = {"full": t}

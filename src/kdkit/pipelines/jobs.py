@@ -1,0 +1,141 @@
+"""Many sub-runs at once: ``kdkit run --jobs N``.
+
+An experiment is many independent runs (seeds x students) after their teachers. Each ready
+sub-run here becomes ``kdkit run OUT/config.yaml --out OUT --only seedK/LABEL`` in a process
+of its own, with a fair share of the CPU threads (or a GPU of its own when there are
+several); a student starts once every teacher of its seed is finished. A sub-run's output
+goes to ``OUT/logs/seedK-LABEL.log``. Because every sub-run is the run a single process
+would make, the table assembled afterwards is the same whatever the number of jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kdkit.config import ExperimentConfig
+from kdkit.errors import KdkitError
+from kdkit.pipelines.runs import SUMMARY
+
+Task = tuple[int, str, bool]  # (seed, label, is a teacher)
+
+
+def _finished(out_dir: Path, seed: int, label: str) -> bool:
+    return (out_dir / f"seed{seed}" / label / SUMMARY).exists()
+
+
+def _gpus(device: str | None) -> int:
+    """How many GPUs jobs may spread over (0: none, or a device was named explicitly)."""
+    if device not in (None, "auto", "cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def run_parallel(
+    cfg: ExperimentConfig, cfg_path: Path, out_dir: Path, *, jobs: int,
+    selected: set[tuple[int, str]] | None, cache_dir: Path | None, device: str | None,
+    log: Callable[[str], None] = print, poll_s: float = 0.2,
+) -> None:
+    """Run the experiment's unfinished sub-runs (or the ``selected`` ones), ``jobs`` at a
+    time; return when all are finished; raise naming the first that failed (and its log)."""
+    from kdkit.pipelines.experiment import sub_runs
+
+    todo: list[Task] = [t for t in sub_runs(cfg) if (selected is None or t[:2] in selected)
+                        and not _finished(out_dir, t[0], t[1])]
+    teachers = {seed: [lab for s, lab, is_t in sub_runs(cfg) if s == seed and is_t]
+                for seed in cfg.seeds}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    gpus = _gpus(device)
+    logs = out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    running: dict[Task, tuple[subprocess.Popen[bytes], Path, float, int]] = {}
+    failed: list[str] = []
+    log(f"kdkit run --jobs {jobs}: {len(todo)} sub-run(s) to run, {threads} thread(s) each"
+        + (f", over {gpus} GPU(s)" if gpus else ""))
+
+    def ready(task: Task) -> bool:
+        seed, _label, is_teacher = task
+        return is_teacher or all(_finished(out_dir, seed, t) for t in teachers[seed])
+
+    def blocked(task: Task) -> str | None:
+        """A teacher this student needs that will not be made (not selected, not finished)."""
+        seed, _label, is_teacher = task
+        if is_teacher:
+            return None
+        for t in teachers[seed]:
+            if not _finished(out_dir, seed, t) and (seed, t, True) not in todo and (
+                    (seed, t, True) not in running):
+                return f"seed{seed}/{t}"
+        return None
+
+    try:
+        while todo or running:
+            for task in list(running):
+                proc, path, started, _slot = running[task]
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[task]
+                name = f"seed{task[0]}/{task[1]}"
+                if rc == 0:
+                    log(f"[jobs] {name} finished ({time.perf_counter() - started:.1f} s)")
+                else:
+                    failed.append(f"{name} failed (exit {rc}; log {path}: {_last_line(path)})")
+            if failed:
+                todo.clear()
+                continue
+            for task in list(todo):
+                missing = blocked(task)
+                if missing is not None:
+                    raise KdkitError(f"sub-run seed{task[0]}/{task[1]} needs teacher {missing}, "
+                                     "which is neither finished nor selected; run it first")
+                if len(running) >= jobs or not ready(task):
+                    continue
+                todo.remove(task)
+                slot = min(set(range(jobs)) - {r[3] for r in running.values()})
+                running[task] = _start(task, slot, cfg_path, out_dir, logs, threads, gpus,
+                                       cache_dir, device)
+                log(f"[jobs] started seed{task[0]}/{task[1]} (log {running[task][1]})")
+            time.sleep(poll_s)
+    except BaseException:
+        for proc, *_ in running.values():  # Ctrl-C reached them too; let them checkpoint
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    if failed:
+        raise KdkitError(f"{len(failed)} sub-run(s) failed: {'; '.join(failed[:3])}")
+
+
+def _start(task: Task, slot: int, cfg_path: Path, out_dir: Path, logs: Path, threads: int,
+           gpus: int, cache_dir: Path | None, device: str | None
+           ) -> tuple[subprocess.Popen[bytes], Path, float, int]:
+    seed, label, _ = task
+    cmd = [sys.executable, "-m", "kdkit", "--threads", str(threads), "run", str(cfg_path),
+           "--out", str(out_dir), "--only", f"seed{seed}/{label}", "--no-progress"]
+    cmd += ["--cache-dir", str(cache_dir)] if cache_dir is not None else ["--no-cache"]
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    if gpus:  # each job its own GPU: it sees that one alone, as cuda:0
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    if device is not None:
+        cmd += ["--device", device]
+    path = logs / f"seed{seed}-{label}.log"
+    with open(path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return proc, path, time.perf_counter(), slot
