@@ -8,6 +8,19 @@ import torch
 from kdkit.data import load_dataset
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device for the tests that take one (tests/test_device.py): cpu, "
+                     "cuda, cuda:N, mps; scripts/gpu_check.sh runs them with cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    from kdkit.train.device import resolve_device
+
+    return resolve_device(request.config.getoption("--device"))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     """Never touch the user's cache or data folders; one intra-op thread: tiny models gain nothing from more, and oversubscribed cores stall."""

@@ -239,3 +239,21 @@ def test_bad_process_and_device_options_are_one_line(argv, problem, tmp_path, mo
     assert err.startswith("kdkit: error: ") and "\n" not in err
     assert problem in err
     assert not (tmp_path / "o").exists()
+
+
+def test_teacher_cache_under_torchrun_is_built_once_and_gives_one_process_weights(tmp_path):
+    """Rank 0 builds the teacher-output cache while the other waits; both map it; the
+    student's weights are those of one process using the same cache."""
+    _ok(_kdkit("train", "--model", "mlp", "--data", "digits", "--epochs", "2", "--out", "t",
+               "--no-progress", cwd=tmp_path))
+    common = ["distill", "--teacher", "t", "--student", "mlp", "--model-arg", "hidden=[16]",
+              "--data", "digits", "--epochs", "2", "--teacher-cache", "--cache-dir", "cache",
+              "--augment", "shift=1", "--cache-views", "2"]
+    two = _kdkit("--nproc", "2", *common, "--out", "two", cwd=tmp_path)
+    _ok(two)
+    assert two.stdout.count("building 2 view(s)") == 1  # rank 0 built it, once
+    one = _kdkit(*common, "--out", "one", cwd=tmp_path)
+    _ok(one)
+    assert "building" not in one.stdout  # the cache the DDP run built is reused
+    assert _max_diff(tmp_path / "one" / "model.safetensors",
+                     tmp_path / "two" / "model.safetensors") < 1e-6

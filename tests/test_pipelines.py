@@ -149,3 +149,32 @@ def test_cached_teacher_reused_under_another_label(tmp_path):
                          progress=False, log=logs.append)
     assert any("renamed: reused from cache" in line for line in logs)
     assert [r["label"] for r in res["rows"]] == ["renamed", "kd"]
+
+
+def test_channels_last_converts_the_teachers_for_the_run_only(tmp_path, monkeypatch, digits):
+    """With channels_last the teachers' conv weights are NHWC while the run trains (CPU
+    convolutions are faster so), and contiguous again afterwards: runs share teachers."""
+    import torch
+
+    from kdkit.models import create_model
+    from kdkit.pipelines import runs
+    from kdkit.train.loop import LoopSettings
+
+    teacher = create_model("resnet", depth=8, width=4, in_channels=1, input_size=8)
+    seen = []
+    real_fit = runs.fit
+
+    def spying_fit(distiller, *args, **kwargs):
+        w = distiller.teachers["teacher"].layer1[0].conv1.weight
+        seen.append(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
+        return real_fit(distiller, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "fit", spying_fit)
+    for cl in (True, False):
+        runs.train_one(run_dir=tmp_path / str(cl), label="s", data=digits,
+                       model_name="resnet", model_kwargs={"depth": 8, "width": 2},
+                       method="kd", method_kwargs={}, teachers={"teacher": teacher},
+                       settings=LoopSettings(epochs=1), batch_size=128, augment=None,
+                       progress=False, channels_last=cl)
+        assert teacher.layer1[0].conv1.weight.is_contiguous()
+    assert seen == [True, False]

@@ -251,7 +251,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(split) == 0:
         raise KdkitError(f"--split {args.split}: the run's {args.split} split is empty (it was "
                          "trained with val_fraction 0?); evaluate another split")
+    from kdkit.train.device import resolve_device
+
+    model.to(resolve_device(args.device))
     res = evaluate(model, split.x, split.y)
+    model.cpu()  # the latency below is a CPU figure
     weights = model_stem(path).with_suffix(".safetensors")
     print(json.dumps({
         "model": meta["model"]["name"], "data": data.name, "split": args.split,
@@ -633,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset (default: the one the model was trained on)")
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: the one the model was trained from)")
+    _add_device_flag(p)
     p.add_argument("--split", choices=["test", "val", "train"], default="test",
                    help="which split (default: %(default)s); val and train are the run's own, "
                    "rebuilt from its seed, val_fraction and train_subset")

@@ -8,7 +8,7 @@ knows about ranks: the loop shards batches and reduces metrics, and the distille
 the global batch for the terms that relate samples when asked (``global_batch_terms``).
 
 A rank that fails ends the job: under torchrun its exit makes the agent stop the others;
-every collective has a timeout (``KDKIT_DIST_TIMEOUT`` seconds, default 600), so a rank left
+every collective has a timeout (``KDKIT_DIST_TIMEOUT`` seconds, default 3600), so a rank left
 waiting for a dead peer raises rather than hangs.
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
 
-DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TIMEOUT_S = 3600.0  # also bounds rank-0-only work (a data-free synthesis) the others wait for
 
 
 def is_initialized() -> bool:

@@ -165,6 +165,23 @@ def _cifar100(root: Path) -> RawData:
     return _cifar_raw(load_cifar100(root), 100)
 
 
+FAKE_CIFAR_SIZES = (10_000, 2_000)  # train, test
+
+
+@DATASETS.register(
+    "fake_cifar10", summary="random 3x32x32 pixels and labels (10k/2k, 10 classes): for speed "
+    "measurements only, nothing to learn")
+def _fake_cifar10(root: Path) -> RawData:
+    """CIFAR-shaped random data from a fixed seed: no files, no content (like torchvision's
+    FakeData). Use it to time a pipeline where the real data is not at hand."""
+    gen = torch.Generator().manual_seed(0)
+    n_train, n_test = FAKE_CIFAR_SIZES
+    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=gen)
+    return RawData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes=10,
+                   scale=255.0)
+
+
 def _pixel_stats(x: Tensor, scale: float) -> tuple[float, float]:
     """Exact scalar mean and std of ``x / scale`` for integer pixels, via a histogram."""
     counts = torch.bincount(x.flatten(), minlength=256).to(torch.float64).numpy()

@@ -11,6 +11,11 @@ differentiable) loss
 i.e. S is pushed above μ where the teacher neuron is active and below −μ where it is
 not. Summed over the elements, averaged over the batch; margin μ = 1 by default. The
 official code's scale (its /1000 and stage weights) belongs to the term weights.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ the chosen stages are term weights, applied by the distiller, not here.
 
 Channels may differ between student and teacher (mean over channels); the spatial sizes
 must match.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

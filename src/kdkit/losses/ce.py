@@ -1,4 +1,10 @@
-"""Task cross-entropy as a loss module with the kdkit signature."""
+"""Task cross-entropy as a loss module with the kdkit signature.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@
   Adaptive DeepInversion's :func:`competition_loss`.
 * Chen et al. 2019, "DAFL: Data-Free Learning of Student Networks" (ICCV):
   :func:`one_hot_loss`, :func:`activation_loss`, :func:`information_entropy_loss`.
+
+Precision: float32: the data-free stages (records, synthesis, DAFL) call these without
+autocast, on float32 tensors.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@
 For every loss here ``teacher`` is a sequence of logits tensors, one per teacher, in a
 fixed order, each (B, C) like the student's. Randomness uses torch's global RNG, which the
 training loop reseeds at every step, so runs stay resumable.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

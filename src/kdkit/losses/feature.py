@@ -8,6 +8,11 @@
 
 The regressor / connector r belongs to the student side and has already been applied:
 both losses take ``student = r(v_s)`` and ``teacher = u_t`` of the same shape (B, ...).
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

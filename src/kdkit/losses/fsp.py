@@ -9,6 +9,11 @@ start and the end of a section of the network is their Gram matrix over space,
 
 and the loss is ``mean over the batch of ‖G_s − G_t‖²_F`` (sum over the C1·C2 entries).
 The per-section weights λ_i (equal in the paper) are term weights, applied outside.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

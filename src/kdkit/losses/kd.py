@@ -7,6 +7,11 @@ KL is summed over classes and averaged over the batch ("batchmean"). The T² fac
 the gradient magnitude of the soft term independent of T: without it,
 ∂/∂z_s KL = (1/T)(p_s^T − p_t^T)/B.  The full KD objective
 ``α · L_soft + (1 − α) · CE`` is assembled from Terms by the distiller, not here.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ from Teachers: Compact Networks for Image Embedding", CVPR 2019 (METHODS.md §3)
 The paper adds these to a batch-hard triplet loss (:mod:`kdkit.losses.triplet`); the sum
 and its weights are built by the distiller, not here. Features of any shape (B, ...) are
 flattened to (B, D).
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

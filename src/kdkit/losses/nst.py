@@ -10,6 +10,11 @@ discrepancy between the student's C_s and the teacher's C_t channel vectors,
 with the polynomial kernel k(x, y) = (xᵀy + c)^d (the paper's main choice: d = 2, c = 0),
 averaged over the batch. The paper's λ/2 in ``CE + λ/2 · MMD²`` is a term weight, applied
 outside. Channels may differ; spatial sizes must match.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

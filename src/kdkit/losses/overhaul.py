@@ -15,6 +15,11 @@ Features are taken *before* the ReLU at the end of each stage.
 :func:`partial_l2` returns the sum over all elements divided by the batch size B (the /B
 of the paper's total loss ``CE + β · Σ_i d_p,i / 2^(n−i−1) / B``); the per-stage weights
 1/2^(n−i−1) and β (1e-3 CIFAR, 1e-4 ImageNet) are term weights, applied outside.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ excluded and the KL is summed. The official code keeps the diagonal in both the
 normalisation and the KL and takes the *mean* over the B² entries, so its values are
 about ours / B² (not exactly, because of the diagonal). ``eps`` guards the norms and the
 logarithm (as in the official code). Features are flattened; D_s and D_t may differ.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ and q⁻, and the student pays ``max(0, d_s(q, q⁺) − d_s(q, q⁻) + δ)`` on
 d is the **squared** Euclidean distance (as in the paper), for the teachers' votes and for
 the student. The averaged soft targets of the paper's full objective are
 :class:`kdkit.losses.ensemble.EnsembleKDLoss` (a separate Term).
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ over these sets; the official code averages over all B² (B³) entries including
 degenerate ones, which contribute 0, i.e. its values are ours times (B−1)/B (distance) and
 (B−1)(B−2)/B² (angle). The weights λ_D = 25, λ_A = 50 belong to the Term, not here.
 Features of any shape (B, ...) are flattened.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations
@@ -37,9 +42,16 @@ def _pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     return student.flatten(1), teacher.flatten(1)
 
 
+def _masked_mean(x: Tensor, mask: Tensor, count: int) -> Tensor:
+    """Mean of ``x`` where ``mask`` holds (``count`` such places); no boolean indexing, so
+    on a GPU nothing waits for the device to count the places."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / count
+
+
 def _normalised_distances(x: Tensor, off_diag: Tensor) -> Tensor:
     d = pairwise_distances(x)
-    mu = d[off_diag].mean().clamp(min=1e-12)  # all points equal -> μ = 0: keep ψ = 0 finite
+    b = x.shape[0]
+    mu = _masked_mean(d, off_diag, b * (b - 1)).clamp(min=1e-12)  # all points equal -> μ = 0
     return d / mu
 
 
@@ -56,7 +68,7 @@ def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
     off_diag = ~torch.eye(b, dtype=torch.bool, device=s.device)
     psi_s = _normalised_distances(s, off_diag)
     psi_t = _normalised_distances(t, off_diag)
-    return F.smooth_l1_loss(psi_s[off_diag], psi_t[off_diag], reduction="mean")
+    return _masked_mean(F.smooth_l1_loss(psi_s, psi_t, reduction="none"), off_diag, b * (b - 1))
 
 
 def _angles(x: Tensor) -> Tensor:
@@ -80,7 +92,8 @@ def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
     idx = torch.arange(b, device=s.device)
     j, i, k = idx[:, None, None], idx[None, :, None], idx[None, None, :]
     distinct = (i != j) & (k != j) & (i != k)
-    return F.smooth_l1_loss(_angles(s)[distinct], _angles(t)[distinct], reduction="mean")
+    pointwise = F.smooth_l1_loss(_angles(s), _angles(t), reduction="none")
+    return _masked_mean(pointwise, distinct, b * (b - 1) * (b - 2))
 
 
 class RKDDistanceLoss(nn.Module):

@@ -5,6 +5,11 @@ With Q (B, D) the flattened features of a batch, G = Q Qᵀ (B, B) and G̃ = G w
 L2-normalised, the loss is ``‖G̃_t − G̃_s‖²_F / B²``. Only the within-batch similarity
 pattern is transferred, so D_s and D_t may differ. The sum over layer pairs and the weight
 γ are applied outside.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@
 * :class:`BatchHardTripletLoss` — Hermans, Beyer & Leibe (2017), "In Defense of the
   Triplet Loss for Person Re-Identification", arXiv:1703.07737; the metric-learning loss
   that Yu et al. (CVPR 2019) add their teacher losses to.
+
+Precision: float32. Under autocast (``precision: bf16|fp16``) the Term that calls these
+losses casts half-precision inputs to float32 and turns autocast off first
+(:meth:`kdkit.distill.term.Term.compute`), so every softmax, log-softmax, KL divergence,
+norm and distance here is computed in float32.
 """
 
 from __future__ import annotations

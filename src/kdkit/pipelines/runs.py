@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -177,9 +179,9 @@ def train_one(
     ``teacher_cache``: :class:`CacheSettings` fields; the loader then runs in view mode
     (for every method, so that runs with and without a teacher see the same views) and the
     teachers' outputs come from a cache under ``cache_root`` (default: the run directory).
-    ``channels_last``: the student's and adapters' conv weights in NHWC memory format (CPU
-    convolutions ran about 1.65x faster in the Fashion-MNIST bench of docs/RESULTS.md).
-    The teachers are left as they are: runs may share them. ``loader`` replaces the
+    ``channels_last``: the student's, adapters' and teachers' conv weights in NHWC memory
+    format (CPU convolutions ran about 1.65x faster in the Fashion-MNIST bench of
+    docs/RESULTS.md); the teachers, which runs share, only for this run. ``loader`` replaces the
     batches of ``data.train`` (e.g. a DAFL generator's samples).
     """
     summary_path = run_dir / SUMMARY
@@ -219,52 +221,15 @@ def train_one(
             views=cache_settings.views if cache_settings else None,
         )
     val = (data.val.x, data.val.y) if len(data.val) else None
-    fit_wall = 0.0  # training time of every stage, summed over every process (resumes too)
-    for k, stage in enumerate(stages, start=1):
-        last = k == len(stages)
-        # Earlier stages keep their own run directory; the last one is the run itself.
-        stage_dir = run_dir if last else run_dir / f"stage{k}-{stage.name}"
-        stage_settings = replace(
-            settings,
-            epochs=settings.epochs if stage.epochs is None else stage.epochs,
-            lr=settings.lr if stage.lr is None else stage.lr,
-            optimizer=stage.optimizer or settings.optimizer,
-        )
-        stage_identity = {**identity, "stage": f"{k}/{len(stages)} {stage.name}"}
-        if not last and (stage_dir / SUMMARY).exists():  # (every rank reads it)
-            _check_same_run(read_json(stage_dir / SUMMARY, "stage summary"), stage_identity,
-                            stage_dir / SUMMARY)
-            tensors, _ = load_checkpoint(stage_dir / MODEL_STEM)
-            load_state_strict(student, tensors, str(stage_dir / MODEL_STEM))
-            fit_wall += float(read_json(stage_dir / SUMMARY, "stage summary").get("wall_s", 0.0))
-            continue
-        distiller = Distiller(student, teachers, stage.terms, teacher_mode=teacher_mode)
-        distiller.to(device)
-        if channels_last:  # not distiller.to(): that would convert the teachers too
-            distiller.adapters.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        cache = None
-        if cache_settings is not None and distiller.teacher_taps:
-            # over train + val: every seed splits the same pool, so all seeds share it
-            # built once, by rank 0, while the others wait; then every rank maps it
-            with dist.main_first():
-                cache = TeacherCache.open_or_build(
-                    cache_root or run_dir / "teacher-outputs", distiller, data.train, aug,
-                    cache_settings, pool=[data.train, data.val] if len(data.val) else None,
-                    batch_size=eval_batch_size, log=print if progress and main else None)
-        result = fit(
-            distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,
-            progress=progress, label=label if last else f"{label}/{stage.name}",
-            stop_after=stop_after, teacher_cache=cache,
-            identity=stage_identity,
-            log=_to_stderr if progress else None,
-        )
-        fit_wall += result.wall_s
-        if not last and main:
-            save_model(stage_dir, student, name=model_name, kwargs=model_kwargs,
-                       data=data_meta(data), extra={"stage": stage.name})
-            atomic_write_json(stage_dir / SUMMARY, {"stage": stage.name, "wall_s": result.wall_s,
-                                                    "history": result.history[-1:],
-                                                    "identity": stage_identity})
+    # fit_wall: training time of every stage, summed over every process (resumes too)
+    with _memory_format(teachers, channels_last):
+        result, stage_settings, fit_wall = _train_stages(
+            stages, run_dir=run_dir, label=label, data=data, student=student,
+            teachers=teachers, teacher_mode=teacher_mode, device=device,
+            channels_last=channels_last, cache_settings=cache_settings, cache_root=cache_root,
+            aug=aug, loader=loader, val=val, settings=settings, identity=identity,
+            resume=resume, progress=progress, main=main, stop_after=stop_after,
+            eval_batch_size=eval_batch_size, model_name=model_name, model_kwargs=model_kwargs)
     t0 = time.perf_counter()
     test = evaluate(student, data.test.x, data.test.y, eval_batch_size, distributed=True)
     model_path = run_dir / f"{MODEL_STEM}.safetensors"
@@ -290,6 +255,82 @@ def train_one(
             atomic_write_json(summary_path, summary)
     return summary
 
+
+def _train_stages(
+    stages: list[Any], *, run_dir: Path, label: str, data: DatasetSplits, student: nn.Module,
+    teachers: dict[str, nn.Module], teacher_mode: str, device: torch.device,
+    channels_last: bool, cache_settings: CacheSettings | None, cache_root: Path | None,
+    aug: Any, loader: Any, val: Any, settings: LoopSettings, identity: dict[str, Any],
+    resume: bool, progress: bool, main: bool, stop_after: int | None, eval_batch_size: int,
+    model_name: str, model_kwargs: dict[str, Any],
+) -> tuple[Any, LoopSettings, float]:
+    """Fit each stage of a method in turn (earlier stages keep their own run directories);
+    returns the last stage's fit result and settings, and the training time of all."""
+    fit_wall = 0.0
+    result: Any = None
+    stage_settings = settings
+    for k, stage in enumerate(stages, start=1):
+        last = k == len(stages)
+        # Earlier stages keep their own run directory; the last one is the run itself.
+        stage_dir = run_dir if last else run_dir / f"stage{k}-{stage.name}"
+        stage_settings = replace(
+            settings,
+            epochs=settings.epochs if stage.epochs is None else stage.epochs,
+            lr=settings.lr if stage.lr is None else stage.lr,
+            optimizer=stage.optimizer or settings.optimizer,
+        )
+        stage_identity = {**identity, "stage": f"{k}/{len(stages)} {stage.name}"}
+        if not last and (stage_dir / SUMMARY).exists():  # (every rank reads it)
+            _check_same_run(read_json(stage_dir / SUMMARY, "stage summary"), stage_identity,
+                            stage_dir / SUMMARY)
+            tensors, _ = load_checkpoint(stage_dir / MODEL_STEM)
+            load_state_strict(student, tensors, str(stage_dir / MODEL_STEM))
+            fit_wall += float(read_json(stage_dir / SUMMARY, "stage summary").get("wall_s", 0.0))
+            continue
+        distiller = Distiller(student, teachers, stage.terms, teacher_mode=teacher_mode)
+        distiller.to(device)
+        if channels_last:  # the teachers are converted for the run alone (_memory_format)
+            distiller.adapters.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        cache = None
+        if cache_settings is not None and distiller.teacher_taps:
+            # over train + val: every seed splits the same pool, so all seeds share it
+            # built once, by rank 0, while the others wait; then every rank maps it
+            with dist.main_first():
+                cache = TeacherCache.open_or_build(
+                    cache_root or run_dir / "teacher-outputs", distiller, data.train, aug,
+                    cache_settings, pool=[data.train, data.val] if len(data.val) else None,
+                    batch_size=eval_batch_size, log=print if progress and main else None)
+        result = fit(
+            distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,
+            progress=progress, label=label if last else f"{label}/{stage.name}",
+            stop_after=stop_after, teacher_cache=cache,
+            identity=stage_identity,
+            log=_to_stderr if progress else None,
+        )
+        fit_wall += result.wall_s
+        if not last and main:
+            save_model(stage_dir, student, name=model_name, kwargs=model_kwargs,
+                       data=data_meta(data), extra={"stage": stage.name})
+            atomic_write_json(stage_dir / SUMMARY, {"stage": stage.name, "wall_s": result.wall_s,
+                                                    "history": result.history[-1:],
+                                                    "identity": stage_identity})
+    return result, stage_settings, fit_wall
+
+
+@contextmanager
+def _memory_format(teachers: dict[str, nn.Module], channels_last: bool) -> Iterator[None]:
+    """The teachers in channels-last memory format for one run, then as they were: runs
+    share teacher objects, and a run's numbers must not depend on the runs before it."""
+    if not channels_last:
+        yield
+        return
+    for t in teachers.values():
+        t.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    try:
+        yield
+    finally:
+        for t in teachers.values():
+            t.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 def load_teacher(path: str | Path, data: DatasetSplits) -> nn.Module:
     model, meta = load_model(path)

@@ -303,7 +303,7 @@ def fit(
     epoch_log = log if progress and bar.disable else None
     # Reading a value from the device waits for it; on one CPU process that costs nothing,
     # so the non-finite check and Ctrl-C run every step; elsewhere every CHECK_EVERY steps.
-    check_every = 1 if (device.type == "cpu" and world == 1) else CHECK_EVERY
+    check_every = check_interval(device, world)
     global_batch = world > 1 and s.global_batch_terms
     with contextlib.ExitStack() as stack:
         sig = stack.enter_context(_sigint_flag())
@@ -413,6 +413,13 @@ def _compile(distiller: Distiller, log: Callable[[str], None] | None) -> list[nn
 
 
 CHECK_EVERY = 25  # steps between reads of the device's non-finite flags (off one CPU)
+
+
+def check_interval(device: torch.device, world: int) -> int:
+    """Steps between reads of the device (non-finite flags, Ctrl-C under DDP): every step in
+    one CPU process, where a read costs nothing; else every CHECK_EVERY steps and at
+    epoch ends, log points and step budgets."""
+    return 1 if (device.type == "cpu" and world == 1) else CHECK_EVERY
 _NEVER = 2**62  # "no bad step yet"
 
 
@@ -442,10 +449,9 @@ class _Meter:
     def add(self, out: dict[str, Tensor], y: Tensor, gstep: int) -> None:
         vals = torch.stack([out[k].detach().float() for k in self.keys])
         correct = (out["logits"].detach().argmax(1) == y).sum()
-        b = float(len(y))
-        row = torch.cat([torch.stack([correct.new_tensor(len(y)), correct]).to(self.dtype),
-                         vals.to(self.dtype) * b])
-        self.sums += row
+        b = float(len(y))  # (a Python number: adding it copies nothing to the device)
+        self.sums[0] += b
+        self.sums[1:] += torch.cat([correct.reshape(1).to(self.dtype), vals.to(self.dtype) * b])
         fresh = ~torch.isfinite(vals) & (self.bad_at == _NEVER)
         self.bad_at = torch.where(fresh, gstep, self.bad_at)
         self.bad_val = torch.where(fresh, vals, self.bad_val)
