@@ -278,31 +278,36 @@ def test_bench_row_errors_are_one_line(tmp_path, monkeypatch):
 # ------------------------------------------------ the floor, precisions, DDP, the allocator
 
 
-def _same_weights(a, b):
+def _same_weights(a, b, atol=1e-6):
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
-    return all(torch.allclose(sa[k], sb[k], rtol=0, atol=1e-6) for k in sa)
+    return all(torch.allclose(sa[k].cpu(), sb[k].cpu(), rtol=0, atol=atol) for k in sa)
 
 
-def test_floor_trains_what_kdkit_trains_in_each_precision(tmp_path):
+def test_floor_trains_what_kdkit_trains_in_each_precision(tmp_path, device):
     """The floor rows are the same job as kdkit's rows: the same weights from the same
-    initialisation and batches (augmented views included), KD and bf16 autocast included."""
+    initialisation and batches (augmented views included), KD and bf16 autocast included.
+    (``pytest --device cuda`` checks it on a GPU.)"""
+    from kdkit.pipelines.bench import device_name
+
     teacher = _teacher(tmp_path)
     spec = BenchSpec(data="digits", teacher="mlp", student="mlp", student_kwargs={"hidden": [8]},
                      epochs=2, teacher_run=str(teacher), augment={"shift": 1}, views=2,
-                     precisions=["fp32", "bf16"])
+                     precisions=["fp32", "bf16"], device=str(device))
     trained = {}
     for row in bench_rows(spec):
         if row.name.split("_bf16")[0] in ("plain", "floor", "kd_live", "floor_kd"):
             figures, trained[row.name] = _measure(spec, row, tmp_path)
-            assert figures["device"] == "cpu" and figures["precision"] == row.precision
+            assert figures["device"] == device_name(device)
+            assert figures["precision"] == row.precision
             assert figures["floor"] == row.floor and len(figures["val_acc"]) == 2
+    atol = 1e-6 if device.type == "cpu" else 1e-4  # GPU kernels may sum in another order
     for s in ("", "_bf16"):
-        assert _same_weights(trained[f"plain{s}"], trained[f"floor{s}"])
-        assert _same_weights(trained[f"kd_live{s}"], trained[f"floor_kd{s}"])
-        assert not _same_weights(trained[f"plain{s}"], trained[f"kd_live{s}"])
+        assert _same_weights(trained[f"plain{s}"], trained[f"floor{s}"], atol)
+        assert _same_weights(trained[f"kd_live{s}"], trained[f"floor_kd{s}"], atol)
+        assert not _same_weights(trained[f"plain{s}"], trained[f"kd_live{s}"], atol)
     # bf16 really ran under autocast: close to fp32, not the same
-    assert not _same_weights(trained["plain"], trained["plain_bf16"])
+    assert not _same_weights(trained["plain"], trained["plain_bf16"], atol)
 
 
 def test_bench_ratios_per_precision_and_ddp_scaling():

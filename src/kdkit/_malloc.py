@@ -12,17 +12,21 @@ alike), that was 25-35 % of the CPU time, 1.5-14.7 M faults a run.
 :func:`tune_allocator` sets, through ``mallopt``:
 
 - ``M_MMAP_THRESHOLD`` = 32 MiB, the largest glibc accepts on 64-bit systems (half of its
-  64 MiB heap size): blocks up to 32 MiB come from the heap, and setting it also turns off
-  the dynamic threshold, so the heap is used from the first step on;
+  64 MiB heap size; a larger value is ignored, though ``mallopt`` may still report success):
+  blocks up to 32 MiB come from the heap, and setting it also turns off the dynamic
+  threshold, so the heap is used from the first step on;
 - ``M_TRIM_THRESHOLD`` = 1 GiB: free memory at the top of a heap is released only beyond
   1 GiB, so the memory of one step is reused by the next;
 - ``M_TOP_PAD`` = 64 MiB: each time a heap grows it grows by 64 MiB more than asked, so a
   growing working set takes few system calls.
 
-The three go together: any one of them set alone also freezes glibc's dynamic mmap
-threshold at 128 KiB, and then every block above 128 KiB is mapped and unmapped each time:
-measured, the trim threshold or the top pad alone more than quadrupled the faults and
-nearly doubled the CPU time per step (``benchmarks/malloc.py --all``).
+The three go together. Setting any of them also freezes glibc's dynamic thresholds at
+their start values (128 KiB) for the others, so one alone does little or harm. Measured by
+``benchmarks/malloc.py`` (live KD plain_cnn4 -> plain_cnn2, 1x28x28 images, batch 128,
+one thread, 79 steps): glibc's defaults took 58-96 CPU ms per step over five runs (0.17-1.45 M
+minor faults, depending on how the dynamic thresholds happened to move); the three settings
+53-55 ms (8-12 k faults) every time. Alone, the mmap threshold or the top pad stayed within
+the defaults' range, and the trim threshold made it worse (143-158 ms, 3.3 M faults).
 
 The cost is memory held rather than returned: the process's resident size stays at its
 high-water mark (plus at most 1 GiB of free heap top), which is what a training process

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdkit import __version__
+from kdkit._malloc import tune_allocator
 from kdkit.errors import ConfigError, KdkitError
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def _train_spec(args: argparse.Namespace) -> TrainSpec:
         "optimizer": args.optimizer, "weight_decay": args.weight_decay,
         "schedule": args.schedule, "augment": augment,
         "teacher_cache": cache,
-        "channels_last": args.channels_last or None,
+        "channels_last": args.channels_last,
         "device": args.device, "precision": args.precision,
         "compile": args.compile or None, "sync_bn": args.sync_bn or None,
         "global_batch_terms": args.global_batch_terms or None,
@@ -545,8 +546,9 @@ def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) ->
                    help=f"learning-rate schedule (default: {d['schedule']})")
     p.add_argument("--augment", action="append", metavar="K=V",
                    help="e.g. shift=2, hflip=true (default: none)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory format for the student (faster CPU convolutions)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for the student, adapters and teachers (faster "
+                   "convolutions; default: on)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     _add_device_flag(p)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
@@ -673,6 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # not. libgomp reads this when torch loads, so it is set before anything imports torch
     # (kdkit.cli itself does not). An explicit OMP_WAIT_POLICY is respected.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # glibc's default thresholds hand freed activations back to the OS and fault them in
+    # again every step (1.25 M minor faults, 91 ms/step on a CNN; 9.4 k and 55 ms tuned):
+    # see kdkit/_malloc.py and docs/RESULTS.md#allocator. KDKIT_MALLOC=default turns it off.
+    tune_allocator()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -702,6 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run_command(args)
 
 
+def _ddp_commands() -> set[Callable[[argparse.Namespace], int]]:
+    return {cmd_run, cmd_train, cmd_distill}
+
+
 def _without_nproc(argv: list[str]) -> list[str]:
     """The command line minus ``--nproc N`` (what each process of the launch runs)."""
     out, skip = [], False
@@ -729,6 +739,11 @@ def _run_command(args: argparse.Namespace) -> int:
                 if not dist.is_main():  # one copy of the output: rank 0's
                     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
                     args.no_progress = True
+                if args.fn not in _ddp_commands():  # nothing to share: rank 0 does it alone
+                    with dist.main_first() as main:
+                        code = int(args.fn(args)) if main else 0
+                    ok = True
+                    return code
         code = int(args.fn(args))
         ok = True
         return code

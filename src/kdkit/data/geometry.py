@@ -18,6 +18,7 @@ GEOMETRY: dict[str, Geometry] = {
     "mnist": (10, (1, 28, 28)),
     "fashion_mnist": (10, (1, 28, 28)),
     "cifar10": (10, (3, 32, 32)),
+    "fake_cifar10": (10, (3, 32, 32)),
     "cifar100": (100, (3, 32, 32)),
 }
 

@@ -157,7 +157,7 @@ class Distiller(nn.Module):
         logits, s_feats = run_with_taps(self.student, x, self._student_taps)
         t_all = teacher_outputs if teacher_outputs is not None else self.teacher_outputs(x)
         result: dict[str, Tensor] = {"logits": logits}
-        total = logits.new_zeros(())
+        total: Tensor | None = None
         for term in self.terms:
             reads = [t_all[name][str(tap)] for name, tap in term.teacher_reads()]
             t_val: Tensor | list[Tensor] | None = None
@@ -170,10 +170,11 @@ class Distiller(nn.Module):
             value = term.compute(s_val if isinstance(term.student, tuple) else s_val[0], t_val, y,
                                  gather=gather)
             w = term.weight_at(progress)
-            if w != 0.0:
-                total = total + w * value
+            if w != 0.0:  # (the same sum as 0 + w1*v1 + ..., without the extra operations)
+                weighted = value if w == 1.0 else w * value
+                total = weighted if total is None else total + weighted
             result[term.name] = value.detach()
-        result["loss"] = total
+        result["loss"] = total if total is not None else logits.new_zeros((), dtype=torch.float32)
         return result
 
 

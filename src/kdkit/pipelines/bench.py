@@ -151,6 +151,7 @@ def bench_rows(spec: BenchSpec, feature: str | None = None) -> list[Row]:
             rows.append(row("plain_compile", "ce", compile=True))
         if spec.channels_last:
             rows.append(row("plain_channels_last", "ce", channels_last=True))
+            rows.append(row("kd_live_channels_last", "kd", channels_last=True))
             rows.append(row("kd_cache_channels_last", "kd", cached=True, channels_last=True))
     return rows
 
@@ -178,8 +179,9 @@ def _build_distiller(spec: BenchSpec, row: Row, student: nn.Module, teacher: nn.
     """The row's distiller, exactly as :func:`measure` trains it (raises KdkitError if unfit)."""
     from kdkit.distill import Distiller, build_method
 
-    if row.channels_last:  # as train_one does: the student only
+    if row.channels_last:  # as train_one does: the student and (live) the teacher
         student = student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        teacher = teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     method = "kd" if row.method == "teacher_forward" else row.method
     teachers = {} if method == "ce" else {"teacher": teacher}
     terms = build_method(method, student, teachers, example_input=example,
@@ -240,10 +242,11 @@ def check_setup(spec: BenchSpec, train_samples: int) -> torch.device:
         if device.type == "mps":
             raise KdkitError("bench --ddp: DDP runs on CPUs (gloo) or CUDA GPUs (NCCL), not MPS; "
                              "use --device cpu")
-        if device.type == "cuda" and n > torch.cuda.device_count():
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        if device.type == "cuda" and n > gpus:
+            fix = f"--ddp {gpus} or --device cpu" if gpus > 1 else "--device cpu"
             raise KdkitError(f"bench --ddp {n}: one process per GPU, and this machine has "
-                             f"{torch.cuda.device_count()}; use --ddp "
-                             f"{torch.cuda.device_count()} or --device cpu")
+                             f"{gpus}; use {fix}")
         last = train_samples - (math.ceil(train_samples / spec.batch_size) - 1) * spec.batch_size
         if last < n:
             raise KdkitError(f"bench --ddp {n}: the last batch of {train_samples} images holds "
@@ -259,7 +262,12 @@ def plan_bench(spec: BenchSpec, data: DatasetSplits, teacher: nn.Module, *,
     When the feature method does not fit: the default is replaced by the first of
     :data:`FEATURE_FALLBACKS` that fits; one the user chose has its rows skipped, with why.
     """
-    check_setup(spec, len(data.train))
+    device = check_setup(spec, len(data.train))
+    cpus = os.cpu_count() or 1
+    if spec.ddp > 1 and device.type == "cpu" and spec.ddp * spec.threads > cpus:
+        log(f"bench: --ddp {spec.ddp} with {spec.threads} thread(s) per process asks for "
+            f"more than the {cpus} cores here, so its scaling will look poor; use "
+            f"kdkit --threads {max(1, cpus // spec.ddp)} bench ...")
     asked = spec.feature_method or DEFAULT_FEATURE
     checked: dict[tuple[Any, ...], str | None] = {}
 
@@ -384,6 +392,10 @@ def _write(out: Path, report: dict[str, Any]) -> None:
     atomic_write_bytes(out / "bench.md", format_bench(report).encode())
 
 
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _row_command(spec: BenchSpec, row: Row, job: str) -> list[str]:
     """The command that measures ``row``: this module in a fresh process, or under torchrun
     with ``row.processes`` processes (one machine, a free port)."""
@@ -397,7 +409,9 @@ def _in_subprocess(spec: BenchSpec, row: Row, out: Path) -> dict[str, Any]:
     """Measure ``row`` in a fresh process (or ``row.processes`` of them under torchrun); a
     failure raises a one-line KdkitError (the full output is kept in ``bench-ROW.log``)."""
     job = json.dumps({"spec": asdict(spec), "row": asdict(row), "out": str(out)})
-    env = dict(os.environ)
+    # A row's processes make their own process group (or none), never the caller's.
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV
+           and not k.startswith("TORCHELASTIC_")}
     if row.processes > 1:  # torchrun would set 1 itself, with a warning
         env["OMP_NUM_THREADS"] = str(spec.threads)
     proc = subprocess.run(_row_command(spec, row, job), capture_output=True, text=True,
@@ -612,6 +626,8 @@ def _report(spec: BenchSpec, results: list[dict[str, Any]], plan: BenchPlan | No
         ratio(f"kd_cache{s}", [f"plain{s}"], CACHE_TARGET)
         ratio(f"kd_live{s}", [f"plain{s}", f"teacher_forward{s}"], LIVE_TARGET)
         ratio(f"kd_cache_channels_last{s}", [f"plain_channels_last{s}"], CACHE_TARGET)
+        ratio(f"plain_channels_last{s}", [f"plain{s}"])
+        ratio(f"kd_live_channels_last{s}", [f"kd_live{s}"])
         ratio(f"{feat}_cache{s}", [f"plain{s}"])
         ratio(f"{feat}_live{s}", [f"plain{s}", f"teacher_forward{s}"])
     # Scaling: images/s with N processes over N times images/s of the same row in one.

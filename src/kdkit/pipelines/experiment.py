@@ -73,9 +73,11 @@ def teacher_cache_key(
 def _trained_as(train: TrainSpec) -> dict[str, Any]:
     """The training settings that make a teacher what it is: not the device it ran on, and
     the keys added later only when they differ from their defaults (older keys stay valid)."""
-    later = {"channels_last", "precision", "compile", "sync_bn", "global_batch_terms"}
+    later = {"precision", "compile", "sync_bn", "global_batch_terms"}
     defaults = TrainSpec().model_dump()
     d = train.model_dump(exclude={"teacher_cache", "device"})
+    if not d["channels_last"]:  # as before it existed (it is the default since issue 11)
+        del d["channels_last"]
     return {k: v for k, v in d.items() if not (k in later and v == defaults[k])}
 
 
