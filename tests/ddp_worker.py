@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -18,7 +19,7 @@ from kdkit import dist
 from kdkit.data import load_dataset
 from kdkit.data.augment import build_augment
 from kdkit.data.loader import BatchLoader
-from kdkit.distill import Distiller, build_method
+from kdkit.distill import Distiller, build_stages
 from kdkit.models import create_model
 from kdkit.train.loop import LoopSettings, TrainingInterrupted, fit
 
@@ -53,9 +54,8 @@ def main() -> int:
     student = _model(spec, 7)
     method_kwargs = spec.get("method_kwargs", {})
     teachers = {} if spec["method"] == "ce" else {"teacher": teacher}
-    terms = build_method(spec["method"], student, teachers, example_input=data.train.x[:2],
-                         **method_kwargs)
-    d = Distiller(student, teachers, terms)
+    stages = build_stages(spec["method"], student, teachers, example_input=data.train.x[:2],
+                          **method_kwargs)
     aug = build_augment(spec.get("augment"), fill=data.black)
     loader = BatchLoader(data.train, spec["batch"], shuffle=True, seed=3, augment=aug)
     settings = LoopSettings(epochs=spec.get("epochs", 2), lr=spec.get("lr", 0.1), seed=5,
@@ -64,9 +64,12 @@ def main() -> int:
                             device="cpu")
     run_dir = spec.get("run_dir")
     try:
-        res = fit(d, loader, settings, val=(data.val.x, data.val.y), progress=False,
-                  run_dir=None if run_dir is None else __import__("pathlib").Path(run_dir),
-                  resume=spec.get("resume", False), stop_after=spec.get("stop_after"))
+        for k, stage in enumerate(stages):  # staged methods (FitNets): one fit per stage
+            d = Distiller(student, teachers, stage.terms)
+            folder = None if run_dir is None else Path(run_dir) / f"stage{k}"
+            res = fit(d, loader, settings, val=(data.val.x, data.val.y), progress=False,
+                      run_dir=folder, resume=spec.get("resume", False),
+                      stop_after=spec.get("stop_after"))
     except TrainingInterrupted:
         return 3
     if dist.is_main():

@@ -131,12 +131,12 @@ def test_ddp_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     stopped = _worker({**spec, "run_dir": str(tmp_path / "cut"), "stop_after": 30},
                       tmp_path / "cut.st", nproc=2)
     assert stopped.returncode != 0 and not (tmp_path / "cut.st").exists()
-    assert (tmp_path / "cut" / "checkpoint" / "state.safetensors").exists()
+    assert (tmp_path / "cut" / "stage0" / "checkpoint" / "state.safetensors").exists()
     _ok(_worker({**spec, "run_dir": str(tmp_path / "cut"), "resume": True}, tmp_path / "cut.st",
                 nproc=2))
     assert _max_diff(tmp_path / "full.st", tmp_path / "cut.st") == 0.0
-    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    full = (tmp_path / "full" / "stage0" / "metrics.jsonl").read_text().splitlines()
+    cut = (tmp_path / "cut" / "stage0" / "metrics.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(line).items() if k != "epoch_s"} for line in full]
     assert strip == [{k: v for k, v in json.loads(line).items() if k != "epoch_s"}
                      for line in cut]
@@ -257,3 +257,13 @@ def test_teacher_cache_under_torchrun_is_built_once_and_gives_one_process_weight
     assert "building" not in one.stdout  # the cache the DDP run built is reused
     assert _max_diff(tmp_path / "one" / "model.safetensors",
                      tmp_path / "two" / "model.safetensors") < 1e-6
+
+
+def test_a_staged_method_whose_first_stage_skips_layers_trains_under_ddp(tmp_path):
+    """FitNets' hint stage reads an inner layer only, so the student's later layers get no
+    gradient there: DDP must be told (else it fails at the second step), and the result is
+    still one process's."""
+    spec = {"kind": "cnn", "method": "fitnets", "batch": 64, "epochs": 1, "lr": 0.01}
+    _ok(_worker(spec, tmp_path / "one.st"))
+    _ok(_worker({**spec, "sync_bn": True}, tmp_path / "two.st", nproc=2))
+    assert _max_diff(tmp_path / "one.st", tmp_path / "two.st") < 1e-3  # BN variances ~170

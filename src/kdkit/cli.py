@@ -736,14 +736,14 @@ def _run_command(args: argparse.Namespace) -> int:
 
             if dist.init_from_env():
                 where = f" (rank {dist.rank()} of {dist.world_size()})"
+                dist_rank = dist.rank()
                 if not dist.is_main():  # one copy of the output: rank 0's
                     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
                     args.no_progress = True
                 if args.fn not in _ddp_commands():  # nothing to share: rank 0 does it alone
-                    with dist.main_first() as main:
-                        code = int(args.fn(args)) if main else 0
-                    ok = True
-                    return code
+                    where = ""  # (and leaves without waiting for the others, who are done)
+                    dist.shutdown(graceful=False)
+                    return int(args.fn(args)) if dist_rank == 0 else 0
         code = int(args.fn(args))
         ok = True
         return code

@@ -83,7 +83,9 @@ def init_from_env() -> bool:
                          "torchrun --nproc-per-node N -m kdkit ... (or kdkit --nproc N ...)")
     backend = "gloo"
     if torch.cuda.is_available() and dist.is_nccl_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local < torch.cuda.device_count():  # else resolve_device says what is wrong
+            torch.cuda.set_device(local)
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
     return True
@@ -151,15 +153,25 @@ def broadcast_object(obj: Any) -> Any:
 def main_first() -> Iterator[bool]:
     """Rank 0 runs the block first (it may write), the others after it (they read).
 
-    Yields whether this rank is rank 0.
+    Yields whether this rank is rank 0. If rank 0's block fails, the other ranks raise
+    too (they would otherwise go on to do rank 0's work, or wait for it).
     """
-    if not is_main():
-        barrier()
-    try:
-        yield is_main()
-    finally:
-        if is_main():
-            barrier()
+    if world_size() <= 1:
+        yield True
+        return
+    flag = torch.zeros(1, dtype=torch.int32)
+    if is_main():
+        try:
+            yield True
+            flag.fill_(1)
+        finally:
+            dist.broadcast(flag, src=0)  # pairs with the others' wait below
+        return
+    dist.broadcast(flag, src=0)
+    if int(flag.item()) != 1:
+        raise KdkitError("rank 0 failed at a step the other processes wait for (its message "
+                         "says why); stopping this one too")
+    yield False
 
 
 class _AllReduceSum(torch.autograd.Function):

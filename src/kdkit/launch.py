@@ -17,6 +17,7 @@ import uuid
 
 def launch(nproc: int, argv: list[str]) -> int:
     """Run ``kdkit argv`` in ``nproc`` local processes; return the exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -38,7 +39,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         print(f"kdkit: error: --nproc {nproc}: rank {rank} {how}; the other processes were "
               "stopped", file=sys.stderr)
         return 130 if code in (130, -2) else (code if code > 0 else 1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SignalException):  # Ctrl-C: the processes checkpointed
         print("kdkit: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -28,13 +28,25 @@ def _finished(out_dir: Path, seed: int, label: str) -> bool:
     return (out_dir / f"seed{seed}" / label / SUMMARY).exists()
 
 
-def _gpus(device: str | None) -> int:
-    """How many GPUs jobs may spread over (0: none, or a device was named explicitly)."""
+def _gpus(device: str | None, cfg: ExperimentConfig) -> int:
+    """How many GPUs jobs may spread over (0: none, or a device was named explicitly, on
+    the command line or in the config: then every job uses that one)."""
     if device not in (None, "auto", "cuda"):
         return 0
+    if device is None:
+        named = {t.train.device for t in cfg.all_teachers()}
+        named |= {cfg.student_train(r).device for r in cfg.students}
+        if named - {"auto", "cuda"}:
+            return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _visible_gpus(count: int) -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (or 0..count-1)."""
+    mask = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return mask[:count] if len(mask) >= count else [str(i) for i in range(count)]
 
 
 def _last_line(path: Path) -> str:
@@ -59,7 +71,7 @@ def run_parallel(
     teachers = {seed: [lab for s, lab, is_t in sub_runs(cfg) if s == seed and is_t]
                 for seed in cfg.seeds}
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    gpus = _gpus(device)
+    gpus = _gpus(device, cfg)
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
     running: dict[Task, tuple[subprocess.Popen[bytes], Path, float, int]] = {}
@@ -82,6 +94,11 @@ def run_parallel(
                 return f"seed{seed}/{t}"
         return None
 
+    for task in todo:  # before anything starts: a student whose teacher will not be made
+        missing = blocked(task)
+        if missing is not None:
+            raise KdkitError(f"sub-run seed{task[0]}/{task[1]} needs teacher {missing}, "
+                             "which is neither finished nor selected; run it first")
     try:
         while todo or running:
             for task in list(running):
@@ -99,10 +116,6 @@ def run_parallel(
                 todo.clear()
                 continue
             for task in list(todo):
-                missing = blocked(task)
-                if missing is not None:
-                    raise KdkitError(f"sub-run seed{task[0]}/{task[1]} needs teacher {missing}, "
-                                     "which is neither finished nor selected; run it first")
                 if len(running) >= jobs or not ready(task):
                     continue
                 todo.remove(task)
@@ -126,13 +139,15 @@ def _start(task: Task, slot: int, cfg_path: Path, out_dir: Path, logs: Path, thr
            gpus: int, cache_dir: Path | None, device: str | None
            ) -> tuple[subprocess.Popen[bytes], Path, float, int]:
     seed, label, _ = task
+    # --resume: a sub-run stopped earlier (Ctrl-C) continues from its checkpoint; a finished
+    # one is reused; the identity check refuses anything that is not this very run
     cmd = [sys.executable, "-m", "kdkit", "--threads", str(threads), "run", str(cfg_path),
-           "--out", str(out_dir), "--only", f"seed{seed}/{label}", "--no-progress"]
+           "--out", str(out_dir), "--only", f"seed{seed}/{label}", "--no-progress", "--resume"]
     cmd += ["--cache-dir", str(cache_dir)] if cache_dir is not None else ["--no-cache"]
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
-    if gpus:  # each job its own GPU: it sees that one alone, as cuda:0
-        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    if gpus:  # each job its own GPU (of those this process may use): it sees it as cuda:0
+        env["CUDA_VISIBLE_DEVICES"] = _visible_gpus(gpus)[slot % gpus]
     if device is not None:
         cmd += ["--device", device]
     path = logs / f"seed{seed}-{label}.log"

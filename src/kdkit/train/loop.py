@@ -263,6 +263,11 @@ def fit(
             raise CheckpointError(f"{where}: its optimiser state does not fit this optimiser "
                                   f"({type(e).__name__}: {str(e)[:80]}); start over with "
                                   "--force") from None
+        made_by = meta.get("processes", 1)
+        if made_by != world and main and isinstance(made_by, int):
+            print(f"kdkit: warning: {label}: resuming in {world} process(es) a checkpoint made "
+                  f"in {made_by}: dropout masks and per-process BatchNorm statistics now differ "
+                  "from an uninterrupted run", file=sys.stderr)
         epoch, start_step, partial = meta["epoch"], meta["step"], meta["partial"]
         result.history = meta["history"]
         wall_before = float(meta.get("wall_s", 0.0))
@@ -294,7 +299,7 @@ def fit(
         save_state(ckpt_path, tensors, {
             "epoch": ep, "step": st, "partial": part, "history": result.history,
             "optimizer": opt_meta, "identity": ident, "metrics_lines": lines, "label": label,
-            "wall_s": wall_before + time.perf_counter() - t_start,
+            "wall_s": wall_before + time.perf_counter() - t_start, "processes": world,
             **({"scaler": prec.scaler.state_dict()} if prec.scaler.is_enabled() else {}),
         })
 
@@ -371,6 +376,7 @@ def fit(
                         nxt_epoch, nxt_step, sums = epoch + 1, 0, {}
                         meter.reset({})
                     checkpoint(nxt_epoch, nxt_step, sums)
+                    dist.barrier()  # nobody exits (and gets rank 0 killed) mid-write
                     kept_in = (str((run_dir / CHECKPOINT).parent) if run_dir
                                else "(nowhere: no run dir)")
                     why = "interrupted (Ctrl-C)" if stop else f"stopped after {done} steps"
@@ -544,8 +550,13 @@ def _wrap(distiller: Distiller, device: torch.device, world: int) -> nn.Module:
         return distiller
     from torch.nn.parallel import DistributedDataParallel
 
-    # Terms whose weight can reach 0 skip their adapters on some steps; DDP must expect that.
-    may_skip = any(callable(t.weight) or t.weight == 0 for t in distiller.terms)
+    # DDP must be told when some parameters may get no gradient in a step: a term whose
+    # weight can reach 0 skips its adapter, and a stage that reads no student logits (the
+    # FitNets hint, AB's initialisation) leaves the student's later layers out.
+    from kdkit.taps import LOGITS
+
+    may_skip = any(callable(t.weight) or t.weight == 0 for t in distiller.terms) or not any(
+        LOGITS in t.student_taps() for t in distiller.terms)
     return DistributedDataParallel(
         distiller, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=may_skip,
