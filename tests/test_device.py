@@ -203,3 +203,19 @@ def test_teacher_cache_on_the_device_equals_the_live_teacher(digits, device, tmp
         settings, progress=False, teacher_cache=cache)
     for a, b in zip(live.state_dict().values(), cached.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_run_precision_sets_every_training_section_and_is_part_of_the_config(
+        tmp_path, monkeypatch, capsys):
+    from kdkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "seeds=[0]", "--set", "train.epochs=2", "--set", "teacher.train.epochs=1",
+             "--no-cache", "--no-progress", "--out", "x"]
+    assert main(["run", "--precision", "bf16", *small]) == 0
+    text = (tmp_path / "x" / "config.yaml").read_text()
+    assert text.count("precision: bf16") == 2  # the teacher's and the students' training
+    capsys.readouterr()
+    assert main(["run", *small, "--resume"]) == 2  # fp32 now: another experiment
+    assert "differs from the config given now" in capsys.readouterr().err
+    assert main(["run", "--precision", "bf16", *small, "--resume"]) == 0

@@ -102,6 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdkit.pipelines.experiment import format_table, run_experiment
 
     cfg = load_config(args.config, args.set)
+    if args.precision:  # every run of it; part of the config (a resume must say the same)
+        cfg = cfg.with_train(precision=args.precision)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     print(f"kdkit run: experiment '{cfg.name}', seeds {cfg.seeds}, output {out}", flush=True)
     result = run_experiment(
@@ -604,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="teacher cache (default $KDKIT_CACHE or ~/.cache/kdkit)")
     p.add_argument("--no-cache", action="store_true", help="always retrain teachers")
     _add_device_flag(p)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="every run's precision (sets train.precision in every training "
+                   "section; default: the config's, fp32)")
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                    help="run up to N ready sub-runs at once, each a process with a fair share "
                    "of the threads (or its own GPU); the table is the same (default: 1)")

@@ -328,6 +328,20 @@ class ExperimentConfig(_Strict):
     def student_train(self, run: StudentRunSpec) -> TrainSpec:
         return TrainSpec(**{**self.train.model_dump(), **run.train})
 
+    def with_train(self, **fields: Any) -> ExperimentConfig:
+        """This experiment with ``fields`` set in every training section (teachers', the
+        students' default and each student run's own), e.g. ``precision="bf16"``."""
+        def teacher(t: TeacherSpec) -> TeacherSpec:
+            return t.model_copy(update={"train": t.train.model_copy(update=fields)})
+
+        return self.model_copy(update={
+            "teacher": teacher(self.teacher) if self.teacher else None,
+            "teachers": [teacher(t) for t in self.teachers],
+            "train": self.train.model_copy(update=fields),
+            "students": [r.model_copy(update={"train": {**r.train, **fields}})
+                         if set(fields) & set(r.train) else r for r in self.students],
+        })
+
     def student_model(self, run: StudentRunSpec) -> ModelSpec:
         spec = run.model or self.student
         assert spec is not None  # checked by validate_semantics
