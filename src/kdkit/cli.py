@@ -171,15 +171,11 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
     from kdkit import dist
     from kdkit.data import load_dataset
     from kdkit.distill.methods import check_method_kwargs
-    from kdkit.models import DATA_FILLED, MODELS
+    from kdkit.models import model_problems
     from kdkit.pipelines.runs import load_teacher, prepare_run_dir, train_one
     from kdkit.train.device import check_precision, resolve_device
 
-    MODELS.get(model)
-    problems = [f"--model-arg {k}: set from the dataset (--data); remove it"
-                for k in model_kwargs if k in DATA_FILLED]
-    problems += MODELS.check_kwargs(model, {k: v for k, v in model_kwargs.items()
-                                            if k not in DATA_FILLED})
+    problems = model_problems(model, model_kwargs, "--model-arg")
     problems += check_method_kwargs(method, method_kwargs)
     if problems:
         raise ConfigError(problems)
@@ -188,7 +184,8 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
     check_precision(train.precision, resolve_device(train.device))
     with dist.main_first():  # rank 0 fetches first (if it must), then the others read
         data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
-                            train_subset=args.train_subset, seed=args.seed)
+                            train_subset=args.train_subset, seed=args.seed,
+                            channels=args.channels, resize=args.resize)
     teachers = {}
     if teacher is not None:
         # The teacher's own train split is irrelevant here: only its weights are used.
@@ -309,7 +306,8 @@ def _eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[Any, 
     if own and source:
         root = args.data_root or source.get("root")
         data = load_dataset(name, root=root, val_fraction=source["val_fraction"],
-                            train_subset=source["train_subset"], seed=source["seed"])
+                            train_subset=source["train_subset"], seed=source["seed"],
+                            channels=source.get("channels"), resize=source.get("resize"))
         if data.source.get("sha256") != source.get("sha256"):
             problem = (f"the {name} files under {root} differ from those the model was "
                        "trained on (content hash)")
@@ -533,6 +531,11 @@ def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) ->
                    "%(default)s)")
     p.add_argument("--train-subset", type=_positive_int, default=None,
                    help="class-balanced subset size (default: the whole train split)")
+    p.add_argument("--channels", type=_positive_int, default=None,
+                   help="repeat grey images into N channels (3 for ImageNet models), or 1 to "
+                   "turn colour into grey (default: as stored)")
+    p.add_argument("--resize", type=_positive_int, default=None, metavar="SIZE",
+                   help="resize images to SIZE x SIZE (default: as stored)")
     p.add_argument("--model-arg", action="append", metavar="K=V", help="model argument")
     if default_method is not None:
         p.add_argument("--method", default=default_method,

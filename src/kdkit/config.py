@@ -82,6 +82,10 @@ class DataSpec(_Strict):
         None, ge=1, description="class-balanced subset of the train split used by students"
     )
     download: bool = True
+    channels: int | None = Field(
+        None, ge=1, description="repeat grey images into this many channels (3 for ImageNet "
+        "models), or 1 to turn colour into grey")
+    resize: int | None = Field(None, ge=1, description="resize images to resize x resize")
     synthetic: str | None = Field(
         None, description="train students on this transfer set (a folder from `kdkit datafree`); "
         "'{seed}' in the path is replaced by the run's seed"
@@ -427,7 +431,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
     from kdkit.data import DATASETS
     from kdkit.data.augment import build_augment
     from kdkit.distill.methods import METHODS, check_method_kwargs
-    from kdkit.models import DATA_FILLED, MODELS
+    from kdkit.models import MODELS, model_problems
 
     problems: list[str] = []
 
@@ -439,15 +443,11 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
         if spec is None or not isinstance(spec.get("name"), str):
             return
         name = spec["name"]
-        if name not in MODELS:
+        if ":" not in name and name not in MODELS:
             problems.append(_unknown("model", name, MODELS.names(), f"{where}.name", "models"))
             return
         kwargs = {k: v for k, v in spec.items() if k != "name"}
-        for key in kwargs:
-            if key in DATA_FILLED:
-                problems.append(f"{where}.{key}: set from the dataset; remove it")
-        kw = {k: v for k, v in kwargs.items() if k not in DATA_FILLED}
-        problems.extend(f"{where}: {p}" for p in MODELS.check_kwargs(name, kw))
+        problems.extend(model_problems(name, kwargs, where))
 
     def check_augment(train: dict[str, Any] | None, where: str) -> None:
         aug = train.get("augment") if train else None

@@ -238,6 +238,8 @@ def load_dataset(
     seed: int = 0,
     download: bool = True,
     log: Callable[[str], None] = print,
+    channels: int | None = None,
+    resize: int | None = None,
 ) -> DatasetSplits:
     """Load ``name`` as normalised train/val/test tensors (``root`` defaults to default_root()).
 
@@ -262,9 +264,12 @@ def load_dataset(
         x_tr, y_tr = take_subset(x_tr, y_tr, train_subset, derive_seed(seed, _SUBSET_STREAM))
 
     def normalise(x: Tensor) -> Tensor:
-        return x.to(torch.float32, copy=True).div_(raw.scale).sub_(mean).div_(std)
+        x = x.to(torch.float32, copy=True).div_(raw.scale).sub_(mean).div_(std)
+        return reshape_images(x, channels, resize, name)
 
     shape = tuple(raw.x_train.shape[1:])
+    shape = (channels or shape[0], resize or shape[1], resize or shape[2])
+    adapted = {k: v for k, v in (("channels", channels), ("resize", resize)) if v is not None}
     return DatasetSplits(
         train=ArrayDataset(normalise(x_tr), y_tr, f"{name}/train"),
         val=ArrayDataset(normalise(x_val), y_val, f"{name}/val"),
@@ -275,5 +280,33 @@ def load_dataset(
         std=std,
         name=name,
         source={"name": name, "root": str(root_path), "seed": seed,
-                "val_fraction": val_fraction, "train_subset": train_subset, "sha256": digest},
+                "val_fraction": val_fraction, "train_subset": train_subset, "sha256": digest,
+                **adapted},
     )
+
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: colour to grey
+_RESIZE_CHUNK = 2048
+
+
+def reshape_images(x: Tensor, channels: int | None, resize: int | None, name: str) -> Tensor:
+    """Images (N, C, H, W) with ``channels`` channels (grey repeated into 3, or colour
+    averaged to grey with BT.601 weights) and ``resize`` x ``resize`` pixels (bilinear,
+    antialiased), so the data fits a model instead of the model being edited."""
+    c = x.shape[1]
+    if channels is not None and channels != c:
+        if c == 1:
+            x = x.expand(-1, channels, -1, -1).contiguous()
+        elif c == 3 and channels == 1:
+            x = (x * torch.tensor(_LUMA).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise DataError(f"dataset '{name}': cannot turn {c} channels into {channels} "
+                            "(grey -> any number, or colour -> 1)")
+    if resize is not None and tuple(x.shape[2:]) != (resize, resize):
+        import torch.nn.functional as F
+
+        x = torch.cat([F.interpolate(x[i : i + _RESIZE_CHUNK], size=(resize, resize),
+                                     mode="bilinear", align_corners=False, antialias=True)
+                       for i in range(0, len(x), _RESIZE_CHUNK)]) if len(x) else x.new_empty(
+            (0, x.shape[1], resize, resize))
+    return x

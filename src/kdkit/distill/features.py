@@ -16,6 +16,7 @@ Each point also names the BatchNorm that precedes its ReLU (for the overhaul's m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +65,95 @@ def stage_points(model: nn.Module, example_input: Tensor | None = None,
                                                         for c in m.children())), None)
     if seq is not None:
         return _pooled_points(*seq, read=read)
-    raise KdkitError(
-        f"cannot find the stages of {type(model).__name__} (no layer1.. children, no pooled "
-        "Sequential); name the layers explicitly, e.g. student_layers: ['block2:preact']"
-    )
+    if example_input is None:
+        raise KdkitError(
+            f"cannot find the stages of {type(model).__name__} (no layer1.. children, no "
+            "pooled Sequential, and no example input to probe it with); name the layers "
+            "explicitly, e.g. student_layers: ['block2:preact']")
+    return probed_points(model, example_input, read)
+
+
+def _feature_info(model: nn.Module) -> list[str]:
+    """The stage-end module names a timm model declares (``feature_info``), if any."""
+    info = getattr(model, "feature_info", None)
+    try:
+        names = [str(d["module"]) for d in info] if info is not None else []
+    except (TypeError, KeyError):
+        return []
+    modules = dict(model.named_modules())
+    return [n for n in names if n in modules]
+
+
+def probed_points(model: nn.Module, x: Tensor, read: Read = "preact") -> list[FeaturePoint]:
+    """Stage ends of any CNN, found by running it once: the last module to finish at each
+    spatial resolution (in execution order) before the resolution falls. That is the
+    outermost block ending there (``features.3``, ``blocks.2``, ...). Outputs of 1x1
+    (squeeze-excitation, global pooling) are not stages.
+
+    ``read="preact"`` needs the stage to end in a ReLU (the pre-activation is read through
+    it); a stage that ends otherwise (MobileNet's linear bottlenecks) is refused by name
+    rather than read at the wrong tensor.
+    """
+    finished: list[tuple[str, tuple[int, ...]]] = []
+    leaves: list[tuple[str, nn.Module]] = []
+
+    def record(name: str, module: nn.Module) -> Any:
+        def hook(_m: nn.Module, _a: tuple[Any, ...], out: Any) -> None:
+            if not list(module.children()):
+                leaves.append((name, module))
+            if isinstance(out, Tensor) and out.dim() == 4:
+                finished.append((name, tuple(out.shape)))
+        return hook
+
+    handles = [m.register_forward_hook(record(n, m)) for n, m in model.named_modules() if n]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []  # modules finishing at each resolution, in order
+    current: int | None = None
+    for name, shape in finished:
+        hw = shape[2] * shape[3]
+        if hw <= 1 or (current is not None and hw > current):
+            continue  # squeeze-excitation / pooled outputs; nothing grows back in a classifier
+        if current is None or hw < current:
+            groups.append([])
+            current = hw
+        groups[-1].append(name)
+    # Of the modules finishing at a resolution, the outermost (fewest dots) last one: the
+    # whole block or stage, not the first layers of the next block that run before its
+    # downsampling (an inverted residual's expansion).
+    ends = []
+    for names in groups:
+        depth = min(n.count(".") for n in names)
+        ends.append([n for n in names if n.count(".") == depth][-1])
+    named = _feature_info(model)  # timm says where its stages end: trusted over the probe
+    if named:
+        ends = [n for n in named if any(n == f for f, _s in finished)] or ends
+    if not ends:
+        raise KdkitError(f"cannot find the stages of {type(model).__name__}: no module "
+                         "returns a feature map (B, C, H, W); name the layers explicitly")
+    points = []
+    for path in ends:
+        inside = [(n, m) for n, m in leaves if n == path or n.startswith(path + ".")]
+        bns = [n for n, m in inside if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        last = inside[-1][1] if inside else None
+        if read == "preact":
+            if not isinstance(last, nn.ReLU):
+                raise KdkitError(
+                    f"{type(model).__name__}: stage '{path}' ends in "
+                    f"{type(last).__name__ if last is not None else 'nothing'}, not a ReLU, so "
+                    "it has no pre-activation to read (a linear bottleneck); use a method that "
+                    "reads stage outputs, or name the layers explicitly")
+            points.append(FeaturePoint(Tap(path, "preact"), bns[-1] if bns else None))
+        else:
+            points.append(FeaturePoint(Tap(path, "output"), bns[-1] if bns else None))
+    return points
 
 
 def _resnet_points(model: nn.Module, stages: list[str], x: Tensor | None,
@@ -213,8 +299,33 @@ def paired_points(student: nn.Module, teacher: nn.Module, x: Tensor | None,
                 for s, t in zip(student_layers, teacher_layers, strict=True)]
     sp, tp = stage_points(student, x, read), stage_points(teacher, x, read)
     if len(sp) != len(tp):
-        raise KdkitError(
-            f"the student has {len(sp)} stages and the teacher {len(tp)}; name the layers to "
-            "match explicitly (student_layers / teacher_layers)"
-        )
+        pairs = _pair_by_resolution(student, teacher, x, sp, tp)
+        if not pairs:
+            raise KdkitError(
+                f"the student has {len(sp)} stages and the teacher {len(tp)}, and none at the "
+                "same resolution; name the layers to match explicitly (student_layers / "
+                "teacher_layers)")
+        return pairs
     return [(s.tap, t.tap, t.bn) for s, t in zip(sp, tp, strict=True)]
+
+
+def _pair_by_resolution(student: nn.Module, teacher: nn.Module, x: Tensor | None,
+                        sp: list[FeaturePoint], tp: list[FeaturePoint]
+                        ) -> list[tuple[Tap, Tap, str | None]]:
+    """Stages of networks with different numbers of stages, paired where their feature
+    maps have the same spatial size (a MobileNet's 5 against a ResNet's 4); the others
+    are left out."""
+    if x is None:
+        return []
+    from kdkit.taps import probe_shape
+
+    def sizes(model: nn.Module, points: list[FeaturePoint]) -> list[tuple[int, ...]]:
+        return [tuple(probe_shape(model, p.tap, x)[2:]) for p in points]
+
+    s_sizes, t_sizes = sizes(student, sp), sizes(teacher, tp)
+    pairs = []
+    for t, t_size in zip(tp, t_sizes, strict=True):
+        same = [s for s, s_size in zip(sp, s_sizes, strict=True) if s_size == t_size]
+        if same:
+            pairs.append((same[-1].tap, t.tap, t.bn))
+    return pairs

@@ -7,6 +7,7 @@ returns a plain ``nn.Module`` mapping ``(B, in_channels, input_size, input_size)
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -14,8 +15,15 @@ from torch import nn
 from kdkit.errors import KdkitError
 from kdkit.models import lenet, mlp, plain_cnn, resnet, wrn
 from kdkit.models._registry import MODELS
+from kdkit.models.sources import (
+    SPECIAL_KEYS,
+    attach_output,
+    create_from_source,
+    load_weights,
+    split_source,
+)
 
-__all__ = ["MODELS", "count_parameters", "create_model", "list_models"]
+__all__ = ["MODELS", "count_parameters", "create_model", "list_models", "model_problems"]
 
 # The family modules register themselves on import.
 _FAMILIES = (lenet, mlp, plain_cnn, resnet, wrn)
@@ -24,8 +32,58 @@ DATA_FILLED = ("num_classes", "in_channels", "input_size")
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name``; unknown names or arguments raise ``KdkitError``,
-    and so do sizes whose weights cannot be allocated (or overflow a tensor's size)."""
+    """Build model ``name``: a zoo name, or ``torchvision:``/``timm:``/``py:`` sources
+    (:mod:`kdkit.models.sources`); ``weights: PATH`` and ``output: KEY`` work with every
+    source. Unknown names or arguments raise ``KdkitError``, and so do sizes whose weights
+    cannot be allocated (or overflow a tensor's size)."""
+    weights, output = kwargs.pop("weights", None), kwargs.pop("output", None)
+    source, target = split_source(name)
+    if source is not None:
+        geometry = {"num_classes": kwargs.pop("num_classes", 10),
+                    "in_channels": kwargs.pop("in_channels", 3),
+                    "input_size": kwargs.pop("input_size", 32)}
+        model = create_from_source(source, target, **geometry, **kwargs)
+    else:
+        model = _create_zoo(name, **kwargs)
+    if output is not None:
+        attach_output(model, output, f"model '{name}'")
+    if weights is not None:
+        load_weights(model, weights, f"model '{name}'")
+    return model
+
+
+def model_problems(name: str, kwargs: dict[str, Any], where: str = "") -> list[str]:
+    """What is wrong with model ``name`` and its arguments (empty if nothing), without
+    building it: an unknown name or argument, an argument the data sets, a missing
+    weights file, an unusable output key."""
+    at = f"{where}: " if where else ""
+    try:
+        source, _target = split_source(name)
+    except KdkitError as e:
+        return [f"{at}{e}"]
+    problems = []
+    if source is None:
+        if name not in MODELS:
+            MODELS.get(name)  # raises, with the closest names
+        for k in (k for k in kwargs if k in DATA_FILLED):
+            if where.startswith("--"):
+                problems.append(f"{where} {k}: set from the dataset (--data); remove it")
+            else:
+                problems.append(f"{where + '.' if where else ''}{k}: set from the dataset; "
+                                "remove it")
+        plain = {k: v for k, v in kwargs.items() if k not in DATA_FILLED + SPECIAL_KEYS}
+        problems += [f"{at}{p}" for p in MODELS.check_kwargs(name, plain)]
+    weights = kwargs.get("weights")
+    if weights is not None and not (isinstance(weights, str) and Path(weights).expanduser()
+                                    .is_file()):
+        problems.append(f"{at}weights: no such file {str(weights)[:200]}")
+    output = kwargs.get("output")
+    if output is not None and (isinstance(output, bool) or not isinstance(output, (str, int))):
+        problems.append(f"{at}output: a key, attribute name or index, got {str(output)[:40]}")
+    return problems
+
+
+def _create_zoo(name: str, **kwargs: Any) -> nn.Module:
     try:
         return MODELS.create(name, **kwargs)
     except (MemoryError, RuntimeError, TypeError) as e:

@@ -107,7 +107,9 @@ class DryBuild:
 
     def run(self) -> DryBuild:
         try:
-            self._geometry = dataset_geometry(self.cfg.data.name)
+            n, (c, h, w) = dataset_geometry(self.cfg.data.name)
+            d = self.cfg.data
+            self._geometry = (n, (d.channels or c, d.resize or h, d.resize or w))
         except KdkitError as e:
             from kdkit.data import DATASETS
 

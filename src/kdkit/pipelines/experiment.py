@@ -36,12 +36,19 @@ from kdkit.files import (
 from kdkit.pipelines.chain import distill_chain, search_paths
 from kdkit.pipelines.check import dry_build
 from kdkit.pipelines.datafree import build_transfer, load_synthetic
-from kdkit.pipelines.runs import SUMMARY, load_teacher, prepare_run_dir, train_one
-from kdkit.train.artifacts import MODEL_STEM, load_model
+from kdkit.pipelines.runs import (
+    SUMMARY,
+    build_model,
+    data_meta,
+    load_teacher,
+    prepare_run_dir,
+    train_one,
+)
+from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
 from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json, read_json
 from kdkit.train.device import check_precision, resolve_device
 from kdkit.train.loop import LoopSettings
-from kdkit.train.metrics import cpu_latency_ms
+from kdkit.train.metrics import cpu_latency_ms, evaluate
 
 ELAPSED = "elapsed.json"  # the experiment's wall time so far, for resumed runs
 CACHE_FORMAT = 2  # 2: keyed by the data's content hash (1 knew only the dataset's name)
@@ -57,6 +64,8 @@ def teacher_cache_key(
     other files under the same dataset name (another root, a re-download that differs)
     never reuse a teacher trained on the old ones.
     """
+    adapted: dict[str, Any] = {k: data.source[k] for k in ("channels", "resize")
+                               if k in data.source}
     blob = {
         "format": CACHE_FORMAT,
         "model": spec.model.model_dump(),
@@ -64,7 +73,7 @@ def teacher_cache_key(
         "train": _trained_as(spec.train),
         "train_subset": spec.train_subset,
         "data": {"name": cfg.data.name, "val_fraction": cfg.data.val_fraction,
-                 "sha256": data.source.get("sha256")},
+                 "sha256": data.source.get("sha256"), **adapted},
         "seed": seed,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
@@ -99,6 +108,8 @@ def _teacher(
     cache_dir: Path | None, resume: bool, progress: bool, log: Callable[[str], None],
     device: str | None = None,
 ) -> dict[str, Any]:
+    if "weights" in spec.model.kwargs:  # a teacher the user already has: used as is
+        return _pretrained_teacher(cfg, spec, data, seed, run_dir)
     cached = (cache_dir / "teachers" / teacher_cache_key(spec, cfg, seed, data)
               if cache_dir else None)
     with dist.main_first() as main:  # rank 0 copies from the cache; the others then read
@@ -121,6 +132,37 @@ def _teacher(
                                                                              lambda _m: None):
         _publish_teacher(run_dir, cached)
     return summary
+
+
+def _pretrained_teacher(cfg: ExperimentConfig, spec: TeacherSpec, data: DatasetSplits,
+                        seed: int, run_dir: Path) -> dict[str, Any]:
+    """A teacher from a weights file: not trained, evaluated on this seed's splits and
+    saved into its run directory (so students and tables treat it like any teacher)."""
+    if (run_dir / SUMMARY).exists():
+        return dict(read_json(run_dir / SUMMARY, "run summary"))
+    t0 = time.perf_counter()
+    model = build_model(spec.model.name, spec.model.kwargs, data, seed)
+    test = evaluate(model, data.test.x, data.test.y, cfg.eval.batch_size)
+    val = (evaluate(model, data.val.x, data.val.y, cfg.eval.batch_size)["acc"]
+           if len(data.val) else None)
+    weights = str(spec.model.kwargs["weights"])
+    summary = {
+        "label": f"seed{seed}/{spec.label}", "seed": seed, "model": spec.model.name,
+        "model_kwargs": spec.model.kwargs, "method": "pretrained", "method_kwargs": {},
+        "params": sum(p.numel() for p in model.parameters()), "test_acc": test["acc"],
+        "test_loss": test["loss"], "val_acc": val, "epochs": 0, "role": "teacher",
+        "pretrained": weights,
+    }
+    with dist.main_first() as main:
+        if main:
+            mark_run_dir(run_dir)
+            path = save_model(run_dir, model, name=spec.model.name, kwargs=spec.model.kwargs,
+                              data=data_meta(data), extra={"role": "teacher",
+                                                           "pretrained": weights})
+            summary["size_bytes"] = path.stat().st_size
+            summary["wall_s"] = round(time.perf_counter() - t0, 2)
+            atomic_write_json(run_dir / SUMMARY, summary)
+    return dict(read_json(run_dir / SUMMARY, "run summary"))
 
 
 def _copy_cached_teacher(spec: TeacherSpec, seed: int, run_dir: Path, cached: Path | None,
@@ -342,7 +384,8 @@ def _load(cfg: ExperimentConfig, seed: int, train_subset: int | None,
     d = cfg.data
     with dist.main_first():
         return load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
-                            train_subset=train_subset, seed=seed, download=d.download, log=log)
+                            train_subset=train_subset, seed=seed, download=d.download, log=log,
+                            channels=d.channels, resize=d.resize)
 
 
 def _elapsed(path: Path) -> float:

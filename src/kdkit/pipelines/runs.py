@@ -96,13 +96,14 @@ def _check_same_run(found: dict[str, Any], identity: dict[str, Any], where: Path
 def build_model(name: str, kwargs: dict[str, Any], data: DatasetSplits, seed: int) -> nn.Module:
     """Create a registered model for ``data``'s geometry, initialised under ``seed``."""
     filled = sorted(k for k in kwargs if k in DATA_FILLED)
-    if filled:
+    if filled and ":" not in name:  # (other sources may take num_classes: given, it wins)
         raise KdkitError(f"model '{name}': {', '.join(filled)} come from the data "
                          f"'{data.name}'; remove {'them' if len(filled) > 1 else 'it'} from the "
                          "model's arguments")
     torch.manual_seed(derive_seed(seed, _INIT_STREAM))
     c, h, _ = data.input_shape
-    return create_model(name, num_classes=data.num_classes, in_channels=c, input_size=h, **kwargs)
+    geometry = {"num_classes": data.num_classes, "in_channels": c, "input_size": h}
+    return create_model(name, **{**geometry, **kwargs})
 
 
 def check_teacher_fits(teacher_meta: dict[str, Any], data: DatasetSplits, source: str) -> None:

@@ -117,13 +117,14 @@ def _rebuild(spec: dict[str, Any], data: dict[str, Any], stem: Path, device: str
     """The model ``spec`` names, for ``data``'s geometry, on ``device`` ("meta": shapes
     only; None when a model cannot be built there but may be on the CPU)."""
     c, h, _w = data["input_shape"]
+    # the weights are the saved ones: a weights file the model started from is not read
+    kwargs = {"num_classes": data["num_classes"], "in_channels": c, "input_size": h,
+              **{k: v for k, v in spec["kwargs"].items() if k != "weights"}}
     try:
         if device == "meta":
             with on_device("meta"):  # meta without the init fills
-                return create_model(spec["name"], num_classes=data["num_classes"],
-                                    in_channels=c, input_size=h, **spec["kwargs"])
-        return create_model(spec["name"], num_classes=data["num_classes"], in_channels=c,
-                            input_size=h, **spec["kwargs"])
+                return create_model(spec["name"], **kwargs)
+        return create_model(spec["name"], **kwargs)
     except KdkitError as e:
         raise CheckpointError(f"{stem}.json: cannot rebuild its model: {e}") from None
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
