@@ -244,3 +244,13 @@ def test_feature_methods_find_the_stages_of_library_models(student):
                        for p in s.parameters()), method
             for adapter in d.adapters.values():
                 assert any(p.grad is not None for p in adapter.parameters()), method
+
+
+def test_models_layers_shows_the_stage_ends_found(capsys):
+    assert main(["models", "--layers", "resnet8", "--input", "1,28,28"]) == 0
+    out = capsys.readouterr().out
+    assert "stage ends (feature methods): layer1:output, layer2:output, layer3:output" in out
+    assert "pre-activations (overhaul, AB): layer1:preact, layer2:preact, layer3:preact" in out
+    assert main(["models", "--layers", "mlp", "--input", "1,8,8"]) == 0
+    assert "stage ends: not found (cannot find the stages of MLP: no module returns a " \
+           "feature map" in capsys.readouterr().out

@@ -347,19 +347,34 @@ def cmd_models(args: argparse.Namespace) -> int:
             c, h, _w = (int(v) for v in args.input.split(","))
         except ValueError:
             raise ConfigError(f"--input expects C,H,W (e.g. 1,28,28), got '{args.input}'") from None
+        from kdkit.distill.features import stage_points
+
         model = create_model(args.layers, in_channels=c, input_size=h)
         shapes: dict[str, tuple[int, ...]] = {}
         hooks = [m.register_forward_hook(
-            lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
+            lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(o.shape))
+            if isinstance(o, torch.Tensor) else None)
             for n, m in model.named_modules() if n]
         model.eval()
+        x = torch.zeros(2, c, h, h)
         with torch.no_grad():
-            model(torch.zeros(1, c, h, h))
+            model(x)
         for hk in hooks:
             hk.remove()
         for n, m in model.named_modules():
             if n:
                 print(f"{n:<28} {type(m).__name__:<18} {shapes.get(n, '')}")
+        # what feature methods will read, found without names (or why they cannot)
+        try:
+            found = [str(p.tap) for p in stage_points(model, x, "output")]
+            print(f"\nstage ends (feature methods): {', '.join(found)}")
+        except KdkitError as e:
+            print(f"\nstage ends: not found ({e})")
+        try:
+            pre = [str(p.tap) for p in stage_points(model, x, "preact")]
+            print(f"pre-activations (overhaul, AB): {', '.join(pre)}")
+        except KdkitError as e:
+            print(f"pre-activations (overhaul, AB): none ({e})")
         return 0
     for name in MODELS.names():
         print(f"{name:<18} {MODELS.summary(name)}")
