@@ -132,8 +132,8 @@ def test_feature_method_on_a_model_without_stages() -> None:
     problems = problems_of(raw)
     assert problems == [
         "students[2] (label 'overhaul'): method 'overhaul' (student mlp, teacher 'teacher'): "
-        "cannot find the stages of MLP (no layer1.. children, no pooled Sequential); name the "
-        "layers explicitly, e.g. student_layers: ['block2:preact']"
+        "cannot find the stages of MLP (no module returns a feature map (B, C, H, W)); name "
+        "the layers explicitly, e.g. student_layers: ['block2:preact']"
     ]
 
 

@@ -107,9 +107,16 @@ def test_unconnectable_taps_fail_early_naming_both_shapes():
     mlp = create_model("mlp", hidden=[8], num_classes=4, input_size=16)
     with pytest.raises(KdkitError, match="cannot find the stages of MLP"):
         build_method("overhaul", mlp, {"t": teacher}, example_input=X[:2])
-    with pytest.raises(KdkitError, match="student has 2 stages and the teacher 3"):
-        build_method("at", create_model("plain_cnn4", num_classes=4, input_size=16),
-                     {"t": teacher}, example_input=X[:2])
+    # 2 stages against 3: each student stage paired with the teacher stage of its map size
+    from kdkit.taps import probe_shape
+
+    cnn = create_model("plain_cnn4", num_classes=4, input_size=16)
+    terms = [t for t in build_method("at", cnn, {"t": teacher}, example_input=X[:2])
+             if t.teacher is not None]
+    assert len(terms) == 2
+    for t in terms:
+        assert (probe_shape(cnn, t.student, X[:2])[2:]
+                == probe_shape(teacher, t.teacher, X[:2])[2:])
 
 
 def test_overhaul_needs_bn_before_relu():

@@ -252,5 +252,5 @@ def test_models_layers_shows_the_stage_ends_found(capsys):
     assert "stage ends (feature methods): layer1:output, layer2:output, layer3:output" in out
     assert "pre-activations (overhaul, AB): layer1:preact, layer2:preact, layer3:preact" in out
     assert main(["models", "--layers", "mlp", "--input", "1,8,8"]) == 0
-    assert "stage ends: not found (cannot find the stages of MLP: no module returns a " \
+    assert "stage ends: not found (cannot find the stages of MLP (no module returns a " \
            "feature map" in capsys.readouterr().out

@@ -213,8 +213,16 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
     return 0
 
 
+def _out_name(name: str) -> str:
+    """A model or dataset name as part of a folder name: ``torchvision:resnet18`` becomes
+    ``torchvision-resnet18``, ``folder:data/fmnist`` becomes ``fmnist``."""
+    if name.startswith("folder:"):
+        name = Path(name[len("folder:"):]).name or "folder"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    args.out = args.out or f"runs/train-{args.model}-{args.data}-s{args.seed}"
+    args.out = args.out or f"runs/train-{_out_name(args.model)}-{_out_name(args.data)}-s{args.seed}"
     return _single_run(args, method=args.method, method_kwargs=_kv_pairs(args.method_arg, "--method-arg"),
                        model=args.model, model_kwargs=_kv_pairs(args.model_arg, "--model-arg"),
                        teacher=None)
@@ -225,7 +233,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     if not method_needs_teacher(args.method):
         raise KdkitError(f"method '{args.method}' uses no teacher; use `kdkit train` for it")
-    args.out = args.out or f"runs/distill-{args.method}-{args.student}-{args.data}-s{args.seed}"
+    args.out = args.out or (f"runs/distill-{args.method}-{_out_name(args.student)}-"
+                            f"{_out_name(args.data)}-s{args.seed}")
     return _single_run(args, method=args.method,
                        method_kwargs=_kv_pairs(args.method_arg, "--method-arg"),
                        model=args.student, model_kwargs=_kv_pairs(args.model_arg, "--model-arg"),
@@ -356,7 +365,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             if isinstance(o, torch.Tensor) else None)
             for n, m in model.named_modules() if n]
         model.eval()
-        x = torch.zeros(2, c, h, h)
+        x = torch.zeros(1, c, h, h)
         with torch.no_grad():
             model(x)
         for hk in hooks:
@@ -398,9 +407,22 @@ def cmd_data(args: argparse.Namespace) -> int:
         for name in DATASETS.names():
             print(f"{name:<14} {DATASETS.summary(name)}")
         return 0
+    root = Path(args.root) if args.root else default_root()
+    if args.data_cmd == "export":
+        import time
+
+        from kdkit.data import load_raw
+        from kdkit.data.folder import export_image_folder
+
+        start = time.monotonic()
+        raw = load_raw(args.name, root=root)
+        n = export_image_folder(raw, Path(args.out), log=print)
+        print(f"{args.name}: {n:,} images ({len(raw.y_train):,} train, {len(raw.y_test):,} "
+              f"test, {raw.num_classes} classes) in {args.out}/ in "
+              f"{time.monotonic() - start:.1f} s; train on it with --data folder:{args.out}")
+        return 0
     from kdkit.data.fetch import fetch
 
-    root = Path(args.root) if args.root else default_root()
     folder = fetch(args.name, root)
     print(f"{args.name}: verified files in {folder}")
     return 0
@@ -680,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_datafree_parser(sub, _add_out_flags)
 
-    p = sub.add_parser("data", help="datasets: list, fetch")
+    p = sub.add_parser("data", help="datasets: list, fetch, export")
     dsub = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
     dl = dsub.add_parser("list", help="list registered datasets")
     dl.set_defaults(fn=cmd_data)
@@ -688,6 +710,16 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("name", choices=["mnist", "fashion_mnist"])
     df.add_argument("--root", help="data folder (default $KDKIT_DATA or ~/.cache/kdkit/data)")
     df.set_defaults(fn=cmd_data)
+    de = dsub.add_parser("export", help="write a dataset as image files (train/<class>/N.png)",
+                         description="Writes a dataset's integer pixels as PNG files, "
+                         "OUT/{train,test}/<class>/<index>.png (grey: mode L, colour: RGB; "
+                         "digits' 0..16 scaled to 0..255), for `--data folder:OUT`.")
+    de.add_argument("name", help="registered dataset (see `kdkit data list`) or folder:PATH")
+    de.add_argument("--format", choices=["imagefolder"], required=True,
+                    help="imagefolder: one folder per class, as torchvision's ImageFolder")
+    de.add_argument("--out", required=True, help="new (or empty) folder to write")
+    de.add_argument("--root", help="data folder (default $KDKIT_DATA or ~/.cache/kdkit/data)")
+    de.set_defaults(fn=cmd_data)
     _add_bench_parser(sub)
     return ap
 

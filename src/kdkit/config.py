@@ -460,7 +460,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
     data = section(raw, "data")
     dname = data.get("name", "digits") if data else "digits"
     val_fraction = data.get("val_fraction", 0.1) if data else 0.1
-    if isinstance(dname, str) and dname not in DATASETS:
+    if isinstance(dname, str) and dname not in DATASETS and not dname.startswith("folder:"):
         problems.append(_unknown("dataset", dname, DATASETS.names(), "data.name", "data list"))
     teacher_specs: list[tuple[str, dict[str, Any]]] = []
     if section(raw, "teacher") is not None:

@@ -247,10 +247,17 @@ def load_dataset(
     then keeps a class-balanced subset of the rest. Both are deterministic under ``seed``;
     the test set never depends on it. Normalisation: scalar mean/std of the full train set.
     """
-    DATASETS.get(name)  # unknown name -> KdkitError with suggestions
-    root_path = Path(root if root is not None else default_root()).expanduser().resolve()
-    _ensure_files(name, root_path, download, log)
-    raw, mean, std, digest = _load_raw(name, str(root_path))
+    if name.startswith("folder:"):  # images on disk (kdkit.data.folder), not the registry
+        from kdkit.data.folder import canonical_name, folder_path, load_folder
+
+        name = canonical_name(name)  # absolute: the recorded name works from anywhere
+        root_path = folder_path(name)
+        raw, mean, std, digest = load_folder(name, log)
+    else:
+        DATASETS.get(name)  # unknown name -> KdkitError with suggestions
+        root_path = Path(root if root is not None else default_root()).expanduser().resolve()
+        _ensure_files(name, root_path, download, log)
+        raw, mean, std, digest = _load_raw(name, str(root_path))
 
     x_tr, y_tr, x_val, y_val = split_train_val(
         raw.x_train, raw.y_train, val_fraction, derive_seed(seed, _VAL_STREAM)
@@ -310,3 +317,17 @@ def reshape_images(x: Tensor, channels: int | None, resize: int | None, name: st
                        for i in range(0, len(x), _RESIZE_CHUNK)]) if len(x) else x.new_empty(
             (0, x.shape[1], resize, resize))
     return x
+
+
+def load_raw(name: str, *, root: str | Path | None = None, download: bool = True,
+             log: Callable[[str], None] = print) -> RawData:
+    """The integer pixels of ``name`` (registered, or ``folder:PATH``) as decoded, before any
+    split or normalisation: what ``kdkit data export`` writes."""
+    if name.startswith("folder:"):
+        from kdkit.data.folder import load_folder
+
+        return load_folder(name, log)[0]
+    DATASETS.get(name)  # unknown name -> KdkitError with suggestions
+    root_path = Path(root if root is not None else default_root()).expanduser().resolve()
+    _ensure_files(name, root_path, download, log)
+    return _load_raw(name, str(root_path))[0]

@@ -25,6 +25,10 @@ GEOMETRY: dict[str, Geometry] = {
 
 def dataset_geometry(name: str) -> Geometry:
     """``(num_classes, (C, H, W))`` of registered dataset ``name``, without loading it."""
+    if name.startswith("folder:"):  # an image folder: its class folders and first image
+        from kdkit.data.folder import folder_geometry
+
+        return folder_geometry(name)
     if name not in GEOMETRY:
         close = difflib.get_close_matches(str(name), GEOMETRY, n=2)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

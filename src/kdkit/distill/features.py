@@ -136,8 +136,9 @@ def probed_points(model: nn.Module, x: Tensor, read: Read = "preact") -> list[Fe
     if named:
         ends = [n for n in named if any(n == f for f, _s in finished)] or ends
     if not ends:
-        raise KdkitError(f"cannot find the stages of {type(model).__name__}: no module "
-                         "returns a feature map (B, C, H, W); name the layers explicitly")
+        raise KdkitError(f"cannot find the stages of {type(model).__name__} (no module "
+                         "returns a feature map (B, C, H, W)); name the layers explicitly, e.g. "
+                         "student_layers: ['block2:preact']")
     points = []
     for path in ends:
         inside = [(n, m) for n, m in leaves if n == path or n.startswith(path + ".")]
