@@ -254,3 +254,42 @@ def test_models_layers_shows_the_stage_ends_found(capsys):
     assert main(["models", "--layers", "mlp", "--input", "1,8,8"]) == 0
     assert "stage ends: not found (cannot find the stages of MLP (no module returns a " \
            "feature map" in capsys.readouterr().out
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet18"])
+def test_overhaul_preact_taps_equal_a_manual_recomputation_of_the_block(name):
+    """The pre-ReLU feature the overhaul reads at each stage end of a library ResNet (in-place
+    ReLU used twice, functional residual) is the block's own sum before its last ReLU,
+    recomputed here by hand from the block's input."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("timm")
+    from kdkit.distill.features import stage_points
+    from kdkit.taps import run_with_taps
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=3).eval()
+    for m in model.modules():  # timm zero-initialises each block's last BN: undo it
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.normal_(m.weight)
+    x = torch.randn(2, 3, 64, 64)
+    points = stage_points(model, x, "preact")
+    assert [str(p.tap) for p in points] == [f"layer{k}:preact" for k in range(1, 5)]
+    inputs = {}
+    hooks = [getattr(model, f"layer{k}")[-1].register_forward_pre_hook(
+        lambda m, a, k=k: inputs.__setitem__(k, a[0].clone())) for k in range(1, 5)]
+    with torch.no_grad():
+        _, feats = run_with_taps(model, x, {str(p.tap): p.tap for p in points})
+    for h in hooks:
+        h.remove()
+    for k in range(1, 5):
+        block = getattr(model, f"layer{k}")[-1]
+        xin = inputs[k]
+        with torch.no_grad():
+            a = block.bn1(block.conv1(xin))
+            a = torch.relu(getattr(block, "drop_block", torch.nn.Identity())(a))
+            a = block.bn2(block.conv2(a))
+            short = block.downsample(xin) if block.downsample is not None else xin
+            want = a + short
+        assert torch.allclose(feats[f"layer{k}:preact"], want, atol=1e-5), k
+        assert (want < 0).any()  # a real pre-activation: the ReLU would change it
