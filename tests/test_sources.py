@@ -293,3 +293,23 @@ def test_overhaul_preact_taps_equal_a_manual_recomputation_of_the_block(name):
             want = a + short
         assert torch.allclose(feats[f"layer{k}:preact"], want, atol=1e-5), k
         assert (want < 0).any()  # a real pre-activation: the ReLU would change it
+
+
+@pytest.mark.vision
+def test_a_vision_transformer_is_refused_by_map_methods_and_served_by_the_others():
+    """ViT's features are tokens (B, N, D): a method that reads stage maps says so by name
+    (never reads the patch embedding as if it were the network's stages); methods on the
+    penultimate embedding (PKT) or logits work."""
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    from kdkit.distill import Distiller, build_stages
+
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    vit = create_model("timm:vit_tiny_patch16_224", num_classes=10, in_channels=3, img_size=64)
+    teacher = create_model("torchvision:resnet18", num_classes=10, in_channels=3)
+    with pytest.raises(KdkitError, match=r"works on token features \(patch_embed.norm, "
+                                         r"blocks.0, ... give \(2, 17, 192\)\)"):
+        build_stages("at", vit, {"teacher": teacher}, example_input=x)
+    for method in ("pkt", "kd"):
+        (stage,) = build_stages(method, vit, {"teacher": teacher}, example_input=x)
+        Distiller(vit, {"teacher": teacher}, stage.terms)(x, y)["loss"].backward()

@@ -96,6 +96,7 @@ def probed_points(model: nn.Module, x: Tensor, read: Read = "preact") -> list[Fe
     """
     finished: list[tuple[str, tuple[int, ...]]] = []
     leaves: list[tuple[str, nn.Module]] = []
+    tokens: list[tuple[str, tuple[int, ...]]] = []  # (B, N, D) outputs after the maps
 
     def record(name: str, module: nn.Module) -> Any:
         def hook(_m: nn.Module, _a: tuple[Any, ...], out: Any) -> None:
@@ -103,6 +104,8 @@ def probed_points(model: nn.Module, x: Tensor, read: Read = "preact") -> list[Fe
                 leaves.append((name, module))
             if isinstance(out, Tensor) and out.dim() == 4:
                 finished.append((name, tuple(out.shape)))
+            elif isinstance(out, Tensor) and out.dim() == 3 and finished:
+                tokens.append((name, tuple(out.shape)))
         return hook
 
     handles = [m.register_forward_hook(record(n, m)) for n, m in model.named_modules() if n]
@@ -115,6 +118,13 @@ def probed_points(model: nn.Module, x: Tensor, read: Read = "preact") -> list[Fe
         model.train(was)
         for h in handles:
             h.remove()
+    blocks = [n for n, _s in tokens if n.count(".") == 1]  # e.g. blocks.0, blocks.1, ...
+    if len(blocks) >= 2:  # a transformer: most of it runs on tokens, after the patch maps
+        raise KdkitError(
+            f"{type(model).__name__} works on token features ({', '.join(blocks[:2])}, ... give "
+            f"{tuple(tokens[-1][1])}), and feature methods read (B, C, H, W) maps; adapters "
+            "between tokens and maps are not built yet: use a logit method (kd, dkd-style) or "
+            "name 4-D layers explicitly (student_layers / teacher_layers)")
     groups: list[list[str]] = []  # modules finishing at each resolution, in order
     current: int | None = None
     for name, shape in finished:
