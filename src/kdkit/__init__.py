@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kdkit.data import load_dataset
     from kdkit.data.loader import BatchLoader
+    from kdkit.data.stream import DatasetLoader
     from kdkit.distill import Distiller, Term, build_method
     from kdkit.errors import KdkitError
     from kdkit.models import create_model, list_models
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 # the command line can set its OpenMP thread policy before torch's OpenMP runtime starts.
 _API = {
     "load_dataset": "kdkit.data", "BatchLoader": "kdkit.data.loader",
+    "DatasetLoader": "kdkit.data.stream",
     "Distiller": "kdkit.distill", "Term": "kdkit.distill", "build_method": "kdkit.distill",
     "KdkitError": "kdkit.errors", "create_model": "kdkit.models", "list_models": "kdkit.models",
     "LOGITS": "kdkit.taps", "Tap": "kdkit.taps", "capture": "kdkit.taps",
@@ -51,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LOGITS",
     "BatchLoader",
+    "DatasetLoader",
     "Distiller",
     "KdkitError",
     "LoopSettings",
