@@ -102,3 +102,23 @@ def test_bad_datasets_are_one_clear_error(digits):
 
     with pytest.raises(KdkitError, match="needs a map-style dataset"):
         DatasetLoader(Iterable(), 8)
+
+
+def test_an_image_folder_streams_from_disk(digits, tmp_path):
+    """Images read one by one from an exported folder are the in-memory dataset's pixels,
+    and train through DatasetLoader with workers."""
+    from kdkit.cli import main
+    from kdkit.data import load_dataset
+    from kdkit.data.folder import FolderDataset
+
+    assert main(["data", "export", "digits", "--format", "imagefolder", "--out",
+                 str(tmp_path / "imgs")]) == 0
+    memory = load_dataset(f"folder:{tmp_path / 'imgs'}", val_fraction=0.0, seed=0)
+    disk = FolderDataset(tmp_path / "imgs", mean=memory.mean, std=memory.std)
+    assert len(disk) == len(memory.train) and disk.classes[:2] == ["0", "1"]
+    x, y = disk[5]
+    assert torch.allclose(x, memory.train.x[5], atol=1e-6) and y == int(memory.train.y[5])
+    m = _student()
+    res = fit(Distiller(m, {}, build_method("ce", m)), DatasetLoader(disk, 64, num_workers=2),
+              LoopSettings(epochs=3, lr=0.1, device="cpu"), progress=False)
+    assert res.history[-1]["train/acc"] > 50

@@ -290,3 +290,40 @@ def export_image_folder(raw: RawData, out: Path, *, classes: list[str] | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return total
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """One split of an image folder, decoded image by image when read (a ``Dataset`` for
+    :class:`~kdkit.data.stream.DatasetLoader`: the images stay on disk).
+
+    Items are ``(x, y)``: ``x`` float32 (C, H, W), ``(pixels / 255 - mean) / std``; ``y`` the
+    class index (classes are train/'s sorted folder names). Images must share one size and
+    mode, as for ``folder:`` datasets; a different one is refused when it is read.
+    """
+
+    def __init__(self, path: str | Path, split: str = "train", *, mean: float = 0.0,
+                 std: float = 1.0) -> None:
+        root = folder_path(str(path) if str(path).startswith(PREFIX) else PREFIX + str(path))
+        classes, train = _split_files(root / "train", None)
+        if split == "train":
+            self.files = train
+        elif split == "test":
+            self.files = _split_files(root / "test", classes)[1]
+        else:
+            raise DataError(f"split must be 'train' or 'test', got {split!r}")
+        self.classes = classes
+        self.mean, self.std = float(mean), float(std)
+        first, self._mode = _open(self.files[0][0])
+        self.shape = tuple(first.shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.files[i]
+        a, mode = _open(path)
+        if tuple(a.shape) != self.shape or mode != self._mode:
+            raise DataError(f"{path} is {_describe(a, mode)}, not {self.shape[2]}x{self.shape[1]} "
+                            f"{self._mode} like the first image")
+        x = torch.tensor(a, dtype=torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
+        return x, label
