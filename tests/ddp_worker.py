@@ -83,4 +83,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # as kdkit's command line does: leave at once (gloo's threads can abort the interpreter's
+    # shutdown), output flushed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -760,11 +760,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    return _run_command(args)
+    code = _run_command(args)
+    if _LEFT_PROCESS_GROUP:
+        # gloo's threads can abort the process while the interpreter shuts down ("terminate
+        # called without an active exception", about one run in 15): a process that was
+        # part of a torchrun job leaves at once, its output flushed, with its own status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+_LEFT_PROCESS_GROUP = False
 
 
 def _ddp_commands() -> set[Callable[[argparse.Namespace], int]]:
     return {cmd_run, cmd_train, cmd_distill}
+
+
+def _left_process_group() -> None:
+    global _LEFT_PROCESS_GROUP
+    _LEFT_PROCESS_GROUP = True
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -798,6 +814,7 @@ def _run_command(args: argparse.Namespace) -> int:
                 if args.fn not in _ddp_commands():  # nothing to share: rank 0 does it alone
                     where = ""  # (and leaves without waiting for the others, who are done)
                     dist.shutdown(graceful=False)
+                    _left_process_group()
                     return int(args.fn(args)) if dist_rank == 0 else 0
         code = int(args.fn(args))
         ok = True
@@ -827,6 +844,7 @@ def _run_command(args: argparse.Namespace) -> int:
             from kdkit import dist
 
             dist.shutdown(graceful=ok)
+            _left_process_group()
 
 
 if __name__ == "__main__":
