@@ -18,6 +18,7 @@ from kdkit.train import loop
 from kdkit.train.checkpoint import read_state
 from kdkit.train.device import Precision, check_precision, resolve_device
 from kdkit.train.loop import CHECKPOINT, LoopSettings, TrainingInterrupted, fit
+from test_loop import NaNAt  # (tests/ is on the path, as for conftest)
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 
@@ -118,17 +119,6 @@ def test_precision_is_part_of_a_run_device_is_not(digits, tmp_path):
         run_dir=tmp_path, resume=True, progress=False)  # another device spec: resumes
 
 
-class _NaNAt(torch.nn.Module):
-    def __init__(self, step):
-        super().__init__()
-        self.step, self.calls = step, 0
-
-    def forward(self, student, teacher, *, target=None):
-        self.calls += 1
-        v = student.sum() * 0.0
-        return v + float("nan") if self.calls > self.step else v
-
-
 def test_deferred_check_names_the_first_bad_step_and_keeps_the_good_checkpoint(
         digits, tmp_path, monkeypatch):
     """Off one CPU the flags are read every CHECK_EVERY steps: a NaN at step 25 is found at
@@ -144,7 +134,7 @@ def test_deferred_check_names_the_first_bad_step_and_keeps_the_good_checkpoint(
     monkeypatch.setattr(loop._Meter, "check", counting)
     torch.manual_seed(0)
     student = create_model("mlp", hidden=[16], input_size=8)
-    d = Distiller(student, {}, [Term("ce", CrossEntropy()), Term("bad", _NaNAt(25), 0.1)])
+    d = Distiller(student, {}, [Term("ce", CrossEntropy()), Term("bad", NaNAt(25), 0.1)])
     with pytest.raises(NonFiniteLossError, match="'bad' became nan at step 25 \\(epoch 1\\)"):
         fit(d, _loader(digits), LoopSettings(epochs=3, lr=0.1), run_dir=tmp_path,
             progress=False)

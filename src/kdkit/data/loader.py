@@ -30,6 +30,15 @@ _AUGMENT_STREAM = 1
 _VIEW_STREAM = 3
 
 
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> Tensor:
+    """The order of ``n`` samples in ``epoch``: a permutation drawn from ``(seed, epoch)``
+    (0..n-1 without shuffling). Every loader draws its batches from this."""
+    if not shuffle:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(derive_seed(seed, epoch, _ORDER_STREAM))
+    return torch.randperm(n, generator=gen)
+
+
 def _take(src: Tensor, rows: Tensor, device: torch.device) -> Tensor:
     """``src[rows]`` on ``device``: cut there if ``src`` lives there, else cut into pinned
     host memory and copied without waiting."""
@@ -111,11 +120,7 @@ class BatchLoader:
 
     def order(self, epoch: int) -> Tensor:
         """The sample order of ``epoch`` (a permutation if shuffling, else 0..N-1)."""
-        n = len(self.dataset)
-        if not self.shuffle:
-            return torch.arange(n)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _ORDER_STREAM))
-        return torch.randperm(n, generator=gen)
+        return epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
 
     def epoch_batches(
         self, epoch: int, start_step: int = 0, *, shard: tuple[int, int] = (0, 1)

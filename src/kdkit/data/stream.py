@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from kdkit.data.augment import Augment
-from kdkit.data.loader import _ORDER_STREAM, derive_seed
+from kdkit.data.loader import derive_seed, epoch_order
 from kdkit.data.views import hash_uniforms
 from kdkit.errors import KdkitError
 from kdkit.train.device import to_device
@@ -88,10 +88,7 @@ class DatasetLoader:
 
     def order(self, epoch: int) -> Tensor:
         """The sample order of ``epoch``: :class:`BatchLoader`'s permutation for (seed, epoch)."""
-        if not self.shuffle:
-            return torch.arange(self._n)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _ORDER_STREAM))
-        return torch.randperm(self._n, generator=gen)
+        return epoch_order(self._n, self.seed, epoch, self.shuffle)
 
     def epoch_batches(
         self, epoch: int, start_step: int = 0, *, shard: tuple[int, int] = (0, 1)

@@ -109,13 +109,9 @@ def probed_points(model: nn.Module, x: Tensor, read: Read = "preact") -> list[Fe
         return hook
 
     handles = [m.register_forward_hook(record(n, m)) for n, m in model.named_modules() if n]
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(x)
+        _probe(model, x)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     blocks = [n for n, _s in tokens if n.count(".") == 1]  # e.g. blocks.0, blocks.1, ...
@@ -200,6 +196,18 @@ def _resnet_points(model: nn.Module, stages: list[str], x: Tensor | None,
     return points
 
 
+def _probe(model: nn.Module, x: Tensor) -> None:
+    """One forward pass in eval mode without gradients (for hooks to watch); the model's
+    mode is restored."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was)
+
+
 def _first_bn(module: nn.Module, prefix: str) -> str | None:
     for name, m in module.named_modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -216,13 +224,7 @@ def _block_ends_with_relu(model: nn.Module, block: nn.Module, x: Tensor | None) 
         if x is None:
             children = list(block.children())
             return bool(children) and isinstance(children[-1], _RELUS)
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(x)
-        finally:
-            model.train(was)
+        _probe(model, x)
     finally:
         for h in hooks:
             h.remove()

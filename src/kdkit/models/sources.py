@@ -204,20 +204,13 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
 
 def load_weights(model: nn.Module, path: str | Path, where: str) -> None:
     """Load ``path`` into ``model``; every mismatch named in one message."""
+    from kdkit.train.checkpoint import state_mismatch
+
     state = read_weights(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch (file vs model) {shapes[:3]}")
+    parts = state_mismatch(own, state, "shape mismatch (file vs model)",
+                           lambda k, f, m: f"{k} {f} vs {m}")
+    if parts:
         raise KdkitError(f"{where}: weights {path} do not fit the model: {'; '.join(parts)}")
     if any(t.is_meta for t in own.values()):
         return  # a shapes-only model (kdkit validate): checked, nothing to load into

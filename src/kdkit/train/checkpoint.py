@@ -244,24 +244,30 @@ def load_checkpoint(stem: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def state_mismatch(own: dict[str, Tensor], state: dict[str, Tensor], shapes_label: str,
+                   shape_item: Callable[[str, list[int], list[int]], str]) -> list[str]:
+    """What keeps ``state`` from loading into a module whose state dict is ``own``: the
+    missing, unexpected and misshapen keys (a few of each), as phrases; empty if it fits."""
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [shape_item(k, list(state[k].shape), list(own[k].shape))
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    if shapes:
+        parts.append(f"{shapes_label} {shapes[:3]}")
+    return parts
+
+
 def load_state_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load ``state`` into ``module``; a mismatch names the missing/extra/misshapen keys."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if state[k].shape != own[k].shape
-    ]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:3]}")
+    parts = state_mismatch(own, state, "shape mismatch",
+                           lambda k, f, m: f"{k}: checkpoint {f} vs model {m}")
+    if parts:
         raise CheckpointError(
             f"checkpoint {source} does not match the model ({'; '.join(parts)}); "
             "was it saved for a different architecture or number of classes?"

@@ -95,7 +95,8 @@ def check_precision(name: str, device: torch.device) -> str:
     """``name`` if the device can compute in it; one clear error otherwise."""
     if name not in PRECISIONS:
         raise KdkitError(f"precision {str(name)[:20]!r} is not one of {', '.join(PRECISIONS)}")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if (_DTYPES.get(name) is torch.bfloat16 and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()):
         raise KdkitError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
                          "support; use fp16 (or fp32)")
     return name
@@ -116,14 +117,16 @@ class Precision:
 
     def __post_init__(self) -> None:
         check_precision(self.name, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
+        # float16's narrow range needs the loss scaled (bfloat16's does not)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.dtype is torch.float16)
 
     @property
     def dtype(self) -> torch.dtype:
         return _DTYPES.get(self.name, torch.float32)
 
     def autocast(self) -> AbstractContextManager[Any]:
-        if self.name == "fp32":
+        if self.dtype is torch.float32:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
