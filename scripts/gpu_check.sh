@@ -11,7 +11,7 @@
 # 3. scripts/sync_check.py: one KD epoch under torch.cuda.set_sync_debug_mode("warn"),
 #    every synchronising call listed with the kdkit line that made it.
 # Everything lands in $OUT (default gpu-check/): device.txt, tests.txt, bench/bench.{json,md},
-# sync-fp32.json, sync-bf16.json. Put the tables in docs/RESULTS.md#devices, GPU named.
+# sync-fp32.json, sync-bf16.json, vision.txt. Put the tables in docs/RESULTS.md#devices, GPU named.
 #
 # kdkit needs pydantic, pyyaml, safetensors, tqdm, scikit-learn and numpy beside torch. On a
 # machine without internet, carry wheels in .whl/ (see the device README); they are
@@ -31,16 +31,18 @@ fi
 } | tee "$OUT/device.txt"
 
 echo "== 1. device tests (cuda)"
-timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_device.py --device cuda 2>&1 \
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_device.py --device cuda 2>&1 \
   | tail -40 | tee "$OUT/tests.txt"
 
 echo "== 2. bench: ResNet-56 -> ResNet-20, fake CIFAR-10, fp32 and bf16"
-timeout 300 $PY -m kdkit bench --data fake_cifar10 --teacher resnet56 --student resnet20 \
-  --teacher-epochs 1 --epochs 2 --batch-size 128 --device cuda --precision fp32,bf16 \
+timeout 200 $PY -m kdkit bench --data fake_cifar10 --teacher resnet56 --student resnet20 \
+  --teacher-epochs 1 --epochs 2 --batch-size 128 --device cuda --precision fp32,bf16 --repeats 2 \
   --out "$OUT/bench" 2>&1 | tail -30
 
 echo "== 3. host syncs over one KD epoch"
 for p in fp32 bf16; do
-  timeout 90 $PY scripts/sync_check.py --out "$OUT/sync-$p.json" --precision "$p" 2>&1 | tail -20
+  timeout 50 $PY scripts/sync_check.py --out "$OUT/sync-$p.json" --precision "$p" 2>&1 | tail -20
 done
+echo "== 4. vision tests (torchvision and timm of the image, on its CPU)"
+timeout 90 $PY -m pytest -q -p no:cacheprovider -m vision tests 2>&1 | tail -15 | tee "$OUT/vision.txt"
 echo "done: $OUT"

@@ -448,3 +448,23 @@ def test_build_reports_progress(digits, tmp_path, monkeypatch):
     TeacherCache.open_or_build(tmp_path, _kd(_teacher()), digits.train, aug,
                                CacheSettings(views=3), log=logs.append)
     assert logs == [] and len(bars) == 1
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_placed_cache_gives_the_memory_mapped_lookups(digits, tmp_path, topk):
+    """A cache placed on a device (here forced onto the CPU) gathers there and returns what
+    the memory-mapped lookup returns, in every view, for full and top-k storage."""
+    d = _kd(_teacher())
+    cache = TeacherCache.open_or_build(tmp_path, d, digits.train, _aug(digits),
+                                       CacheSettings(views=3, topk=topk))
+    idx = torch.tensor([5, 0, 99, 7, 5, len(digits.train.x) - 1])
+    view = torch.tensor([1, 0, 2, 1, 0, 2])
+    want = cache.lookup(idx, view)
+    cache.place(torch.device("cpu"), force=True)
+    assert cache._placed is not None
+    got = cache.lookup(idx, view)
+    assert torch.equal(got["teacher"]["<model>:output"], want["teacher"]["<model>:output"])
+    cache.place(torch.device("cpu"))  # back to the memory-mapped arrays
+    assert cache._placed is None
+    assert torch.equal(cache.lookup(idx, view)["teacher"]["<model>:output"],
+                       want["teacher"]["<model>:output"])

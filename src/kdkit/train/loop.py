@@ -211,6 +211,8 @@ def fit(
     distiller.to(device)
     compiled = _compile(distiller, log) if s.compile else []
     loader.place(device)
+    if teacher_cache is not None:
+        teacher_cache.place(device)
     if val is not None and fits_on_device(nbytes(*val), device):
         val = (val[0].to(device), val[1].to(device))
     total_steps = s.epochs * steps_per_epoch

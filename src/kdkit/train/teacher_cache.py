@@ -76,7 +76,7 @@ from kdkit.errors import KdkitError
 from kdkit.progress import progress_bar
 from kdkit.taps import LOGITS
 from kdkit.train.checkpoint import atomic_write_json, module_fingerprint, sha256_file
-from kdkit.train.device import module_device
+from kdkit.train.device import fits_on_device, module_device
 
 FORMAT = "kdkit-teacher-cache-2"  # bump when views, keys, the row or the manifest layout change
 MANIFEST = "manifest.json"
@@ -162,6 +162,8 @@ class TeacherCache:
         self.rows = rows
         # (teacher, tap key) -> memory-mapped arrays, opened read-only
         self._arrays: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        # the same arrays as tensors on an accelerator, when :meth:`place` moved them there
+        self._placed: dict[tuple[str, str], dict[str, Tensor]] | None = None
         for entry in manifest["entries"]:
             self._arrays[(entry["teacher"], entry["tap"])] = {
                 part: np.load(folder / fname, mmap_mode="r")
@@ -211,11 +213,43 @@ class TeacherCache:
                               batch_size, log=log)
         return cls(folder, manifest, _rows_of(keys, dataset))
 
+    def place(self, device: torch.device, *, force: bool = False) -> TeacherCache:
+        """Serve lookups from ``device``: on an accelerator, when the arrays fit (the same
+        rule as for in-memory data), they move there once and a lookup sends only the (B,)
+        row numbers, from pinned memory without waiting, and gathers there. On the CPU the
+        arrays stay memory-mapped (``force`` loads them as tensors anyway: for tests)."""
+        device = torch.device(device)
+        self._placed = None
+        if (device.type != "cpu" or force) and (
+                force or fits_on_device(self.nbytes, device)):
+            # (V, N, ...) arrays flattened to (V * N, ...): one index per sample and view
+            self._placed = {key: {part: torch.from_numpy(np.array(a)).to(device)
+                                  .flatten(0, 1) for part, a in parts.items()}
+                            for key, parts in self._arrays.items()}
+        return self
+
     def lookup(self, index: Tensor, view: Tensor) -> dict[str, dict[str, Tensor]]:
         """Teacher outputs of samples ``index`` (B,) in views ``view`` (B,), as float32.
 
         Same layout as :meth:`Distiller.teacher_outputs`: teacher name -> tap key -> (B, ...).
+        On the device the arrays were placed on, if any (:meth:`place`), else on the CPU.
         """
+        if self._placed is not None:
+            n = int(self.manifest["identity"]["samples"])  # arrays are (views, samples, ...)
+            flat = view.cpu() * n + self.rows[index.cpu()]
+            dev = next(iter(next(iter(self._placed.values())).values())).device
+            if dev.type == "cuda":
+                flat = flat.pin_memory()
+            flat = flat.to(dev, non_blocking=True)
+            placed: dict[str, dict[str, Tensor]] = {}
+            for (teacher, tap), tparts in self._placed.items():
+                if "values" in tparts:
+                    placed.setdefault(teacher, {})[tap] = _from_topk(
+                        tparts["values"][flat], tparts["indices"][flat], tparts["rest"][flat],
+                        int(self.manifest["num_classes"]))
+                else:
+                    placed.setdefault(teacher, {})[tap] = tparts["full"][flat].float()
+            return placed
         i, v = self.rows[index.cpu()].numpy(), view.cpu().numpy()
         out: dict[str, dict[str, Tensor]] = {}
         for (teacher, tap), parts in self._arrays.items():
