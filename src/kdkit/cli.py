@@ -185,7 +185,8 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
     with dist.main_first():  # rank 0 fetches first (if it must), then the others read
         data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
                             train_subset=args.train_subset, seed=args.seed,
-                            channels=args.channels, resize=args.resize)
+                            channels=args.channels, resize=args.resize, stream=args.stream,
+                            workers=args.workers)
     teachers = {}
     if teacher is not None:
         # The teacher's own train split is irrelevant here: only its weights are used.
@@ -216,8 +217,10 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
 def _out_name(name: str) -> str:
     """A model or dataset name as part of a folder name: ``torchvision:resnet18`` becomes
     ``torchvision-resnet18``, ``folder:data/fmnist`` becomes ``fmnist``."""
-    if name.startswith("folder:"):
-        name = Path(name[len("folder:"):]).name or "folder"
+    from kdkit.data.folder import files_label, is_files_name
+
+    if is_files_name(name):
+        name = files_label(name)
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
 
 
@@ -242,6 +245,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from kdkit.data.stream import eval_args
     from kdkit.pipelines.experiment import format_table
     from kdkit.train.artifacts import load_model, model_stem
     from kdkit.train.checkpoint import read_json
@@ -263,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdkit.train.device import resolve_device
 
     model.to(resolve_device(args.device))
-    res = evaluate(model, split.x, split.y)
+    res = evaluate(model, *eval_args(split))
     model.cpu()  # the latency below is a CPU figure
     weights = model_stem(path).with_suffix(".safetensors")
     print(json.dumps({
@@ -316,7 +320,8 @@ def _eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[Any, 
         root = args.data_root or source.get("root")
         data = load_dataset(name, root=root, val_fraction=source["val_fraction"],
                             train_subset=source["train_subset"], seed=source["seed"],
-                            channels=source.get("channels"), resize=source.get("resize"))
+                            channels=source.get("channels"), resize=source.get("resize"),
+                            stream=bool(source.get("stream", False)))
         if data.source.get("sha256") != source.get("sha256"):
             problem = (f"the {name} files under {root} differ from those the model was "
                        "trained on (content hash)")
@@ -416,10 +421,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         start = time.monotonic()
         raw = load_raw(args.name, root=root)
-        n = export_image_folder(raw, Path(args.out), log=print)
+        n = export_image_folder(raw, Path(args.out), listing=args.listing, log=print)
+        also = f" or csv:{Path(args.out) / 'listing.csv'}" if args.listing else ""
         print(f"{args.name}: {n:,} images ({len(raw.y_train):,} train, {len(raw.y_test):,} "
               f"test, {raw.num_classes} classes) in {args.out}/ in "
-              f"{time.monotonic() - start:.1f} s; train on it with --data folder:{args.out}")
+              f"{time.monotonic() - start:.1f} s; train on it with --data folder:{args.out}{also}")
         return 0
     from kdkit.data.fetch import fetch
 
@@ -573,6 +579,11 @@ def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) ->
                    "turn colour into grey (default: as stored)")
     p.add_argument("--resize", type=_positive_int, default=None, metavar="SIZE",
                    help="resize images to SIZE x SIZE (default: as stored)")
+    p.add_argument("--stream", action="store_true",
+                   help="read a folder:/csv: dataset from disk batch by batch instead of "
+                   "decoding it into memory first")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes decoding streamed images (default: 0)")
     p.add_argument("--model-arg", action="append", metavar="K=V", help="model argument")
     if default_method is not None:
         p.add_argument("--method", default=default_method,
@@ -713,8 +724,13 @@ def build_parser() -> argparse.ArgumentParser:
     de = dsub.add_parser("export", help="write a dataset as image files (train/<class>/N.png)",
                          description="Writes a dataset's integer pixels as PNG files, "
                          "OUT/{train,test}/<class>/<index>.png (grey: mode L, colour: RGB; "
-                         "digits' 0..16 scaled to 0..255), for `--data folder:OUT`.")
-    de.add_argument("name", help="registered dataset (see `kdkit data list`) or folder:PATH")
+                         "digits' 0..16 scaled to 0..255), for `--data folder:OUT`; "
+                         "--listing also writes OUT/listing.csv (path,label,split), for "
+                         "`--data csv:OUT/listing.csv`.")
+    de.add_argument("name", help="registered dataset (see `kdkit data list`), folder:PATH or "
+                    "csv:PATH")
+    de.add_argument("--listing", action="store_true",
+                    help="also write OUT/listing.csv (path,label,split)")
     de.add_argument("--format", choices=["imagefolder"], required=True,
                     help="imagefolder: one folder per class, as torchvision's ImageFolder")
     de.add_argument("--out", required=True, help="new (or empty) folder to write")

@@ -72,6 +72,7 @@ def _finish(out: Path, x_len: int, t0: float, source: str) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     from kdkit.data import load_dataset
+    from kdkit.data.arrays import in_memory
     from kdkit.datafree.records import compute_record, save_record
     from kdkit.pipelines.runs import check_teacher_fits
 
@@ -82,7 +83,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     out = _prepare(args)
     layers = [s for s in args.layers.split(",") if s] if args.layers else None
     t0 = time.perf_counter()
-    rec = compute_record(teacher, data.train.x, data.train.y, kind=args.kind,
+    train = in_memory(data.train, "kdkit datafree record")
+    rec = compute_record(teacher, train.x, train.y, kind=args.kind,
                          num_classes=data.num_classes, temperature=args.temperature,
                          layers=layers, fraction=args.fraction, dropout=args.dropout,
                          progress=not args.no_progress)

@@ -86,6 +86,12 @@ class DataSpec(_Strict):
         None, ge=1, description="repeat grey images into this many channels (3 for ImageNet "
         "models), or 1 to turn colour into grey")
     resize: int | None = Field(None, ge=1, description="resize images to resize x resize")
+    stream: bool = Field(
+        False, description="read an image folder or listing from disk batch by batch through "
+        "DataLoader workers instead of decoding it into memory first")
+    workers: int = Field(
+        0, ge=0, description="DataLoader worker processes that decode streamed images "
+        "(stream: true); 0 decodes in the training process")
     synthetic: str | None = Field(
         None, description="train students on this transfer set (a folder from `kdkit datafree`); "
         "'{seed}' in the path is replaced by the run's seed"
@@ -460,8 +466,13 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
     data = section(raw, "data")
     dname = data.get("name", "digits") if data else "digits"
     val_fraction = data.get("val_fraction", 0.1) if data else 0.1
-    if isinstance(dname, str) and dname not in DATASETS and not dname.startswith("folder:"):
+    files = isinstance(dname, str) and dname.startswith(("folder:", "csv:"))
+    if isinstance(dname, str) and dname not in DATASETS and not files:
         problems.append(_unknown("dataset", dname, DATASETS.names(), "data.name", "data list"))
+    streams = bool(data.get("stream")) if data else False
+    if streams and not files and isinstance(dname, str):
+        problems.append(f"data.stream: '{dname}' is decoded into memory; only image folders "
+                        "and listings stream from disk (folder:PATH, csv:PATH): remove stream")
     teacher_specs: list[tuple[str, dict[str, Any]]] = []
     if section(raw, "teacher") is not None:
         teacher_specs.append(("teacher", section(raw, "teacher") or {}))
@@ -491,7 +502,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
                 problems += _pydantic_problems(e, TrainSpec, f"{where}.train")
             check_augment(override, f"{where}.train")
         problems.extend(_check_teacher_cache(section(raw, "train") or {}, override or {}, run,
-                                             where))
+                                             where, streams=streams))
         method = section(run, "method")
         if method is None or not isinstance(method.get("name"), str):
             continue
@@ -514,9 +525,11 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
 
 
 def _check_teacher_cache(
-    train: dict[str, Any], override: dict[str, Any], run: dict[str, Any], where: str
+    train: dict[str, Any], override: dict[str, Any], run: dict[str, Any], where: str, *,
+    streams: bool = False,
 ) -> list[str]:
-    """A teacher cache needs an eval-mode teacher, and several views need an augmentation."""
+    """A teacher cache needs an eval-mode teacher and data in memory, and several views need
+    an augmentation."""
     merged = {**train, **override}
     spec = merged.get("teacher_cache")
     if spec is True:
@@ -528,6 +541,10 @@ def _check_teacher_cache(
     problem = teacher_cache_views_problem(merged.get("augment"), spec, str(run.get("label")))
     if problem:
         problems.append(f"{key}.views: {problem}")
+    if streams:
+        problems.append(f"{key}: the teacher-output cache keys samples by their content in "
+                        "memory, and data.stream leaves them on disk; remove teacher_cache or "
+                        "set data.stream to false")
     if run.get("teacher_mode") == "train":
         problems.append(f"{where}.teacher_mode: 'train' (BN batch statistics) cannot use "
                         f"{key}: a sample's teacher output depends on its batch; use "

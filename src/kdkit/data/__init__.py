@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,6 +230,12 @@ def _ensure_files(name: str, root: Path, download: bool, log: Callable[[str], No
     _VERIFIED.add((name, str(root)))
 
 
+def _is_files(name: str) -> bool:
+    from kdkit.data.folder import is_files_name
+
+    return is_files_name(name)
+
+
 def load_dataset(
     name: str,
     *,
@@ -240,14 +247,25 @@ def load_dataset(
     log: Callable[[str], None] = print,
     channels: int | None = None,
     resize: int | None = None,
+    stream: bool = False,
+    workers: int = 0,
 ) -> DatasetSplits:
     """Load ``name`` as normalised train/val/test tensors (``root`` defaults to default_root()).
 
     The val split is a stratified ``val_fraction`` of the train set; ``train_subset``
     then keeps a class-balanced subset of the rest. Both are deterministic under ``seed``;
     the test set never depends on it. Normalisation: scalar mean/std of the full train set.
+
+    ``stream``: an image folder or listing stays on disk; the splits are
+    :class:`~kdkit.data.stream.StreamDataset` (the same samples, labels and normalisation as
+    in memory; images decoded when read, by ``workers`` DataLoader workers). The data's
+    identity is then a hash of the listing and each file's size and mtime, not of pixels.
     """
-    if name.startswith("folder:"):  # images on disk (kdkit.data.folder), not the registry
+    if stream:
+        return _load_streamed(name, root=root, val_fraction=val_fraction,
+                              train_subset=train_subset, seed=seed, log=log, channels=channels,
+                              resize=resize, workers=workers)
+    if _is_files(name):  # images on disk (folder:/csv:, kdkit.data.folder), not the registry
         from kdkit.data.folder import canonical_name, folder_path, load_folder
 
         name = canonical_name(name)  # absolute: the recorded name works from anywhere
@@ -292,6 +310,62 @@ def load_dataset(
     )
 
 
+def _load_streamed(name: str, *, root: str | Path | None, val_fraction: float,
+                   train_subset: int | None, seed: int, log: Callable[[str], None],
+                   channels: int | None, resize: int | None, workers: int) -> DatasetSplits:
+    from kdkit.data.arrays import split_indices, subset_indices
+    from kdkit.data.folder import (
+        FolderDataset,
+        canonical_name,
+        files_identity,
+        files_splits,
+        folder_geometry,
+        folder_path,
+        is_files_name,
+    )
+    from kdkit.data.stream import StreamDataset, pixel_stats
+
+    if not is_files_name(name):
+        raise DataError(f"dataset '{name}' is decoded into memory; only image folders and "
+                        "listings stream from disk (folder:PATH, csv:PATH): set stream to false")
+    if workers < 0:
+        raise DataError(f"workers must be >= 0, got {workers}")
+    name = canonical_name(name)
+    classes, train_files, test_files = files_splits(name)
+    identity = files_identity(name)
+    stats_root = Path(root).expanduser() if root is not None else default_root()
+    mean, std = pixel_stats(train_files, identity, workers=workers,
+                            cache_dir=stats_root / "stats", log=log)
+    y_all = torch.tensor([label for _, label in train_files], dtype=torch.long)
+    train_idx, val_idx = split_indices(y_all, val_fraction, derive_seed(seed, _VAL_STREAM))
+    if train_subset is not None:
+        if not 0 < train_subset <= len(train_idx):
+            raise DataError(f"train_subset={train_subset} but {name} has {len(train_idx)} "
+                            "training samples after the validation split")
+        train_idx = train_idx[subset_indices(y_all[train_idx], train_subset,
+                                             derive_seed(seed, _SUBSET_STREAM))]
+    base_train = FolderDataset.from_files(train_files, classes, mean=mean, std=std)
+    base_test = FolderDataset.from_files(test_files, classes, mean=mean, std=std)
+    y_test = torch.tensor([label for _, label in test_files], dtype=torch.long)
+    common: dict[str, Any] = {"identity": identity, "channels": channels, "resize": resize,
+                              "workers": workers}
+    num_classes, shape = folder_geometry(name)
+    shape = (channels or shape[0], resize or shape[1], resize or shape[2])
+    adapted = {k: v for k, v in (("channels", channels), ("resize", resize)) if v is not None}
+    return DatasetSplits(
+        train=StreamDataset(base_train, train_idx, y_all[train_idx], f"{name}/train", **common),
+        val=StreamDataset(base_train, val_idx, y_all[val_idx], f"{name}/val", **common),
+        test=StreamDataset(base_test, torch.arange(len(test_files)), y_test, f"{name}/test",
+                           **common),
+        num_classes=num_classes,
+        input_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+        mean=mean, std=std, name=name,
+        source={"name": name, "root": str(folder_path(name)), "seed": seed,
+                "val_fraction": val_fraction, "train_subset": train_subset, "sha256": identity,
+                "stream": True, **adapted},
+    )
+
+
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: colour to grey
 _RESIZE_CHUNK = 2048
 
@@ -321,9 +395,9 @@ def reshape_images(x: Tensor, channels: int | None, resize: int | None, name: st
 
 def load_raw(name: str, *, root: str | Path | None = None, download: bool = True,
              log: Callable[[str], None] = print) -> RawData:
-    """The integer pixels of ``name`` (registered, or ``folder:PATH``) as decoded, before any
+    """The integer pixels of ``name`` (registered, ``folder:PATH`` or ``csv:PATH``) as decoded, before any
     split or normalisation: what ``kdkit data export`` writes."""
-    if name.startswith("folder:"):
+    if _is_files(name):
         from kdkit.data.folder import load_folder
 
         return load_folder(name, log)[0]

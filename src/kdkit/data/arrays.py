@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from kdkit.errors import DataError
+
+if TYPE_CHECKING:
+    from kdkit.data.stream import StreamDataset
 
 
 @dataclass
@@ -38,9 +41,9 @@ class ArrayDataset:
 class DatasetSplits:
     """Train/val/test splits of one dataset, plus what a model and an augmentation need."""
 
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
+    train: ArrayDataset | StreamDataset
+    val: ArrayDataset | StreamDataset
+    test: ArrayDataset | StreamDataset
     num_classes: int
     input_shape: tuple[int, int, int]
     mean: float
@@ -114,6 +117,17 @@ def stratified_indices(y: Tensor, n: int, seed: int, *, balanced: bool) -> Tenso
     return torch.sort(torch.cat(picked)).values if picked else torch.empty(0, dtype=torch.long)
 
 
+def split_indices(y: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Positions ``(train, val)`` of :func:`split_train_val`'s split of labels ``y``."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(val_fraction * len(y)))
+    val_idx = stratified_indices(y, n_val, seed, balanced=False)
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[val_idx] = False
+    return torch.nonzero(mask, as_tuple=False).flatten(), val_idx
+
+
 def split_train_val(
     x: Tensor, y: Tensor, val_fraction: float, seed: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -121,13 +135,7 @@ def split_train_val(
 
     ``round(val_fraction * N)`` samples go to validation, each class in proportion.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = int(round(val_fraction * len(y)))
-    val_idx = stratified_indices(y, n_val, seed, balanced=False)
-    mask = torch.ones(len(y), dtype=torch.bool)
-    mask[val_idx] = False
-    train_idx = torch.nonzero(mask, as_tuple=False).flatten()
+    train_idx, val_idx = split_indices(y, val_fraction, seed)
     return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
 
@@ -135,10 +143,22 @@ def take_subset(
     x: Tensor, y: Tensor, n: int, seed: int, stratified: bool = True
 ) -> tuple[Tensor, Tensor]:
     """``n`` samples of ``(x, y)``: class-balanced if ``stratified`` else uniform; deterministic."""
+    idx = subset_indices(y, n, seed, stratified)
+    return x[idx], y[idx]
+
+
+def subset_indices(y: Tensor, n: int, seed: int, stratified: bool = True) -> Tensor:
+    """Positions of :func:`take_subset`'s ``n`` samples of labels ``y``."""
     if not 0 < n <= len(y):
         raise DataError(f"subset size must be in 1..{len(y)}, got {n}")
     if stratified:
-        idx = stratified_indices(y, n, seed, balanced=True)
-    else:
-        idx = torch.sort(torch.randperm(len(y), generator=_generator(seed))[:n]).values
-    return x[idx], y[idx]
+        return stratified_indices(y, n, seed, balanced=True)
+    return torch.sort(torch.randperm(len(y), generator=_generator(seed))[:n]).values
+
+
+def in_memory(dataset: ArrayDataset | StreamDataset, what: str) -> ArrayDataset:
+    """``dataset`` if it is held in memory; else one error saying ``what`` needs that."""
+    if isinstance(dataset, ArrayDataset):
+        return dataset
+    raise DataError(f"{what} needs the data in memory, but '{dataset.name}' streams from disk "
+                    "(data.stream / --stream); load it without streaming")

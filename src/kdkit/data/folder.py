@@ -1,33 +1,45 @@
-"""Datasets as folders of images: ``kdkit data export`` writes one, ``folder:PATH`` reads one.
+"""Datasets as image files: ``folder:PATH`` reads a folder of class sub-folders, ``csv:PATH``
+a listing file (:mod:`kdkit.data.listing`); ``kdkit data export`` writes a folder.
 
-The layout is torchvision's ImageFolder, once per split::
+The folder layout is torchvision's ImageFolder, once per split::
 
     PATH/train/<class>/<anything>.png|jpg|jpeg
     PATH/test/<class>/...            (optional)
 
 Classes are the folder names of ``train/``, sorted; their position is the label. Samples are
 ordered by class, then by file name. Every image must have the same size and mode ("L" is
-1 channel, "RGB" 3; palette and 1-bit PNGs are read as RGB and L). Without ``test/``, a
-fixed stratified 1/6 of ``train/`` (seed :data:`HOLDOUT_SEED`, the same for every run seed)
-is held out as the test set.
+1 channel, "RGB" 3; palette and 1-bit PNGs are read as RGB and L). Without ``test/`` (for a
+listing: without test rows), a fixed stratified 1/6 of the train samples (seed
+:data:`HOLDOUT_SEED`, the same for every run seed) is held out as the test set.
 
-Folders are decoded into memory once per process (as :class:`~kdkit.data.RawData`, uint8,
-scale 255), so everything downstream (splits, normalisation, the content SHA-256 in
-model.json and cache keys) works as for the registered datasets.
+Both kinds are decoded into memory once per process (as :class:`~kdkit.data.RawData`,
+uint8, scale 255; again when a file changes), so everything downstream (splits,
+normalisation, the content SHA-256 in model.json and cache keys) works as for the registered
+datasets. For streaming without decoding everything first: :func:`files_splits` gives the
+same train and test samples (the held-out set already cut), :class:`FolderDataset` reads them
+image by image (bitwise the same normalised tensors as the in-memory path), and
+:func:`files_identity` is a cheap identity of the data (listing, sizes, mtimes) for cache
+keys and model.json.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import io
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from kdkit.data.listing import PREFIX as LISTING_PREFIX
+from kdkit.data.listing import read_listing
 from kdkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -39,8 +51,11 @@ SPLITS = ("train", "test")
 HOLDOUT_FRACTION = 1 / 6
 HOLDOUT_SEED = 20240229  # fixed: the held-out test set never depends on the run's seed
 PROGRESS_S = 5.0  # at most one progress line per this many seconds
+LISTING_FILE = "listing.csv"  # what export_image_folder(listing=True) writes beside train/
 _MODES = {"L": 1, "RGB": 3}
 _CONVERT = {"P": "RGB", "1": "L"}  # lossless conversions to a mode above
+
+Sample = tuple[Path, int]
 
 
 def is_folder_name(name: object) -> bool:
@@ -48,20 +63,43 @@ def is_folder_name(name: object) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def is_listing_name(name: object) -> bool:
+    """Whether dataset name ``name`` is a listing file (``csv:PATH``)."""
+    return isinstance(name, str) and name.startswith(LISTING_PREFIX)
+
+
+def is_files_name(name: object) -> bool:
+    """Whether dataset name ``name`` is images on disk: ``folder:PATH`` or ``csv:PATH``."""
+    return is_folder_name(name) or is_listing_name(name)
+
+
 def folder_path(name: str) -> Path:
-    """The folder of ``folder:PATH`` (``~`` expanded, made absolute)."""
-    text = name[len(PREFIX):] if is_folder_name(name) else name
+    """The folder of ``folder:PATH`` or the file of ``csv:PATH`` (``~`` expanded, made
+    absolute); a name without a prefix is a folder's path."""
+    prefix = LISTING_PREFIX if is_listing_name(name) else PREFIX
+    text = name[len(prefix):] if is_files_name(name) else name
     if not text.strip():
-        raise DataError(f"dataset '{name}': no folder after '{PREFIX}' (folder:PATH)")
+        what = "CSV file" if prefix == LISTING_PREFIX else "folder"
+        raise DataError(f"dataset '{name}': no {what} after '{prefix}' ({prefix}PATH)")
     return Path(text).expanduser().resolve()
 
 
 def canonical_name(name: str) -> str:
-    """``folder:`` + the absolute path, so a run records a name that works from anywhere."""
-    return PREFIX + str(folder_path(name))
+    """``folder:`` or ``csv:`` + the absolute path, so a run records a name that works from
+    anywhere (a name without a prefix is a folder)."""
+    return (LISTING_PREFIX if is_listing_name(name) else PREFIX) + str(folder_path(name))
 
 
-def _split_files(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
+def files_label(name: str) -> str:
+    """A short label of ``folder:PATH`` / ``csv:PATH`` for output folder names: the folder's
+    name (``folder:data/fmnist`` -> ``fmnist``) or the CSV file's stem (``csv:x/list.csv`` ->
+    ``list``)."""
+    if is_listing_name(name):
+        return Path(name[len(LISTING_PREFIX):]).stem or "listing"
+    return Path(name[len(PREFIX):] if is_folder_name(name) else name).name or "folder"
+
+
+def _split_files(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[Sample]]:
     """The class names and ``(file, label)`` of one split folder, sorted (class, file name).
 
     ``classes`` (the train split's) maps the test split's folders to labels."""
@@ -78,7 +116,7 @@ def _split_files(split_dir: Path, classes: list[str] | None) -> tuple[list[str],
             raise DataError(f"{split_dir}: class folder '{unknown[0]}' is not one of train/'s "
                             f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
     label_of = {c: i for i, c in enumerate(classes)}
-    files: list[tuple[Path, int]] = []
+    files: list[Sample] = []
     for c in found:
         images = sorted(f for f in (split_dir / c).iterdir()
                         if f.suffix.lower() in SUFFIXES and not f.name.startswith(".")
@@ -113,7 +151,7 @@ def _describe(a: np.ndarray, mode: str) -> str:
     return f"{a.shape[2]}x{a.shape[1]} {mode}"
 
 
-def _decode(files: list[tuple[Path, int]], first: tuple[Path, np.ndarray, str],
+def _decode(files: list[Sample], first: tuple[Path, np.ndarray, str],
             log: Callable[[str], None], what: str) -> tuple[torch.Tensor, torch.Tensor]:
     ref_path, ref, ref_mode = first
     x = np.empty((len(files), *ref.shape), dtype=np.uint8)
@@ -122,8 +160,8 @@ def _decode(files: list[tuple[Path, int]], first: tuple[Path, np.ndarray, str],
         a, mode = _open(f)
         if a.shape != ref.shape or mode != ref_mode:
             raise DataError(f"{f} is {_describe(a, mode)} but {ref_path} is "
-                            f"{_describe(ref, ref_mode)}: all images of a folder dataset must "
-                            "share one size and mode")
+                            f"{_describe(ref, ref_mode)}: all images of a folder or listing "
+                            "dataset must share one size and mode")
         x[i] = a
         if time.monotonic() - last > PROGRESS_S:
             last = time.monotonic()
@@ -132,7 +170,23 @@ def _decode(files: list[tuple[Path, int]], first: tuple[Path, np.ndarray, str],
     return torch.from_numpy(x), y
 
 
-def _listing(path: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]] | None]:
+@dataclass(frozen=True)
+class _Files:
+    """The samples of a ``folder:``/``csv:`` dataset as listed, before the held-out cut."""
+
+    listing: bool  # csv: (else folder:)
+    path: Path  # the folder, or the CSV file
+    classes: list[str]
+    train: list[Sample]
+    test: list[Sample] | None  # None: no test/ folder or test rows, a test set is held out
+
+    @property
+    def base(self) -> Path:
+        """What the files' recorded paths are relative to."""
+        return self.path.parent if self.listing else self.path
+
+
+def _folder_files(path: Path) -> tuple[list[str], list[Sample], list[Sample] | None]:
     if not path.is_dir():
         raise DataError(f"image folder {path} does not exist (expected {path}/train/<class>/"
                         "*.png; `kdkit data export` writes one)")
@@ -141,72 +195,125 @@ def _listing(path: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[
     return classes, train, test
 
 
-def _signature(files: list[tuple[Path, int]]) -> tuple[tuple[str, int, int, int], ...]:
-    out = []
-    for f, label in files:
-        st = f.stat()
-        out.append((str(f), label, st.st_size, st.st_mtime_ns))
-    return tuple(out)
+def _files(name: str) -> _Files:
+    path = folder_path(name)
+    listing = is_listing_name(name)
+    classes, train, test = read_listing(path) if listing else _folder_files(path)
+    return _Files(listing, path, classes, train, test)
+
+
+def _holdout(train: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """``train`` without and with its fixed stratified held-out test samples (each in
+    ``train``'s order)."""
+    from kdkit.data.arrays import stratified_indices
+
+    y = torch.tensor([label for _, label in train], dtype=torch.int64)
+    held = stratified_indices(y, round(HOLDOUT_FRACTION * len(y)), HOLDOUT_SEED, balanced=False)
+    chosen = set(held.tolist())
+    return ([s for i, s in enumerate(train) if i not in chosen],
+            [train[i] for i in held.tolist()])
+
+
+def _cut(files: _Files) -> tuple[list[Sample], list[Sample]]:
+    return (files.train, files.test) if files.test is not None else _holdout(files.train)
+
+
+def files_splits(name: str) -> tuple[list[str], list[Sample], list[Sample]]:
+    """``(classes, train, test)`` of ``folder:PATH`` / ``csv:PATH`` (a plain path is a folder):
+    the ``(file, label)`` samples :func:`load_folder` decodes, in its order, the held-out test
+    set already cut when there is no test/ folder or test rows. Nothing is decoded."""
+    files = _files(name)
+    return (files.classes, *_cut(files))
+
+
+def _stat(f: Path) -> os.stat_result:
+    try:
+        return f.stat()
+    except OSError as e:
+        raise DataError(f"{f}: cannot read it ({e.strerror or e}); was it moved or deleted "
+                        "while the dataset was being read?") from None
+
+
+def _identity(files: _Files) -> str:
+    h = hashlib.sha256(json.dumps({"kind": "csv" if files.listing else "folder",
+                                   "classes": files.classes}).encode())
+    for split, samples in (("train", files.train), ("test", files.test)):
+        h.update(f"\n{split}:{'none' if samples is None else len(samples)}\n".encode())
+        for f, label in samples or ():
+            try:
+                rel = str(f.relative_to(files.base))
+            except ValueError:
+                rel = str(f)
+            st = _stat(f)
+            h.update(json.dumps([rel, label, st.st_size, st.st_mtime_ns]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def files_identity(name: str) -> str:
+    """A SHA-256 of ``folder:PATH`` / ``csv:PATH`` as listed, without decoding: the kind, the
+    classes, each split's files (relative to the folder, or to the CSV's folder) and labels,
+    and each file's size and mtime_ns. It changes when a file is replaced or touched, or the
+    listing (the class folders, a listing's rows, labels or splits) changes; the row order of
+    a listing does not matter. For cache keys and model.json of streamed data (in memory,
+    :func:`load_folder`'s content SHA-256 covers the decoded pixels)."""
+    return _identity(_files(name))
 
 
 _Loaded = tuple["RawData", float, float, str]
-_CACHE: dict[str, tuple[object, _Loaded]] = {}  # path -> (listing signature, what it gave)
+_CACHE: dict[str, tuple[str, _Loaded]] = {}  # canonical name -> (files_identity, what it gave)
 
 
 def load_folder(name: str, log: Callable[[str], None] = print) -> _Loaded:
-    """Decode ``folder:PATH`` once per process (again if any file changed): its RawData,
-    train-set pixel mean and std, and content SHA-256, computed as for registered datasets."""
+    """Decode ``folder:PATH`` or ``csv:PATH`` once per process (again if any file or the
+    listing changed): its RawData, train-set pixel mean and std, and content SHA-256,
+    computed as for registered datasets."""
     from kdkit.data import _pixel_stats, content_sha256
 
-    path = folder_path(name)
-    classes, train, test = _listing(path)
-    key = (len(classes), _signature(train), _signature(test) if test is not None else None)
-    hit = _CACHE.get(str(path))
+    files = _files(name)
+    key, cache_name = _identity(files), canonical_name(name)
+    hit = _CACHE.get(cache_name)
     if hit is not None and hit[0] == key:
         return hit[1]
-    raw = _read(path, len(classes), train, test, log)
+    train, test = _cut(files)
+    if files.test is None:
+        log(f"{files.path}: no test/ folder; a fixed stratified 1/6 of train/ is the test set"
+            if not files.listing else
+            f"{files.path}: no test rows; a fixed stratified 1/6 of the rows is the test set")
+    raw = _read(str(files.path), len(files.classes), train, test, log)
     mean, std = _pixel_stats(raw.x_train, raw.scale)
     loaded = (raw, mean, std, content_sha256(raw))
     if len(_CACHE) >= 2:
         _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[str(path)] = (key, loaded)
+    _CACHE[cache_name] = (key, loaded)
     return loaded
 
 
 def read_image_folder(name: str, log: Callable[[str], None] = print) -> RawData:
-    """Decode ``folder:PATH`` into a :class:`~kdkit.data.RawData` (uint8, scale 255)."""
+    """Decode ``folder:PATH`` or ``csv:PATH`` into a :class:`~kdkit.data.RawData` (uint8,
+    scale 255)."""
     return load_folder(name, log)[0]
 
 
-def _read(path: Path, num_classes: int, train: list[tuple[Path, int]],
-          test: list[tuple[Path, int]] | None, log: Callable[[str], None]) -> RawData:
+def _read(what: str, num_classes: int, train: list[Sample], test: list[Sample],
+          log: Callable[[str], None]) -> RawData:
     from kdkit.data import RawData
-    from kdkit.data.arrays import stratified_indices
 
     first_path = train[0][0]
     ref, ref_mode = _open(first_path)
     first = (first_path, ref, ref_mode)
-    x_train, y_train = _decode(train, first, log, f"{path}/train")
-    if test is not None:
-        x_test, y_test = _decode(test, first, log, f"{path}/test")
-    else:
-        log(f"{path}: no test/ folder; a fixed stratified 1/6 of train/ is the test set")
-        held = stratified_indices(y_train, round(HOLDOUT_FRACTION * len(y_train)), HOLDOUT_SEED,
-                                  balanced=False)
-        keep = torch.ones(len(y_train), dtype=torch.bool)
-        keep[held] = False
-        x_train, y_train, x_test, y_test = (x_train[keep], y_train[keep], x_train[held],
-                                            y_train[held])
+    x_train, y_train = _decode(train, first, log, f"{what} train")
+    x_test, y_test = _decode(test, first, log, f"{what} test")
     return RawData(x_train, y_train, x_test, y_test, num_classes=num_classes, scale=255.0)
 
 
 def folder_geometry(name: str) -> tuple[int, tuple[int, int, int]]:
-    """``(num_classes, (C, H, W))`` of ``folder:PATH`` from its class folders and first image
-    (cheap: nothing else is decoded, so a later odd image is only found when it loads)."""
-    classes, train, _ = _listing(folder_path(name))
-    a, _mode = _open(train[0][0])
+    """``(num_classes, (C, H, W))`` of ``folder:PATH`` / ``csv:PATH`` from its listing and
+    first image (cheap: nothing else is decoded, so a later odd image is only found when it
+    loads)."""
+    files = _files(name)
+    a, _mode = _open(files.train[0][0])
     c, h, w = a.shape
-    return len(classes), (int(c), int(h), int(w))
+    return len(files.classes), (int(c), int(h), int(w))
 
 
 # ---------------------------------------------------------------------------- export
@@ -239,13 +346,15 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def export_image_folder(raw: RawData, out: Path, *, classes: list[str] | None = None,
-                        log: Callable[[str], None] = print) -> int:
+                        listing: bool = False, log: Callable[[str], None] = print) -> int:
     """Write ``raw`` as ``out/{train,test}/<class>/<index>.png`` (index: the sample's position
     in its split, zero-padded so that name order is index order); returns the image count.
 
     Pixels are :func:`to_uint8`'s. Written into a temporary folder beside ``out`` and
     renamed into place when complete, so ``out`` is never half-written. An existing,
-    non-empty ``out`` is refused.
+    non-empty ``out`` is refused. ``listing``: also write ``out/listing.csv``
+    (:data:`LISTING_FILE`; columns path,label,split, the label as the class number that
+    ``folder:out`` reads), so ``csv:out/listing.csv`` is the same dataset as ``folder:out``.
     """
     from kdkit.files import fsync_dir, publish_dir, temp_dir
 
@@ -282,6 +391,9 @@ def export_image_folder(raw: RawData, out: Path, *, classes: list[str] | None = 
             for f in folders:
                 fsync_dir(f)
             fsync_dir(tmp / split)
+        if listing:
+            _write_listing(tmp / LISTING_FILE, names, ys)
+            fsync_dir(tmp)
         if not publish_dir(tmp, out):
             raise DataError(f"{out} appeared while exporting; nothing was written to it")
     except BaseException:
@@ -292,26 +404,61 @@ def export_image_folder(raw: RawData, out: Path, *, classes: list[str] | None = 
     return total
 
 
-class FolderDataset(torch.utils.data.Dataset):
-    """One split of an image folder, decoded image by image when read (a ``Dataset`` for
-    :class:`~kdkit.data.stream.DatasetLoader`: the images stay on disk).
+def _write_listing(target: Path, names: list[str], ys: dict[str, torch.Tensor]) -> None:
+    """The listing of an exported folder: ``split/<class>/<index>.png,<label>,split`` rows,
+    the label being the class's position in sorted ``names`` (what ``folder:`` reads)."""
+    number = {n: k for k, n in enumerate(sorted(names))}
+    with open(target, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["path", "label", "split"])
+        for split, y in ys.items():
+            width = len(str(max(len(y) - 1, 0)))  # as the images' names
+            for i, label in enumerate(y.tolist()):
+                writer.writerow([f"{split}/{names[label]}/{i:0{width}d}.png",
+                                 number[names[label]], split])
+        fh.flush()
+        os.fsync(fh.fileno())
 
-    Items are ``(x, y)``: ``x`` float32 (C, H, W), ``(pixels / 255 - mean) / std``; ``y`` the
-    class index (classes are train/'s sorted folder names). Images must share one size and
-    mode, as for ``folder:`` datasets; a different one is refused when it is read.
+
+class FolderDataset(torch.utils.data.Dataset):
+    """One split of a ``folder:`` or ``csv:`` dataset, decoded image by image when read (a
+    ``Dataset`` for :class:`~kdkit.data.stream.DatasetLoader`: the images stay on disk).
+
+    ``FolderDataset(name, split)``: ``name`` is ``folder:PATH``, ``csv:PATH`` or a folder's
+    path; the splits are :func:`files_splits`' (without test/ or test rows, "train" excludes
+    the held-out test samples and "test" is them, as in memory). :meth:`from_files` takes a
+    sample list instead. Items are ``(x, y)``: ``x`` float32 (C, H, W),
+    ``(pixels / 255 - mean) / std``, bitwise what :func:`kdkit.data.load_dataset` computes;
+    ``y`` the class index. Images must share one size and mode, as in memory; a different one
+    is refused when it is read.
     """
+
+    files: list[Sample]
+    classes: list[str]
 
     def __init__(self, path: str | Path, split: str = "train", *, mean: float = 0.0,
                  std: float = 1.0) -> None:
-        root = folder_path(str(path) if str(path).startswith(PREFIX) else PREFIX + str(path))
-        classes, train = _split_files(root / "train", None)
-        if split == "train":
-            self.files = train
-        elif split == "test":
-            self.files = _split_files(root / "test", classes)[1]
-        else:
+        if split not in SPLITS:
             raise DataError(f"split must be 'train' or 'test', got {split!r}")
-        self.classes = classes
+        name = str(path) if is_files_name(str(path)) else PREFIX + str(path)
+        classes, train, test = files_splits(name)
+        self._setup(train if split == "train" else test, classes, mean, std)
+
+    @classmethod
+    def from_files(cls, files: Sequence[tuple[str | Path, int]], classes: Sequence[str], *,
+                   mean: float = 0.0, std: float = 1.0) -> FolderDataset:
+        """A dataset over ``(file, label)`` samples (e.g. one split of :func:`files_splits`)."""
+        self = cls.__new__(cls)
+        self._setup([(Path(f), int(y)) for f, y in files], list(classes), mean, std)
+        return self
+
+    def _setup(self, files: list[Sample], classes: list[str], mean: float, std: float) -> None:
+        if not files:
+            raise DataError("no images in this split: a FolderDataset needs at least one")
+        bad = [y for _, y in files if not 0 <= y < len(classes)]
+        if bad:
+            raise DataError(f"label {bad[0]} is not a class index 0..{len(classes) - 1}")
+        self.files, self.classes = files, classes
         self.mean, self.std = float(mean), float(std)
         first, self._mode = _open(self.files[0][0])
         self.shape = tuple(first.shape)

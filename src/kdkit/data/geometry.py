@@ -25,7 +25,7 @@ GEOMETRY: dict[str, Geometry] = {
 
 def dataset_geometry(name: str) -> Geometry:
     """``(num_classes, (C, H, W))`` of registered dataset ``name``, without loading it."""
-    if name.startswith("folder:"):  # an image folder: its class folders and first image
+    if name.startswith(("folder:", "csv:")):  # image files: their classes and first image
         from kdkit.data.folder import folder_geometry
 
         return folder_geometry(name)

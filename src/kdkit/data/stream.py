@@ -141,3 +141,158 @@ def _collate(items: list[Any]) -> tuple[Tensor, Tensor]:
                          "them to one size in the dataset")
     return torch.stack([x.float() for x in xs]), torch.as_tensor(
         [int(y) for y in ys], dtype=torch.long)
+
+
+class StreamDataset(Dataset):
+    """One split of a dataset whose inputs stay on disk (``load_dataset(..., stream=True)``).
+
+    The labels ``y`` (N,) are in memory (they come from the listing, with nothing decoded);
+    item ``i`` decodes sample ``indices[i]`` of ``base`` (a map-style dataset of normalised
+    ``(x, label)``), then repeats its channels or resizes it if the data asks for that.
+    ``identity`` names the files (a hash of the listing and each file's size and mtime):
+    with ``indices`` it identifies the samples, as the content hash does for in-memory data.
+    ``workers``: the DataLoader worker processes loaders of this split use.
+    """
+
+    def __init__(self, base: Dataset[Any], indices: Tensor, y: Tensor, name: str, *,
+                 identity: str, channels: int | None = None, resize: int | None = None,
+                 workers: int = 0) -> None:
+        self.base = base
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        self.y = torch.as_tensor(y, dtype=torch.long)
+        if self.indices.shape != self.y.shape:
+            raise KdkitError(f"dataset '{name}': {len(self.indices)} samples but "
+                             f"{len(self.y)} labels")
+        self.name = name
+        self.identity = identity
+        self.channels, self.resize = channels, resize
+        self.workers = int(workers)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x, _ = self.base[int(self.indices[i])]
+        if self.channels is not None or self.resize is not None:
+            from kdkit.data import reshape_images
+
+            x = reshape_images(x[None], self.channels, self.resize, self.name)[0]
+        return x, int(self.y[i])
+
+    def subset(self, indices: Tensor) -> StreamDataset:
+        """The samples at ``indices`` (positions in this split), in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return StreamDataset(self.base, self.indices[idx], self.y[idx], self.name,
+                             identity=self.identity, channels=self.channels,
+                             resize=self.resize, workers=self.workers)
+
+    def head(self, n: int) -> Tensor:
+        """The first ``n`` inputs, stacked (an example batch for building adapters)."""
+        return torch.stack([self[i][0] for i in range(min(n, len(self)))])
+
+    def digest(self) -> str:
+        """SHA-256 naming exactly these samples: the files' identity and the indices."""
+        import hashlib
+
+        h = hashlib.sha256(self.identity.encode())
+        h.update(self.indices.numpy().tobytes())
+        h.update(f"{self.channels}:{self.resize}".encode())
+        return h.hexdigest()
+
+
+def example_inputs(dataset: Any, n: int = 2) -> Tensor:
+    """The first ``n`` inputs of an in-memory or streamed split."""
+    return dataset.x[:n] if hasattr(dataset, "x") else dataset.head(n)
+
+
+def make_loader(dataset: Any, batch_size: int, *, shuffle: bool, seed: int = 0,
+                augment: Augment | None = None, views: int | None = None,
+                drop_last: bool = False) -> Any:
+    """The loader for ``dataset``: :class:`~kdkit.data.loader.BatchLoader` for in-memory
+    data, :class:`DatasetLoader` (with the split's ``workers``) for anything else."""
+    from kdkit.data.loader import BatchLoader
+
+    if hasattr(dataset, "x"):
+        return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment,
+                           drop_last=drop_last, views=views)
+    if views is not None:
+        raise KdkitError("the teacher-output cache needs data in memory; this split streams "
+                         "from disk (data.stream): turn the cache off or stream: false")
+    return DatasetLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment,
+                         drop_last=drop_last, num_workers=getattr(dataset, "workers", 0))
+
+
+def eval_args(dataset: Any) -> tuple[Any, Tensor | None]:
+    """``evaluate``'s data arguments for a split: ``(x, y)`` in memory, else the dataset."""
+    return (dataset.x, dataset.y) if hasattr(dataset, "x") else (dataset, None)
+
+
+class _Histograms(Dataset):
+    """The 256-bin pixel histogram of each image file (for exact normalisation statistics)."""
+
+    def __init__(self, files: list[tuple[Any, int]]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor:
+        from kdkit.data.folder import _open
+
+        a, _mode = _open(self.files[i][0])
+        return torch.bincount(torch.from_numpy(a.reshape(-1)).long(), minlength=256)
+
+
+def _sum_histograms(hs: list[Tensor]) -> Tensor:
+    return torch.stack(hs).sum(0)
+
+
+def pixel_stats(files: list[tuple[Any, int]], identity: str, *, workers: int = 0,
+                cache_dir: Any = None, log: Any = print) -> tuple[float, float]:
+    """Scalar mean and std of the pixels of ``files`` (scale 255), exactly as the in-memory
+    path computes them (from the histogram of every pixel), in one streaming pass through
+    ``workers`` DataLoader workers. The result is kept as JSON in ``cache_dir`` under the
+    files' ``identity``, so a later run over the same files reads it instead."""
+    import json
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from kdkit.train.checkpoint import atomic_write_json
+
+    path = Path(cache_dir) / f"{identity[:32]}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            found = json.loads(path.read_text())
+            if found.get("identity") == identity:
+                return float(found["mean"]), float(found["std"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: computed again below
+    total = torch.zeros(256, dtype=torch.float64)
+    t0 = last = time.monotonic()
+    done = 0
+    batches = DataLoader(_Histograms(files), batch_size=256, num_workers=workers,
+                         collate_fn=_sum_histograms)
+    for h in batches:
+        total += h.double()
+        done = min(done + 256, len(files))
+        if log is not None and time.monotonic() - last > 5.0:
+            last = time.monotonic()
+            log(f"pixel statistics: {done:,}/{len(files):,} images ({done / (last - t0):.0f}/s)")
+    counts = total.numpy()
+    values = np.arange(256, dtype=np.float64) / 255.0
+    n = counts.sum()
+    if n == 0:
+        raise KdkitError("no pixels to compute normalisation statistics from (empty train split)")
+    mean = float((counts * values).sum() / n)
+    std = float((counts * (values - mean) ** 2).sum() / n) ** 0.5
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"identity": identity, "mean": mean, "std": std,
+                                     "images": len(files)})
+        except OSError as e:  # a read-only cache only costs the pass next time
+            if log is not None:
+                log(f"pixel statistics: not kept ({e})")
+    return mean, std

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from kdkit.data.arrays import in_memory
 from kdkit.errors import KdkitError
 from kdkit.files import atomic_write_bytes
 
@@ -197,7 +198,8 @@ def row_problem(spec: BenchSpec, row: Row, data: DatasetSplits, teacher: nn.Modu
     from kdkit.pipelines.runs import build_model
     from kdkit.train.teacher_cache import CacheSettings, cache_identity
 
-    x, y = data.train.x[:2], data.train.y[:2]
+    train = in_memory(data.train, "kdkit bench")
+    x, y = train.x[:2], train.y[:2]
     try:
         student = build_model(spec.student, spec.student_kwargs, data, spec.seed)
         distiller = _build_distiller(spec, row, student, teacher, x)
@@ -514,26 +516,27 @@ def _measure(spec: BenchSpec, row: Row, out: Path) -> tuple[dict[str, Any], nn.M
     device = resolve_device(spec.device)
     data = load_dataset(spec.data, root=spec.data_root, val_fraction=spec.val_fraction,
                         train_subset=spec.train_subset, seed=spec.seed, log=lambda _: None)
+    train, val = in_memory(data.train, "kdkit bench"), in_memory(data.val, "kdkit bench")
     assert spec.teacher_run is not None
     teacher = load_teacher(spec.teacher_run, data)
     student = build_model(spec.student, spec.student_kwargs, data, spec.seed)
     aug = build_augment(spec.augment, fill=data.black)
     views = spec.views if aug is not None else 1
-    loader = BatchLoader(data.train, spec.batch_size, shuffle=True, seed=spec.seed,
+    loader = BatchLoader(train, spec.batch_size, shuffle=True, seed=spec.seed,
                          augment=aug, views=views)
     method = "kd" if row.method == "teacher_forward" else row.method
     result: dict[str, Any] = {
         "row": row.name, "method": method, "cached": row.cached, "floor": row.floor,
         "device": device_name(device), "precision": row.precision,
         "processes": dist.world_size(), "threads": spec.threads,
-        "train_samples": len(data.train), "views": views}
+        "train_samples": len(train), "views": views}
     settings = LoopSettings(epochs=spec.epochs, lr=spec.lr, seed=spec.seed, device=spec.device,
                             precision=row.precision)
     accs: list[float] = []
 
     def validate() -> None:
         if dist.is_main():
-            accs.append(evaluate(student, data.val.x, data.val.y)["acc"])
+            accs.append(evaluate(student, val.x, val.y)["acc"])
 
     if row.floor:
         times = floor_fit(student, loader, epochs=settings.epochs, lr=settings.lr,
@@ -541,8 +544,8 @@ def _measure(spec: BenchSpec, row: Row, out: Path) -> tuple[dict[str, Any], nn.M
                           device=device, precision=row.precision,
                           teacher=teacher if method == "kd" else None,
                           temperature=KD_TEMPERATURE, alpha=KD_ALPHA, on_epoch=validate)
-        return _finish(result, times, len(data.train), accs, spec.target), student
-    distiller = _build_distiller(spec, row, student, teacher, data.train.x[:2])
+        return _finish(result, times, len(train), accs, spec.target), student
+    distiller = _build_distiller(spec, row, student, teacher, train.x[:2])
     student = distiller.student
     if row.compile:
         distiller.student = torch.compile(student)  # type: ignore[assignment]
@@ -559,13 +562,13 @@ def _measure(spec: BenchSpec, row: Row, out: Path) -> tuple[dict[str, Any], nn.M
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
-        return _finish(result, times, len(data.train), []), teacher
+        return _finish(result, times, len(train), []), teacher
     cache = None
     if row.cached:
         distiller.to(device)  # the cache is built where the teacher is
         t0 = time.perf_counter()
         cache = TeacherCache.open_or_build(
-            out / "cache", distiller, data.train, aug,
+            out / "cache", distiller, train, aug,
             CacheSettings(views=views, dtype=spec.dtype),  # type: ignore[arg-type]
         )
         result["cache_open_s"] = round(time.perf_counter() - t0, 2)
@@ -573,7 +576,7 @@ def _measure(spec: BenchSpec, row: Row, out: Path) -> tuple[dict[str, Any], nn.M
         result["cache_mib"] = round(cache.nbytes / 2**20, 1)
     res = fit(distiller, loader, settings, progress=False, teacher_cache=cache,
               on_epoch=lambda rec: validate())
-    return (_finish(result, [r["epoch_s"] for r in res.history], len(data.train), accs,
+    return (_finish(result, [r["epoch_s"] for r in res.history], len(train), accs,
                     spec.target), student)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from kdkit.data import ArrayDataset, DatasetSplits
+from kdkit.data.arrays import in_memory
 from kdkit.datafree.common import DEFAULT_LR, DEFAULT_STEPS
 from kdkit.datafree.dafl import GENERATOR_STEM, GeneratorLoader, dafl_generator
 from kdkit.datafree.deepinversion import DI_BETAS, DeepInversionObjective
@@ -190,7 +191,8 @@ def build_transfer(
     else:
         if source == "record":
             kind = opts.pop("kind")
-            rec = make_record(teacher, teacher_data.train, data.num_classes, folder / "record",
+            rec = make_record(teacher, in_memory(teacher_data.train, "a metadata record"),
+                              data.num_classes, folder / "record",
                               kind=kind, progress=progress,
                               **{k: opts.pop(k) for k in ("temperature", "fraction", "dropout",
                                                           "layers") if k in opts})

@@ -23,6 +23,7 @@ from torch import nn
 from kdkit import dist
 from kdkit.config import ExperimentConfig, StudentRunSpec, TeacherSpec, TrainSpec, dump_config
 from kdkit.data import DatasetSplits, load_dataset
+from kdkit.data.stream import eval_args
 from kdkit.distill.methods import method_teachers
 from kdkit.errors import ConfigError, KdkitError
 from kdkit.files import (
@@ -64,7 +65,7 @@ def teacher_cache_key(
     other files under the same dataset name (another root, a re-download that differs)
     never reuse a teacher trained on the old ones.
     """
-    adapted: dict[str, Any] = {k: data.source[k] for k in ("channels", "resize")
+    adapted: dict[str, Any] = {k: data.source[k] for k in ("channels", "resize", "stream")
                                if k in data.source}
     blob = {
         "format": CACHE_FORMAT,
@@ -142,8 +143,8 @@ def _pretrained_teacher(cfg: ExperimentConfig, spec: TeacherSpec, data: DatasetS
         return dict(read_json(run_dir / SUMMARY, "run summary"))
     t0 = time.perf_counter()
     model = build_model(spec.model.name, spec.model.kwargs, data, seed)
-    test = evaluate(model, data.test.x, data.test.y, cfg.eval.batch_size)
-    val = (evaluate(model, data.val.x, data.val.y, cfg.eval.batch_size)["acc"]
+    test = evaluate(model, *eval_args(data.test), batch_size=cfg.eval.batch_size)
+    val = (evaluate(model, *eval_args(data.val), batch_size=cfg.eval.batch_size)["acc"]
            if len(data.val) else None)
     weights = str(spec.model.kwargs["weights"])
     summary = {
@@ -385,7 +386,8 @@ def _load(cfg: ExperimentConfig, seed: int, train_subset: int | None,
     with dist.main_first():
         return load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
                             train_subset=train_subset, seed=seed, download=d.download, log=log,
-                            channels=d.channels, resize=d.resize)
+                            channels=d.channels, resize=d.resize, stream=d.stream,
+                            workers=d.workers)
 
 
 def _elapsed(path: Path) -> float:

@@ -19,8 +19,10 @@ from torch import nn
 
 from kdkit import dist
 from kdkit.data import DatasetSplits
+from kdkit.data.arrays import in_memory
 from kdkit.data.augment import build_augment
-from kdkit.data.loader import BatchLoader, derive_seed
+from kdkit.data.loader import derive_seed
+from kdkit.data.stream import eval_args, example_inputs, make_loader
 from kdkit.distill import Distiller, build_stages
 from kdkit.errors import KdkitError
 from kdkit.files import RUN_MARKER, clean_stale_temps, mark_run_dir, remove_run_dir
@@ -207,7 +209,7 @@ def train_one(
     student = build_model(model_name, model_kwargs, data, settings.seed)
     if channels_last:
         student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    stages = build_stages(method, student, teachers, example_input=data.train.x[:2],
+    stages = build_stages(method, student, teachers, example_input=example_inputs(data.train),
                           **method_kwargs)
     aug = build_augment(augment, fill=data.black)
     cache_settings = CacheSettings(**teacher_cache) if teacher_cache is not None else None
@@ -217,11 +219,13 @@ def train_one(
             "remove train.teacher_cache from this run"
         )
     if loader is None:
-        loader = BatchLoader(
+        loader = make_loader(
             data.train, batch_size, shuffle=True, seed=settings.seed, augment=aug,
             views=cache_settings.views if cache_settings else None,
         )
-    val = (data.val.x, data.val.y) if len(data.val) else None
+    val: Any = None  # (x, y) in memory; the dataset itself when it streams
+    if len(data.val):
+        val = (data.val.x, data.val.y) if hasattr(data.val, "x") else data.val
     # fit_wall: training time of every stage, summed over every process (resumes too)
     with _memory_format(teachers, channels_last):
         result, stage_settings, fit_wall = _train_stages(
@@ -232,7 +236,8 @@ def train_one(
             resume=resume, progress=progress, main=main, stop_after=stop_after,
             eval_batch_size=eval_batch_size, model_name=model_name, model_kwargs=model_kwargs)
     t0 = time.perf_counter()
-    test = evaluate(student, data.test.x, data.test.y, eval_batch_size, distributed=True)
+    test = evaluate(student, *eval_args(data.test), batch_size=eval_batch_size,
+                    distributed=True)
     model_path = run_dir / f"{MODEL_STEM}.safetensors"
     with dist.main_first():
         if main:
@@ -297,9 +302,11 @@ def _train_stages(
             # over train + val: every seed splits the same pool, so all seeds share it
             # built once, by rank 0, while the others wait; then every rank maps it
             with dist.main_first():
+                train, val_split = (in_memory(data.train, "the teacher-output cache"),
+                                    in_memory(data.val, "the teacher-output cache"))
                 cache = TeacherCache.open_or_build(
-                    cache_root or run_dir / "teacher-outputs", distiller, data.train, aug,
-                    cache_settings, pool=[data.train, data.val] if len(data.val) else None,
+                    cache_root or run_dir / "teacher-outputs", distiller, train, aug,
+                    cache_settings, pool=[train, val_split] if len(val_split) else None,
                     batch_size=eval_batch_size, log=print if progress and main else None)
         result = fit(
             distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kdkit import dist
-from kdkit.data.loader import BatchLoader, derive_seed
+from kdkit.data.loader import derive_seed
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import CheckpointError, KdkitError, NonFiniteLossError
 from kdkit.files import atomic_write_bytes, clean_stale_temps
@@ -149,10 +149,11 @@ def _truncate_lines(path: Path, keep: int) -> None:
 
 def fit(
     distiller: Distiller,
-    loader: BatchLoader,
+    loader: Any,
     settings: LoopSettings,
     *,
-    val: tuple[Tensor, Tensor] | None = None,
+    val: tuple[Tensor, Tensor] | Any | None = None,
+    batch_size: int = 64,
     run_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -172,7 +173,12 @@ def fit(
     writes ``run_dir``.
 
     Args:
-        val: validation (x, y), evaluated at the end of every epoch.
+        loader: a :class:`~kdkit.data.loader.BatchLoader`, a
+            :class:`~kdkit.data.stream.DatasetLoader`, or any map-style
+            ``torch.utils.data.Dataset`` of ``(x, y)`` items (then read in shuffled batches
+            of ``batch_size``, in an order drawn from ``settings.seed`` and the epoch).
+        val: validation (x, y), or a dataset of ``(x, y)`` items, evaluated at the end of
+            every epoch.
         run_dir: where ``metrics.jsonl`` and ``checkpoint/`` go (None: keep nothing).
         resume: continue from ``run_dir``'s checkpoint if it exists.
         stop_after: stop, checkpoint and raise :class:`TrainingInterrupted` after this many
@@ -188,6 +194,10 @@ def fit(
         TrainingInterrupted: Ctrl-C or ``stop_after``; a checkpoint is written first.
     """
     s = settings
+    if not hasattr(loader, "epoch_batches"):  # a plain Dataset: kdkit's order and batching
+        from kdkit.data.stream import make_loader
+
+        loader = make_loader(loader, batch_size, shuffle=True, seed=s.seed)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise KdkitError(
@@ -213,7 +223,7 @@ def fit(
     loader.place(device)
     if teacher_cache is not None:
         teacher_cache.place(device)
-    if val is not None and fits_on_device(nbytes(*val), device):
+    if isinstance(val, tuple) and fits_on_device(nbytes(*val), device):
         val = (val[0].to(device), val[1].to(device))
     total_steps = s.epochs * steps_per_epoch
     opt = build_optimizer(
@@ -630,7 +640,7 @@ def _end_epoch(
     sums: dict[str, float],
     epoch: int,
     lr: float,
-    val: tuple[Tensor, Tensor] | None,
+    val: tuple[Tensor, Tensor] | Any | None,
     distiller: Distiller,
     metrics_path: Path | None,
     t_epoch: float,
@@ -650,7 +660,8 @@ def _end_epoch(
         # Under DDP each rank's BatchNorm statistics saw its own shard: all take rank 0's
         # (as DDP's next forward would), then each evaluates its share of the split.
         dist.broadcast_state(distiller, buffers_only=True)
-        ev = evaluate(distiller.student, *val, distributed=True)
+        ev = evaluate(distiller.student, *(val if isinstance(val, tuple) else (val,)),
+                      distributed=True)
         rec["val/acc"], rec["val/loss"] = ev["acc"], ev["loss"]
         distiller.train()
     rec["epoch_s"] = round(time.perf_counter() - t_epoch, 3)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +14,12 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, *, distributed: bool = False
+    model: nn.Module, x: Any, y: Tensor | None = None, batch_size: int = 1024, *,
+    distributed: bool = False
 ) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on in-memory (x, y).
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on in-memory (x, y), or on a
+    dataset of ``(x, y)`` items given as ``x`` alone (a streamed split: read through
+    DataLoader workers, its ``workers`` many).
 
     Batches go to the model's device and are evaluated in float32; the sums stay there
     and are read once. ``distributed``: under DDP each rank evaluates its contiguous share
@@ -31,9 +36,8 @@ def evaluate(
         lo, hi = dist.shard_bounds(len(x), dist.rank(), dist.world_size())
     dtype = torch.float32 if device.type == "mps" else torch.float64
     sums = torch.zeros(2, dtype=dtype, device=device)
-    for i in range(lo, hi, batch_size):
-        j = min(i + batch_size, hi)
-        xb, yb = to_device(x[i:j], device), to_device(y[i:j], device)
+    for xb, yb in _batches(x, y, lo, hi, batch_size):
+        xb, yb = to_device(xb, device), to_device(yb, device)
         logits = model(xb).float()
         sums += torch.stack([F.cross_entropy(logits, yb, reduction="sum").to(dtype),
                              (logits.argmax(1) == yb).sum().to(dtype)])
@@ -43,6 +47,21 @@ def evaluate(
     model.train(was_training)
     n = max(1, len(x))
     return {"acc": 100.0 * correct / n, "loss": loss_sum / n}
+
+
+def _batches(x: Any, y: Tensor | None, lo: int, hi: int,
+             batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    if y is not None:
+        for i in range(lo, hi, batch_size):
+            j = min(i + batch_size, hi)
+            yield x[i:j], y[i:j]
+        return
+    from torch.utils.data import DataLoader, Subset
+
+    from kdkit.data.stream import _collate
+
+    yield from DataLoader(Subset(x, range(lo, hi)), batch_size=batch_size, shuffle=False,
+                          num_workers=getattr(x, "workers", 0), collate_fn=_collate)
 
 
 def count_parameters(model: nn.Module) -> int:
