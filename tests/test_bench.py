@@ -413,3 +413,30 @@ def test_tune_allocator(monkeypatch):
 
     monkeypatch.setattr(_malloc, "_glibc_mallopt", broken)
     assert _malloc.tune_allocator() is False  # never raises
+
+
+def test_disk_rows_stream_the_same_batches(tmp_path, monkeypatch, capsys):
+    """`--disk-workers`: plain rows reading an image folder from disk train what the
+    in-memory plain row trains (no augmentation: the same batches), with 0 or 1 workers."""
+    monkeypatch.setenv("KDKIT_DATA", str(tmp_path / "data"))
+    folder = tmp_path / "imgs"
+    assert main(["data", "export", "digits", "--format", "imagefolder", "--out",
+                 str(folder)]) == 0
+    teacher = tmp_path / "t"
+    assert main(["train", "--model", "mlp", "--model-arg", "hidden=[16]", "--data",
+                 f"folder:{folder}", "--out", str(teacher), *FAST]) == 0
+    spec = BenchSpec(data=f"folder:{folder}", teacher="mlp", student="mlp",
+                     student_kwargs={"hidden": [8]}, epochs=2, teacher_run=str(teacher),
+                     disk_workers=[0, 1])
+    names = [r.name for r in bench_rows(spec)]
+    assert names[-2:] == ["plain_disk_w0", "plain_disk_w1"]
+    plain = measure(spec, Row("plain", "ce"), tmp_path)
+    for w in (0, 1):
+        disk = measure(spec, Row(f"plain_disk_w{w}", "ce", stream_workers=w), tmp_path)
+        assert disk["val_acc"] == plain["val_acc"]
+    fake = [dict(plain, row=r, epoch_s=t) for r, t in (("plain", 1.0), ("plain_disk_w1", 1.25))]
+    assert _report(spec, fake)["ratios"]["plain_disk_w1 / plain"] == 1.25
+    capsys.readouterr()
+    assert main(["bench", "--data", "digits", "--teacher", "mlp", "--student", "mlp",
+                 "--disk-workers", "0,1", "--out", str(tmp_path / "b")]) == 2
+    assert "'digits' is held in memory; export it" in capsys.readouterr().err

@@ -12,12 +12,15 @@ from torch.utils.data import TensorDataset
 
 from kdkit.cli import main
 from kdkit.data import load_dataset
-from kdkit.data.stream import StreamDataset, make_loader
+from kdkit.data.augment import build_augment
+from kdkit.data.stream import DatasetLoader, StreamDataset, make_loader
+from kdkit.data.views import make_views
 from kdkit.distill import Distiller, build_method
 from kdkit.errors import DataError, KdkitError
 from kdkit.models import create_model
 from kdkit.train.loop import LoopSettings, fit
 from kdkit.train.metrics import evaluate
+from kdkit.train.teacher_cache import CacheSettings, TeacherCache
 
 
 @pytest.fixture(scope="module")
@@ -130,27 +133,62 @@ def test_only_folders_and_listings_stream(data_root):
         load_dataset("digits", stream=True)
 
 
-def test_stream_with_a_teacher_cache_is_refused_before_anything_runs(digits_folder, tmp_path,
-                                                                     capsys):
+def test_stream_is_only_for_image_files_in_configs(tmp_path, capsys):
     config = tmp_path / "exp.yaml"
     config.write_text(
-        f"name: s\nseeds: [0]\ndata: {{name: 'folder:{digits_folder}', stream: true}}\n"
+        "name: s\nseeds: [0]\ndata: {name: digits, stream: true}\n"
         "teacher: {model: {name: mlp, hidden: [32]}, train: {epochs: 1}}\n"
-        "student: {name: mlp, hidden: [16]}\ntrain: {epochs: 1, teacher_cache: true}\n"
+        "student: {name: mlp, hidden: [16]}\ntrain: {epochs: 1}\n"
         "students:\n  - {label: kd, method: {name: kd}}\n")
-    assert main(["validate", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert "train.teacher_cache" in err and "data.stream" in err
-    config.write_text(config.read_text().replace(f"folder:{digits_folder}", "digits")
-                      .replace(", teacher_cache: true", ""))
     assert main(["validate", str(config)]) == 2
     assert "data.stream: 'digits' is decoded into memory" in capsys.readouterr().err
 
 
-def test_the_teacher_cache_refuses_a_streamed_split(digits_folder, data_root):
-    st = load_dataset(f"folder:{digits_folder}", stream=True, log=lambda _: None)
-    with pytest.raises(KdkitError, match="teacher-output cache needs data in memory"):
-        make_loader(st.train, 32, shuffle=True, views=1)
+def _kd_pair(seed=1):
+    torch.manual_seed(0)
+    teacher = create_model("mlp", hidden=[48], input_size=8).eval()
+    torch.manual_seed(seed)
+    student = create_model("mlp", hidden=[16], input_size=8)
+    return Distiller(student, {"teacher": teacher},
+                     build_method("kd", student, {"teacher": teacher}))
+
+
+def test_a_cache_over_streamed_data_gives_the_live_teachers_training(digits_folder, data_root,
+                                                                      tmp_path):
+    """Samples on disk are keyed by their files: the cache built over the streamed pool
+    (train + val) serves the view-mode loader exactly what the live teacher computes, and
+    serves another seed's split of the same pool without a rebuild."""
+    name = f"folder:{digits_folder}"
+    st = load_dataset(name, seed=0, stream=True, log=lambda _: None)
+    aug = build_augment({"shift": 1}, fill=st.black)
+    settings = LoopSettings(epochs=2, lr=0.05, seed=3, device="cpu")
+    loader = make_loader(st.train, 64, shuffle=True, seed=3, augment=aug, views=2)
+    live, cached = _kd_pair(), _kd_pair()
+    fit(live, loader, settings, progress=False)
+    logs: list[str] = []
+    cache = TeacherCache.open_or_build(tmp_path / "c", cached, st.train, aug,
+                                       CacheSettings(views=2, dtype="float32"),
+                                       pool=[st.train, st.val], log=logs.append)
+    fit(cached, loader, settings, progress=False, teacher_cache=cache)
+    for p, q in zip(live.parameters(), cached.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert any("building" in line for line in logs)
+    other = load_dataset(name, seed=5, stream=True, log=lambda _: None)  # another split
+    logs.clear()
+    again = TeacherCache.open_or_build(tmp_path / "c", cached, other.train, aug,
+                                       CacheSettings(views=2, dtype="float32"),
+                                       pool=[other.train, other.val], log=logs.append)
+    assert again.folder == cache.folder and not any("building" in line for line in logs)
+    idx, view = torch.tensor([0, 7, 3]), torch.tensor([1, 0, 1])
+    x = torch.stack([other.train[int(i)][0] for i in idx])
+    want = cached.teacher_outputs(make_views(aug, x, other.train.sample_keys()[idx], view))
+    torch.testing.assert_close(again.lookup(idx, view)["teacher"]["<model>:output"],
+                               want["teacher"]["<model>:output"])
+
+
+def test_view_mode_needs_keyed_samples(digits):
+    with pytest.raises(KdkitError, match="view mode needs views >= 1 and a dataset whose"):
+        DatasetLoader(TensorDataset(digits.train.x, digits.train.y), 32, views=2)
 
 
 def test_an_experiment_streams_its_folder(digits_folder, data_root, tmp_path, monkeypatch,
@@ -161,10 +199,12 @@ def test_an_experiment_streams_its_folder(digits_folder, data_root, tmp_path, mo
         f"name: s\nseeds: [0]\ndata: {{name: 'folder:{digits_folder}', stream: true, "
         "workers: 1}\nteacher: {model: {name: mlp, hidden: [32]}, train: {epochs: 2}}\n"
         "student: {name: mlp, hidden: [16]}\ntrain: {epochs: 2, augment: {shift: 1}}\n"
-        "students:\n  - {label: kd, method: {name: kd}}\n")
+        "students:\n  - {label: kd, method: {name: kd}}\n"
+        "  - {label: kd_cached, method: {name: kd}, train: {teacher_cache: {views: 2}}}\n")
     assert main(["validate", str(config)]) == 0
     assert main(["run", str(config), "--out", "e", "--no-cache", "--no-progress"]) == 0
-    assert "| kd | mlp | kd |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| kd | mlp | kd |" in table and "| kd_cached | mlp | kd |" in table
     summary = json.loads(next((tmp_path / "e").rglob("kd/summary.json")).read_text())
     assert summary["identity"]["data"]["stream"] is True
     teacher = json.loads(next((tmp_path / "e").rglob("teacher/summary.json")).read_text())

@@ -224,6 +224,25 @@ def _out_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
 
 
+def _disk_workers(text: str | None, data: str) -> list[int]:
+    """``--disk-workers 0,1,2`` as a list, for image files only (others are in memory)."""
+    if not text:
+        return []
+    from kdkit.data.folder import is_files_name
+
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise KdkitError(f"--disk-workers {text!r}: give worker counts such as 0,1,2") from None
+    if not counts or min(counts) < 0:
+        raise KdkitError(f"--disk-workers {text!r}: give worker counts >= 0, such as 0,1,2")
+    if not is_files_name(data):
+        raise KdkitError(f"--disk-workers: '{data}' is held in memory; export it (`kdkit data "
+                         f"export {data} --format imagefolder --out DIR`) and bench "
+                         "--data folder:DIR")
+    return counts
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     args.out = args.out or f"runs/train-{_out_name(args.model)}-{_out_name(args.data)}-s{args.seed}"
     return _single_run(args, method=args.method, method_kwargs=_kv_pairs(args.method_arg, "--method-arg"),
@@ -482,6 +501,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.cache_dtype, target=args.target, compile=args.compile,
         channels_last=args.channels_last, threads=torch.get_num_threads(), seed=args.seed,
         repeats=args.repeats, device=args.device, precisions=precisions, ddp=args.ddp or 1,
+        disk_workers=_disk_workers(args.disk_workers, args.data),
     )
     out = Path(args.out or f"runs/bench-{args.data}-{args.student}")
     report = run_bench(spec, out)
@@ -543,6 +563,9 @@ def _add_bench_parser(sub: Any) -> None:
                    help="val accuracy (%%) for 'epochs to target' (default: none)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row")
     p.add_argument("--channels-last", action="store_true", help="add a channels-last row")
+    p.add_argument("--disk-workers", metavar="N[,N...]",
+                   help="add plain rows that stream --data (folder:PATH or csv:PATH) from disk "
+                   "with N DataLoader workers each, e.g. 0,1,2")
     p.add_argument("--device", default="auto",
                    help="where every row runs: auto (a GPU if any), cpu, cuda, cuda:N, mps "
                    "(default: %(default)s)")

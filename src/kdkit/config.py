@@ -502,7 +502,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
                 problems += _pydantic_problems(e, TrainSpec, f"{where}.train")
             check_augment(override, f"{where}.train")
         problems.extend(_check_teacher_cache(section(raw, "train") or {}, override or {}, run,
-                                             where, streams=streams))
+                                             where))
         method = section(run, "method")
         if method is None or not isinstance(method.get("name"), str):
             continue
@@ -525,11 +525,9 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
 
 
 def _check_teacher_cache(
-    train: dict[str, Any], override: dict[str, Any], run: dict[str, Any], where: str, *,
-    streams: bool = False,
+    train: dict[str, Any], override: dict[str, Any], run: dict[str, Any], where: str
 ) -> list[str]:
-    """A teacher cache needs an eval-mode teacher and data in memory, and several views need
-    an augmentation."""
+    """A teacher cache needs an eval-mode teacher, and several views need an augmentation."""
     merged = {**train, **override}
     spec = merged.get("teacher_cache")
     if spec is True:
@@ -541,10 +539,6 @@ def _check_teacher_cache(
     problem = teacher_cache_views_problem(merged.get("augment"), spec, str(run.get("label")))
     if problem:
         problems.append(f"{key}.views: {problem}")
-    if streams:
-        problems.append(f"{key}: the teacher-output cache keys samples by their content in "
-                        "memory, and data.stream leaves them on disk; remove teacher_cache or "
-                        "set data.stream to false")
     if run.get("teacher_mode") == "train":
         problems.append(f"{where}.teacher_mode: 'train' (BN batch statistics) cannot use "
                         f"{key}: a sample's teacher output depends on its batch; use "

@@ -12,7 +12,11 @@ workers, so data that does not fit in memory, or needs decoding, streams from it
 - under DDP each rank loads only its contiguous share of each global batch;
 - augmentation (kdkit's :mod:`~kdkit.data.augment`) is drawn per sample from
   ``(seed, epoch, sample index)``, not per batch, so a sample's augmentation is the same
-  whatever batch or rank it lands in and whatever the number of workers.
+  whatever batch or rank it lands in and whatever the number of workers;
+- in view mode (``views=K``, for the teacher-output cache) each sample shows one of its K
+  views per epoch, the view being a function of (sample key, view number), exactly as
+  :class:`~kdkit.data.loader.BatchLoader` draws them, so a cache built over a streamed pool
+  serves these batches.
 
 Augmentations inside the dataset itself (torchvision transforms drawing from global random
 state) make a run irreproducible; give them to the loader instead.
@@ -29,8 +33,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from kdkit.data.augment import Augment
-from kdkit.data.loader import derive_seed, epoch_order
-from kdkit.data.views import hash_uniforms
+from kdkit.data.loader import _VIEW_STREAM, derive_seed, epoch_order
+from kdkit.data.views import hash_uniforms, make_views, pick_views
 from kdkit.errors import KdkitError
 from kdkit.train.device import to_device
 
@@ -44,8 +48,6 @@ class DatasetLoader:
     ``epoch_batches(epoch, start_step, shard=(rank, world))``, ``place(device)``, ``len``.
     """
 
-    views = None  # no view mode: the teacher-output cache needs in-memory data
-
     def __init__(
         self,
         dataset: Dataset[Any],
@@ -56,9 +58,14 @@ class DatasetLoader:
         augment: Augment | None = None,
         drop_last: bool = False,
         num_workers: int = 0,
+        views: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise KdkitError(f"batch_size must be >= 1, got {batch_size}")
+        if views is not None and (views < 1 or not hasattr(dataset, "sample_keys")):
+            raise KdkitError(f"views={views}: view mode needs views >= 1 and a dataset whose "
+                             "samples have keys (sample_keys(), as kdkit's streamed splits do)")
+        self.views = views
         if num_workers < 0:
             raise KdkitError(f"num_workers must be >= 0, got {num_workers}")
         try:
@@ -90,6 +97,13 @@ class DatasetLoader:
         """The sample order of ``epoch``: :class:`BatchLoader`'s permutation for (seed, epoch)."""
         return epoch_order(self._n, self.seed, epoch, self.shuffle)
 
+    def view_ids(self, epoch: int, index: Tensor) -> Tensor:
+        """In view mode, the view (B,) each sample of ``index`` shows in ``epoch`` (the same
+        draw as :class:`~kdkit.data.loader.BatchLoader`'s)."""
+        if self.views is None:
+            raise KdkitError("view_ids needs a loader in view mode (views=K)")
+        return pick_views(derive_seed(self.seed, epoch, _VIEW_STREAM), index, self.views)
+
     def epoch_batches(
         self, epoch: int, start_step: int = 0, *, shard: tuple[int, int] = (0, 1)
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -113,9 +127,12 @@ class DatasetLoader:
             persistent_workers=False,
         )
         key = derive_seed(self.seed, epoch, _STREAM_AUGMENT)
+        keys = self.dataset.sample_keys() if self.views is not None else None  # type: ignore[attr-defined]
         for rows, (x, y) in zip(index_lists, loader, strict=True):
             index = torch.tensor(rows, dtype=torch.long)
-            if self.augment is not None and len(rows):
+            if keys is not None:  # view mode: the view of (sample, view number), as cached
+                x = make_views(self.augment, x, keys[index], self.view_ids(epoch, index))
+            elif self.augment is not None and len(rows):
                 u = hash_uniforms(key, index, torch.zeros_like(index), self.augment.n_draws)
                 x = self.augment.apply(x, u)
             yield to_device(x, self.device), to_device(y, self.device), index
@@ -190,6 +207,28 @@ class StreamDataset(Dataset):
         """The first ``n`` inputs, stacked (an example batch for building adapters)."""
         return torch.stack([self[i][0] for i in range(min(n, len(self)))])
 
+    def sample_keys(self) -> Tensor:
+        """(N,) int64 key of each sample, from its file's path (and label) and the data's
+        channels/resize, not its pixels (which are not in memory): the teacher-output cache
+        and view mode name samples by it, as they name in-memory samples by content."""
+        keys = getattr(self.base, "_kdkit_keys", None)
+        if keys is None:
+            import hashlib
+
+            import numpy as np
+
+            files = getattr(self.base, "files", None)
+            if files is None:
+                raise KdkitError(f"dataset '{self.name}': its samples have no names (file "
+                                 "paths) to key the teacher-output cache by")
+            words = [int.from_bytes(hashlib.blake2b(
+                f"{path}\0{label}".encode(), digest_size=8).digest(), "little", signed=True)
+                for path, label in files]
+            keys = torch.from_numpy(np.asarray(words, dtype=np.int64))
+            self.base._kdkit_keys = keys  # type: ignore[attr-defined]  # once per base
+        adapt = hash((self.channels, self.resize)) if (self.channels or self.resize) else 0
+        return keys[self.indices] ^ adapt
+
     def digest(self) -> str:
         """SHA-256 naming exactly these samples: the files' identity and the indices."""
         import hashlib
@@ -215,11 +254,9 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool, seed: int = 0,
     if hasattr(dataset, "x"):
         return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment,
                            drop_last=drop_last, views=views)
-    if views is not None:
-        raise KdkitError("the teacher-output cache needs data in memory; this split streams "
-                         "from disk (data.stream): turn the cache off or stream: false")
     return DatasetLoader(dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment,
-                         drop_last=drop_last, num_workers=getattr(dataset, "workers", 0))
+                         drop_last=drop_last, num_workers=getattr(dataset, "workers", 0),
+                         views=views)
 
 
 def eval_args(dataset: Any) -> tuple[Any, Tensor | None]:
@@ -237,10 +274,12 @@ class _Histograms(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> Tensor:
+        import numpy as np
+
         from kdkit.data.folder import _open
 
         a, _mode = _open(self.files[i][0])
-        return torch.bincount(torch.from_numpy(a.reshape(-1)).long(), minlength=256)
+        return torch.from_numpy(np.bincount(a.reshape(-1), minlength=256))
 
 
 def _sum_histograms(hs: list[Tensor]) -> Tensor:

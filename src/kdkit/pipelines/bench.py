@@ -109,6 +109,8 @@ class BenchSpec:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     ddp: int = 1  # > 1: the plain and live-KD rows also under this many processes
+    # plain rows streaming a folder:/csv: dataset from disk, one per DataLoader worker count
+    disk_workers: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Row:
     precision: str = "fp32"
     floor: bool = False  # the hand-written PyTorch loop (method "ce" or "kd")
     processes: int = 1  # > 1: under DDP (torchrun)
+    stream_workers: int | None = None  # streamed from disk with this many DataLoader workers
 
 
 def _suffix(precision: str) -> str:
@@ -154,6 +157,7 @@ def bench_rows(spec: BenchSpec, feature: str | None = None) -> list[Row]:
             rows.append(row("plain_channels_last", "ce", channels_last=True))
             rows.append(row("kd_live_channels_last", "kd", channels_last=True))
             rows.append(row("kd_cache_channels_last", "kd", cached=True, channels_last=True))
+        rows += [row(f"plain_disk_w{w}", "ce", stream_workers=w) for w in spec.disk_workers]
     return rows
 
 
@@ -522,8 +526,17 @@ def _measure(spec: BenchSpec, row: Row, out: Path) -> tuple[dict[str, Any], nn.M
     student = build_model(spec.student, spec.student_kwargs, data, spec.seed)
     aug = build_augment(spec.augment, fill=data.black)
     views = spec.views if aug is not None else 1
-    loader = BatchLoader(train, spec.batch_size, shuffle=True, seed=spec.seed,
-                         augment=aug, views=views)
+    loader: Any = BatchLoader(train, spec.batch_size, shuffle=True, seed=spec.seed,
+                              augment=aug, views=views)
+    if row.stream_workers is not None:  # the same samples and order, read from disk
+        from kdkit.data.stream import DatasetLoader, StreamDataset
+
+        streamed = load_dataset(spec.data, root=spec.data_root, val_fraction=spec.val_fraction,
+                                train_subset=spec.train_subset, seed=spec.seed,
+                                log=lambda _: None, stream=True)
+        assert isinstance(streamed.train, StreamDataset)
+        loader = DatasetLoader(streamed.train, spec.batch_size, shuffle=True, seed=spec.seed,
+                               augment=aug, num_workers=row.stream_workers)
     method = "kd" if row.method == "teacher_forward" else row.method
     result: dict[str, Any] = {
         "row": row.name, "method": method, "cached": row.cached, "floor": row.floor,
@@ -633,6 +646,8 @@ def _report(spec: BenchSpec, results: list[dict[str, Any]], plan: BenchPlan | No
         ratio(f"kd_live_channels_last{s}", [f"kd_live{s}"])
         ratio(f"{feat}_cache{s}", [f"plain{s}"])
         ratio(f"{feat}_live{s}", [f"plain{s}", f"teacher_forward{s}"])
+        for w in spec.disk_workers:
+            ratio(f"plain_disk_w{w}{s}", [f"plain{s}"])
     # Scaling: images/s with N processes over N times images/s of the same row in one.
     scaling: dict[str, float] = {}
     for name, r in by.items():

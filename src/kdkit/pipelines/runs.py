@@ -19,7 +19,6 @@ from torch import nn
 
 from kdkit import dist
 from kdkit.data import DatasetSplits
-from kdkit.data.arrays import in_memory
 from kdkit.data.augment import build_augment
 from kdkit.data.loader import derive_seed
 from kdkit.data.stream import eval_args, example_inputs, make_loader
@@ -302,11 +301,9 @@ def _train_stages(
             # over train + val: every seed splits the same pool, so all seeds share it
             # built once, by rank 0, while the others wait; then every rank maps it
             with dist.main_first():
-                train, val_split = (in_memory(data.train, "the teacher-output cache"),
-                                    in_memory(data.val, "the teacher-output cache"))
                 cache = TeacherCache.open_or_build(
-                    cache_root or run_dir / "teacher-outputs", distiller, train, aug,
-                    cache_settings, pool=[train, val_split] if len(val_split) else None,
+                    cache_root or run_dir / "teacher-outputs", distiller, data.train, aug,
+                    cache_settings, pool=[data.train, data.val] if len(data.val) else None,
                     batch_size=eval_batch_size, log=print if progress and main else None)
         result = fit(
             distiller, loader, stage_settings, val=val, run_dir=stage_dir, resume=resume,

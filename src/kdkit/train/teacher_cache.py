@@ -70,6 +70,7 @@ from torch import Tensor
 from kdkit import files
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import Augment
+from kdkit.data.stream import StreamDataset
 from kdkit.data.views import augment_fingerprint, make_views, sample_keys
 from kdkit.distill.distiller import Distiller
 from kdkit.errors import KdkitError
@@ -108,8 +109,49 @@ def tensor_fingerprint(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def _pool(parts: list[ArrayDataset]) -> tuple[Tensor, Tensor]:
-    """The distinct samples of ``parts`` in the order of their content keys: (keys, x)."""
+class _StreamPool:
+    """The distinct samples of streamed splits (one dataset on disk) in key order: indexed
+    like a tensor (``pool[index]`` decodes those samples), fingerprinted by what names them."""
+
+    def __init__(self, split: StreamDataset, keys: Tensor) -> None:
+        self.split = split
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        return torch.stack([self.split[int(i)][0] for i in index])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.split.identity.encode())
+        h.update(self.keys.numpy().tobytes())
+        return h.hexdigest()
+
+
+def dataset_keys(dataset: ArrayDataset | StreamDataset) -> Tensor:
+    """Keys (N,) naming the samples of a split: content hashes in memory, file names on disk."""
+    return sample_keys(dataset.x) if isinstance(dataset, ArrayDataset) else dataset.sample_keys()
+
+
+def _pool(parts: list[Any]) -> tuple[Tensor, Tensor | _StreamPool]:
+    """The distinct samples of ``parts`` in the order of their keys: (keys, x), x a tensor
+    in memory or, for streamed splits, a :class:`_StreamPool` that decodes when indexed."""
+    if not isinstance(parts[0], ArrayDataset):
+        streamed = [p for p in parts if not isinstance(p, ArrayDataset)]
+        if len(streamed) != len(parts) or len({id(p.base) for p in streamed}) > 1:
+            raise KdkitError("teacher cache: a pool mixes splits of different datasets; "
+                             "build it over the splits of one dataset")
+        first = streamed[0]
+        whole = StreamDataset(first.base, torch.cat([p.indices for p in streamed]),
+                              torch.cat([p.y for p in streamed]), first.name,
+                              identity=first.identity, channels=first.channels,
+                              resize=first.resize, workers=first.workers)
+        keys, order = torch.sort(whole.sample_keys())
+        distinct = torch.ones_like(keys, dtype=torch.bool)
+        distinct[1:] = keys[1:] != keys[:-1]
+        keys, picked = keys[distinct], order[distinct]
+        return keys, _StreamPool(whole.subset(picked), keys)
     x = torch.cat([d.x for d in parts]) if len(parts) > 1 else parts[0].x
     keys, order = torch.sort(sample_keys(x))
     distinct = torch.ones_like(keys, dtype=torch.bool)
@@ -118,7 +160,8 @@ def _pool(parts: list[ArrayDataset]) -> tuple[Tensor, Tensor]:
 
 
 def cache_identity(
-    distiller: Distiller, x: Tensor, augment: Augment | None, settings: CacheSettings
+    distiller: Distiller, x: Tensor | _StreamPool, augment: Augment | None,
+    settings: CacheSettings
 ) -> dict[str, Any]:
     """Everything the cached outputs depend on; its hash names the cache folder."""
     if distiller.teacher_mode != "eval":
@@ -138,8 +181,8 @@ def cache_identity(
         "format": FORMAT,
         "teachers": {name: module_fingerprint(distiller.teachers[name]) for name in sorted(taps)},
         "taps": {name: sorted(keys) for name, keys in sorted(taps.items())},
-        "data": tensor_fingerprint(x),
-        "samples": int(x.shape[0]),
+        "data": tensor_fingerprint(x) if isinstance(x, Tensor) else x.fingerprint(),
+        "samples": len(x),
         "augment": augment_fingerprint(augment),
         **asdict(settings),
     }
@@ -183,11 +226,11 @@ class TeacherCache:
         cls,
         root: Path,
         distiller: Distiller,
-        dataset: ArrayDataset,
+        dataset: ArrayDataset | StreamDataset,
         augment: Augment | None,
         settings: CacheSettings,
         *,
-        pool: list[ArrayDataset] | None = None,
+        pool: list[ArrayDataset | StreamDataset] | None = None,
         batch_size: int = 512,
         log: Callable[[str], None] | None = None,
     ) -> TeacherCache:
@@ -263,9 +306,9 @@ class TeacherCache:
         return out
 
 
-def _rows_of(keys: Tensor, dataset: ArrayDataset) -> Tensor:
-    """Cache row (N,) of each sample of ``dataset``, found by content key."""
-    want = sample_keys(dataset.x)
+def _rows_of(keys: Tensor, dataset: ArrayDataset | StreamDataset) -> Tensor:
+    """Cache row (N,) of each sample of ``dataset``, found by its key."""
+    want = dataset_keys(dataset)
     rows = torch.searchsorted(keys, want).clamp_(max=max(0, len(keys) - 1))
     missing = int((keys[rows] != want).sum()) if len(keys) else len(want)
     if missing:
@@ -370,7 +413,7 @@ def _build(
     identity: dict[str, Any],
     distiller: Distiller,
     keys: Tensor,
-    x_pool: Tensor,
+    x_pool: Tensor | _StreamPool,
     augment: Augment | None,
     settings: CacheSettings,
     batch_size: int,
