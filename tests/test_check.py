@@ -21,7 +21,10 @@ from kdkit.errors import KdkitError
 from kdkit.models import MODELS
 from kdkit.pipelines.check import DryBuild, dry_build
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+ALL_EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+# configs of torchvision/timm models on files an earlier command writes: the vision lane's
+VISION_EXAMPLES = [p for p in ALL_EXAMPLES if "torchvision:" in p.read_text()]
+EXAMPLES = [p for p in ALL_EXAMPLES if p not in VISION_EXAMPLES]
 
 
 def default_raw() -> dict[str, Any]:
@@ -80,6 +83,34 @@ def test_geometry_of_an_unknown_dataset() -> None:
 
 @pytest.mark.parametrize("path", [None, *EXAMPLES], ids=lambda p: p.name if p else "default")
 def test_shipped_configs_have_no_problems(path: Path | None) -> None:
+    assert dry_build(load_config(path)) == []
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("path", VISION_EXAMPLES, ids=lambda p: p.name)
+def test_shipped_vision_configs_have_no_problems(path: Path, tmp_path, monkeypatch) -> None:
+    """With the files its header's commands write (here: digits as the image folder, and
+    random weights as the teacher's), the config passes every check; without them, the
+    missing files are named."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("timm")
+    from kdkit.cli import main
+
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    from kdkit.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    weights = load_raw(path)[0]["teacher"]["model"]["weights"]
+    with pytest.raises(ConfigError, match=f"weights: no such file {weights}"):
+        load_config(path)
+    Path(weights).parent.mkdir(parents=True)
+    save_file(resnet18(num_classes=10).state_dict(), weights)
+    problems = dry_build(load_config(path))
+    assert problems and any("runs/data/fashion-mnist-png" in p for p in problems)
+    assert main(["data", "export", "digits", "--format", "imagefolder", "--out",
+                 "runs/data/fashion-mnist-png"]) == 0
     assert dry_build(load_config(path)) == []
 
 

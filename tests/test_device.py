@@ -212,3 +212,20 @@ def test_run_precision_sets_every_training_section_and_is_part_of_the_config(
     assert main(["run", *small, "--resume"]) == 2  # fp32 now: another experiment
     assert "differs from the config given now" in capsys.readouterr().err
     assert main(["run", "--precision", "bf16", *small, "--resume"]) == 0
+
+
+def test_a_streamed_dataset_trains_on_the_device_as_in_memory(digits, device):
+    """DatasetLoader (DataLoader workers, pinned memory on a GPU) delivers the in-memory
+    loader's batches to the device: the same training, to float tolerance."""
+    from torch.utils.data import TensorDataset
+
+    from kdkit.data.stream import DatasetLoader
+
+    settings = LoopSettings(epochs=2, lr=0.1, seed=1, device=str(device))
+    a, b = _kd(digits, dropout=0.0), _kd(digits, dropout=0.0)
+    fit(a, BatchLoader(digits.train, 64, shuffle=True, seed=2), settings, progress=False)
+    fit(b, DatasetLoader(TensorDataset(digits.train.x, digits.train.y), 64, seed=2,
+                         num_workers=1), settings, progress=False)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert x.device.type == device.type
+        assert torch.allclose(x, y, atol=1e-6)

@@ -298,10 +298,11 @@ def test_overhaul_preact_taps_equal_a_manual_recomputation_of_the_block(name):
 
 
 @pytest.mark.vision
-def test_a_vision_transformer_is_refused_by_map_methods_and_served_by_the_others():
-    """ViT's features are tokens (B, N, D): a method that reads stage maps says so by name
-    (never reads the patch embedding as if it were the network's stages); methods on the
-    penultimate embedding (PKT) or logits work."""
+def test_a_vision_transformers_tokens_are_read_as_maps_never_as_its_patch_embedding():
+    """ViT's features are tokens (B, N, D): its stage ends are transformer blocks (never the
+    patch embedding read as if it were the network's stages), read as their patch map; the
+    CNN stage at the same grid pairs with its last block (every method and pair:
+    tests/test_tokens.py); methods on the penultimate embedding (PKT) or logits work too."""
     pytest.importorskip("timm")
     pytest.importorskip("torchvision")
     from kdkit.distill import Distiller, build_stages
@@ -309,9 +310,9 @@ def test_a_vision_transformer_is_refused_by_map_methods_and_served_by_the_others
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
     vit = create_model("timm:vit_tiny_patch16_224", num_classes=10, in_channels=3, img_size=64)
     teacher = create_model("torchvision:resnet18", num_classes=10, in_channels=3)
-    with pytest.raises(KdkitError, match=r"works on token features \(patch_embed.norm, "
-                                         r"blocks.0, ... give \(2, 17, 192\)\)"):
-        build_stages("at", vit, {"teacher": teacher}, example_input=x)
-    for method in ("pkt", "kd"):
-        (stage,) = build_stages(method, vit, {"teacher": teacher}, example_input=x)
+    (at,) = build_stages("at", vit, {"teacher": teacher}, example_input=x)
+    assert [(str(t.student), str(t.teacher)) for t in at.terms[1:]] == [
+        ("blocks.11:output", "layer3:output")]  # the 4x4 grid of 64 / 16
+    for stage in [at, *build_stages("pkt", vit, {"teacher": teacher}, example_input=x),
+                  *build_stages("kd", vit, {"teacher": teacher}, example_input=x)]:
         Distiller(vit, {"teacher": teacher}, stage.terms)(x, y)["loss"].backward()

@@ -9,6 +9,11 @@ Selectors name positions without editing a model:
   stage k is the BN output that feeds the next stage's first ReLU, and for the last stage
   the final BN (Heo et al. 2019, §3.3).
 * Plain CNNs (a ``Sequential`` with max-pools): the ReLU right before each pool.
+* Any other CNN: probed (the outermost module to finish at each resolution).
+* Transformers (blocks giving (B, N, D) tokens): the blocks that end each quarter of the
+  depth, read as tokens with their layout (prefix tokens, patch grid), which feature
+  methods turn into (B, D, h, w) maps (:mod:`kdkit.distill.tokens`). They have no
+  pre-activation: a block ends in a residual add.
 
 Each point also names the BatchNorm that precedes its ReLU (for the overhaul's margins).
 """
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.distill.tokens import TokenLayout, infer_layout
 from kdkit.errors import KdkitError
 from kdkit.taps import Read, Tap, resolve_module
 
@@ -30,10 +36,12 @@ _RELUS = (nn.ReLU, nn.ReLU6)
 
 @dataclass(frozen=True)
 class FeaturePoint:
-    """A stage end: where to read it, and the BN module before its ReLU (None if none)."""
+    """A stage end: where to read it, the BN module before its ReLU (None if none), and for
+    a transformer block the layout of its tokens (None for a map)."""
 
     tap: Tap
     bn: str | None
+    tokens: TokenLayout | None = None
 
 
 def parse_layer(spec: str, default_read: Read = "output") -> Tap:
@@ -93,34 +101,15 @@ def probed_points(model: nn.Module, x: Tensor, read: Read = "preact") -> list[Fe
     ``read="preact"`` needs the stage to end in a ReLU (the pre-activation is read through
     it); a stage that ends otherwise (MobileNet's linear bottlenecks) is refused by name
     rather than read at the wrong tensor.
+
+    A transformer (a run of ≥ 2 sibling blocks of one type giving (B, N, D) tokens) has
+    transformer blocks as its stage ends instead (:func:`_token_points`).
     """
-    finished: list[tuple[str, tuple[int, ...]]] = []
-    leaves: list[tuple[str, nn.Module]] = []
-    tokens: list[tuple[str, tuple[int, ...]]] = []  # (B, N, D) outputs after the maps
-
-    def record(name: str, module: nn.Module) -> Any:
-        def hook(_m: nn.Module, _a: tuple[Any, ...], out: Any) -> None:
-            if not list(module.children()):
-                leaves.append((name, module))
-            if isinstance(out, Tensor) and out.dim() == 4:
-                finished.append((name, tuple(out.shape)))
-            elif isinstance(out, Tensor) and out.dim() == 3 and finished:
-                tokens.append((name, tuple(out.shape)))
-        return hook
-
-    handles = [m.register_forward_hook(record(n, m)) for n, m in model.named_modules() if n]
-    try:
-        _probe(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    blocks = [n for n, _s in tokens if n.count(".") == 1]  # e.g. blocks.0, blocks.1, ...
-    if len(blocks) >= 2:  # a transformer: most of it runs on tokens, after the patch maps
-        raise KdkitError(
-            f"{type(model).__name__} works on token features ({', '.join(blocks[:2])}, ... give "
-            f"{tuple(tokens[-1][1])}), and feature methods read (B, C, H, W) maps; adapters "
-            "between tokens and maps are not built yet: use a logit method (kd, dkd-style) or "
-            "name 4-D layers explicitly (student_layers / teacher_layers)")
+    events, leaves = _trace(model, x)
+    blocks = _token_blocks(events)
+    if blocks:
+        return _token_points(model, x, events, blocks, read)
+    finished = [(name, shape) for name, _m, shape in events if len(shape) == 4]
     groups: list[list[str]] = []  # modules finishing at each resolution, in order
     current: int | None = None
     for name, shape in finished:
@@ -161,6 +150,111 @@ def probed_points(model: nn.Module, x: Tensor, read: Read = "preact") -> list[Fe
         else:
             points.append(FeaturePoint(Tap(path, "output"), bns[-1] if bns else None))
     return points
+
+
+Event = tuple[str, nn.Module, tuple[int, ...]]
+
+
+def _trace(model: nn.Module, x: Tensor) -> tuple[list[Event], list[tuple[str, nn.Module]]]:
+    """One probing pass: every (module path, module, output shape) of a tensor output in the
+    order the modules finish, and every leaf module called, in order."""
+    events: list[Event] = []
+    leaves: list[tuple[str, nn.Module]] = []
+
+    def record(name: str, module: nn.Module) -> Any:
+        def hook(_m: nn.Module, _a: tuple[Any, ...], out: Any) -> None:
+            if not list(module.children()):
+                leaves.append((name, module))
+            if isinstance(out, Tensor):
+                events.append((name, module, tuple(out.shape)))
+        return hook
+
+    handles = [m.register_forward_hook(record(n, m)) for n, m in model.named_modules() if n]
+    try:
+        _probe(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return events, leaves
+
+
+def _token_blocks(events: list[Event]) -> list[str]:
+    """The transformer blocks of a probed model, in order: the largest run of sibling
+    modules of one type, each made of submodules, that give 3-D (token) outputs, not nested
+    inside another such run (so the layers inside a block are not mistaken for the blocks).
+    Empty for a CNN."""
+    groups: dict[tuple[str, type], list[str]] = {}
+    for name, module, shape in events:
+        if len(shape) == 3 and any(True for _ in module.children()):
+            members = groups.setdefault((name.rpartition(".")[0], type(module)), [])
+            if name not in members:
+                members.append(name)
+    runs = {key: names for key, names in groups.items() if len(names) >= 2}
+    inside = {n for names in runs.values() for n in names}
+    outer = [(parent, names) for (parent, _t), names in runs.items()
+             if not any(parent == m or parent.startswith(m + ".") for m in inside)]
+    if not outer:
+        return []
+    most = max(len(names) for _p, names in outer)
+    return min(((p, n) for p, n in outer if len(n) == most), key=lambda pn: pn[0].count("."))[1]
+
+
+TOKEN_STAGES = 4  # stage ends taken from a transformer's blocks: the end of each quarter
+
+
+def _evenly(items: list[Any], k: int) -> list[Any]:
+    """``k`` of ``items`` at the ends of k equal parts (the last item always included)."""
+    n = len(items)
+    return [items[-(-(i + 1) * n // k) - 1] for i in range(k)]
+
+
+def _token_points(model: nn.Module, x: Tensor, events: list[Event], blocks: list[str],
+                  read: Read) -> list[FeaturePoint]:
+    """Stage ends of a transformer: the blocks ending each quarter of its depth (of timm's
+    ``feature_info`` blocks where it names them), read as tokens (B, N, D) with their
+    layout (prefix tokens, patch grid); no pre-activation (a block ends in a residual add)."""
+    model_name = type(model).__name__
+    shapes = {name: shape for name, _m, shape in reversed(events)}  # first call's shape
+    batch = x.shape[0]
+    first = shapes[blocks[0]]
+    if first[0] != batch and first[1] == batch:
+        raise KdkitError(
+            f"{model_name}: its transformer blocks ({blocks[0]}, ...) give sequence-first "
+            f"tokens {first} (N, B, D) for a batch of {batch}; build them batch-first (e.g. "
+            "nn.TransformerEncoderLayer(..., batch_first=True)), or name layers that give "
+            "(B, C, H, W) maps (student_layers / teacher_layers)")
+    named = [n for n in _feature_info(model) if n in blocks]
+    candidates = named if len(named) >= 2 else blocks
+    ends = _evenly(candidates, min(TOKEN_STAGES, len(candidates)))
+    if read == "preact":
+        raise KdkitError(
+            f"{model_name}: its stage ends are transformer blocks ({', '.join(ends)}) giving "
+            f"tokens {shapes[ends[-1]]}; a block ends in a residual add, not a ReLU, so it "
+            "has no pre-activation to read; use a method that reads stage outputs (hint, "
+            "fitnets, at, nst, sp, fsp read tokens as maps)")
+    grid = _patch_grid(events)
+    return [FeaturePoint(Tap(e, "output"), None,
+                         infer_layout(model, shapes[e], grid, f"stage end '{e}'"))
+            for e in ends]
+
+
+def _patch_grid(events: list[Event]) -> tuple[int, int] | None:
+    """The spatial size of the last map (B, C, h, w) finished before the first token output
+    (the patch embedding's), if any."""
+    grid = None
+    for _name, _m, shape in events:
+        if len(shape) == 3:
+            return grid
+        if len(shape) == 4:
+            grid = (shape[2], shape[3])
+    return grid
+
+
+def token_layout(model: nn.Module, x: Tensor, shape: tuple[int, ...], where: str
+                 ) -> TokenLayout:
+    """The layout of a (B, N, D) tensor read from ``model`` at a named layer."""
+    events, _ = _trace(model, x)
+    return infer_layout(model, shape, _patch_grid(events), where)
 
 
 def _resnet_points(model: nn.Module, stages: list[str], x: Tensor | None,
@@ -302,43 +396,91 @@ def check_connectable(s_shape: tuple[int, ...], t_shape: tuple[int, ...], where:
 
 def paired_points(student: nn.Module, teacher: nn.Module, x: Tensor | None,
                   student_layers: list[str] | None, teacher_layers: list[str] | None,
-                  read: Read) -> list[tuple[Tap, Tap, str | None]]:
-    """(student tap, teacher tap, teacher BN path) per stage, matched stage by stage."""
+                  read: Read) -> list[tuple[FeaturePoint, FeaturePoint]]:
+    """(student point, teacher point) per stage, matched stage by stage.
+
+    CNNs whose stages have the same sizes pair in order; otherwise where their maps have the
+    same size (a MobileNet's 16, 8, 4, 2 against a ResNet-18's 8, 4, 2, 1 at 32x32 input:
+    three pairs), or in order when no size is shared and the counts are equal. A transformer's stages all share one grid, so its depth decides: two
+    transformers pair their stage ends evenly along depth, and a transformer with a CNN
+    pairs where the CNN's map has the transformer's patch grid. Named layers pair in the
+    order given (their token layouts are found when the method probes their shapes).
+    """
     if student_layers is not None or teacher_layers is not None:
         if student_layers is None or teacher_layers is None or \
                 len(student_layers) != len(teacher_layers):
             raise KdkitError("give student_layers and teacher_layers together, equally long")
-        return [(parse_layer(s, read), parse_layer(t, read), None)
+        return [(FeaturePoint(parse_layer(s, read), None), FeaturePoint(parse_layer(t, read), None))
                 for s, t in zip(student_layers, teacher_layers, strict=True)]
     sp, tp = stage_points(student, x, read), stage_points(teacher, x, read)
-    if len(sp) != len(tp):
-        pairs = _pair_by_resolution(student, teacher, x, sp, tp)
-        if not pairs:
-            raise KdkitError(
-                f"the student has {len(sp)} stages and the teacher {len(tp)}, and none at the "
-                "same resolution; name the layers to match explicitly (student_layers / "
-                "teacher_layers)")
+    s_tokens, t_tokens = sp[0].tokens is not None, tp[0].tokens is not None
+    if s_tokens and t_tokens:
+        k = min(len(sp), len(tp))
+        return list(zip(_evenly(sp, k), _evenly(tp, k), strict=True))
+    if s_tokens or t_tokens:
+        return _pair_with_transformer(student, teacher, x, sp, tp)
+    if len(sp) == len(tp) and (x is None or _grids(student, x, sp) == _grids(teacher, x, tp)):
+        return list(zip(sp, tp, strict=True))
+    pairs = _pair_by_resolution(student, teacher, x, sp, tp)
+    if pairs:
         return pairs
-    return [(s.tap, t.tap, t.bn) for s, t in zip(sp, tp, strict=True)]
+    if len(sp) == len(tp):  # as many stages, none at the same size: in order (connectors resize)
+        return list(zip(sp, tp, strict=True))
+    raise KdkitError(
+        f"the student has {len(sp)} stages and the teacher {len(tp)}, and none at the "
+        "same resolution; name the layers to match explicitly (student_layers / "
+        "teacher_layers)")
+
+
+def _grids(model: nn.Module, x: Tensor | None, points: list[FeaturePoint]
+           ) -> list[tuple[int, ...]]:
+    """The spatial size of each point: a map's (H, W), a token stage's patch grid."""
+    from kdkit.taps import probe_shape
+
+    return [p.tokens.grid if p.tokens is not None else
+            tuple(probe_shape(model, p.tap, x)[2:]) for p in points]
 
 
 def _pair_by_resolution(student: nn.Module, teacher: nn.Module, x: Tensor | None,
                         sp: list[FeaturePoint], tp: list[FeaturePoint]
-                        ) -> list[tuple[Tap, Tap, str | None]]:
+                        ) -> list[tuple[FeaturePoint, FeaturePoint]]:
     """Stages of networks with different numbers of stages, paired where their feature
     maps have the same spatial size (a MobileNet's 5 against a ResNet's 4); the others
     are left out."""
     if x is None:
         return []
-    from kdkit.taps import probe_shape
-
-    def sizes(model: nn.Module, points: list[FeaturePoint]) -> list[tuple[int, ...]]:
-        return [tuple(probe_shape(model, p.tap, x)[2:]) for p in points]
-
-    s_sizes, t_sizes = sizes(student, sp), sizes(teacher, tp)
+    s_sizes, t_sizes = _grids(student, x, sp), _grids(teacher, x, tp)
     pairs = []
     for t, t_size in zip(tp, t_sizes, strict=True):
         same = [s for s, s_size in zip(sp, s_sizes, strict=True) if s_size == t_size]
         if same:
-            pairs.append((same[-1].tap, t.tap, t.bn))
+            pairs.append((same[-1], t))
+    return pairs
+
+
+def _pair_with_transformer(student: nn.Module, teacher: nn.Module, x: Tensor | None,
+                           sp: list[FeaturePoint], tp: list[FeaturePoint]
+                           ) -> list[tuple[FeaturePoint, FeaturePoint]]:
+    """A CNN and a transformer: the CNN's stage whose map has the transformer's patch grid,
+    with the transformer's last stage end (its deepest block at that grid)."""
+    s_sizes, t_sizes = _grids(student, x, sp), _grids(teacher, x, tp)
+    pairs = []
+    for size in dict.fromkeys(t_sizes):
+        ss = [p for p, z in zip(sp, s_sizes, strict=True) if z == size]
+        ts = [p for p, z in zip(tp, t_sizes, strict=True) if z == size]
+        k = min(len(ss), len(ts))
+        if k:
+            pairs += list(zip(_evenly(ss, k), _evenly(ts, k), strict=True))
+    if not pairs:
+        def show(points: list[FeaturePoint], sizes: list[tuple[int, ...]]) -> str:
+            return ", ".join(f"{p.tap.path} {'×'.join(map(str, z))}"
+                             for p, z in zip(points, sizes, strict=True))
+
+        who = "student" if sp[0].tokens is not None else "teacher"
+        raise KdkitError(
+            f"the {who} is a transformer (tokens on a patch grid) and the other a CNN, and no "
+            f"CNN stage has the transformer's grid (student stage ends: {show(sp, s_sizes)}; "
+            f"teacher: {show(tp, t_sizes)}); name the layers to pair (student_layers / "
+            "teacher_layers), or choose an input or patch size at which a CNN stage has the "
+            "transformer's grid")
     return pairs

@@ -2,17 +2,27 @@
 
 Positions come from :mod:`kdkit.distill.features` (stage ends found by structure, or
 ``student_layers`` / ``teacher_layers`` given as ``"path"`` or ``"path:preact"``);
-connectors are built from the probed shapes and trained with the student.
+connectors are built from the probed shapes and trained with the student. A transformer's
+tokens (B, N, D) are read as their patch map (B, D, h, w) on either side (the student's
+through its adapter, the teacher's through the term's fixed ``teacher_view``); a method
+that needs what tokens cannot give (a pre-ReLU feature) refuses, naming both shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from torch import Tensor, nn
 
-from kdkit.distill.features import Connector, check_connectable, paired_points
+from kdkit.distill.features import (
+    Connector,
+    FeaturePoint,
+    check_connectable,
+    paired_points,
+    stage_points,
+    token_layout,
+)
 from kdkit.distill.methods import (
     MethodContext,
     Stage,
@@ -21,6 +31,7 @@ from kdkit.distill.methods import (
     register_method,
 )
 from kdkit.distill.term import Term
+from kdkit.distill.tokens import EachTensor, TokensToMap
 from kdkit.errors import KdkitError
 from kdkit.losses import CrossEntropy
 from kdkit.losses.ab import ABLoss
@@ -44,28 +55,97 @@ def _teacher(ctx: MethodContext) -> tuple[str, nn.Module]:
     return name, ctx.teachers[name]
 
 
-def _points(ctx: MethodContext, student_layers: Layers, teacher_layers: Layers, read: Read
-            ) -> list[tuple[Tap, Tap, str | None, tuple[int, ...], tuple[int, ...]]]:
-    """Matched (student tap, teacher tap, teacher BN, student shape, teacher shape)."""
+class Pair(NamedTuple):
+    """A matched student/teacher position. ``ss``/``ts`` are the shapes the loss sees (a
+    transformer's tokens as their map); ``s_view``/``t_view`` turn tokens into that map."""
+
+    s: Tap
+    t: Tap
+    bn: str | None
+    ss: tuple[int, ...]
+    ts: tuple[int, ...]
+    s_view: TokensToMap | None = None
+    t_view: TokensToMap | None = None
+    s_raw: tuple[int, ...] = ()
+    t_raw: tuple[int, ...] = ()
+
+    def shown(self, side: str) -> str:
+        """The shape of one side, as read and (for tokens) as the map the loss sees."""
+        raw, seen = (self.s_raw, self.ss) if side == "student" else (self.t_raw, self.ts)
+        return f"{seen}" if raw == seen or not raw else f"tokens {raw} (the map {seen})"
+
+
+def _points(ctx: MethodContext, student_layers: Layers, teacher_layers: Layers, read: Read,
+            method: str) -> list[Pair]:
+    """Matched positions, with token views where a side is a transformer's tokens."""
     _, teacher = _teacher(ctx)
     x = ctx.example_input
+    try:
+        pairs = paired_points(ctx.student, teacher, x, student_layers, teacher_layers, read)
+    except KdkitError:
+        if read == "preact" and student_layers is None and teacher_layers is None:
+            _refuse_preact_of_tokens(ctx, method)
+        raise
     out = []
-    for s, t, bn in paired_points(ctx.student, teacher, x, student_layers, teacher_layers, read):
-        s_shape, t_shape = probe_shape(ctx.student, s, x), probe_shape(teacher, t, x)
-        check_connectable(s_shape, t_shape, f"student {s} → teacher {t}")
-        out.append((s, t, bn, s_shape, t_shape))
+    for sp, tp in pairs:
+        s_raw, t_raw = probe_shape(ctx.student, sp.tap, x), probe_shape(teacher, tp.tap, x)
+        s_view = _token_view(ctx.student, sp, s_raw, x, f"{method}: student {sp.tap}")
+        t_view = _token_view(teacher, tp, t_raw, x, f"{method}: teacher {tp.tap}")
+        ss = s_view.layout.map_shape(s_raw) if s_view is not None else s_raw
+        ts = t_view.layout.map_shape(t_raw) if t_view is not None else t_raw
+        pair = Pair(sp.tap, tp.tap, tp.bn, ss, ts, s_view, t_view, s_raw, t_raw)
+        check_connectable(ss, ts, f"{method}: student {sp.tap} → teacher {tp.tap} "
+                                  f"({pair.shown('student')} and {pair.shown('teacher')})")
+        out.append(pair)
     return out
 
 
-def _same_spatial(points: list[tuple[Tap, Tap, str | None, tuple[int, ...], tuple[int, ...]]],
-                  method: str) -> None:
+def _token_view(model: nn.Module, point: FeaturePoint, shape: tuple[int, ...],
+                x: Tensor | None, where: str) -> TokensToMap | None:
+    if len(shape) != 3:
+        return None
+    if x is None:
+        raise KdkitError(f"{where}: the shape of tokens {shape} is needed; pass example_input")
+    layout = point.tokens or token_layout(model, x, shape, where)
+    return TokensToMap(layout)
+
+
+def _refuse_preact_of_tokens(ctx: MethodContext, method: str) -> None:
+    """If a side is a transformer, say so for ``method`` (which reads pre-ReLU features),
+    with both sides' shapes and what would work; otherwise return (the caller re-raises)."""
+    x = ctx.example_input
+    if x is None:
+        return
+    sides = []
+    for role, model in (("student", ctx.student), ("teacher", _teacher(ctx)[1])):
+        try:
+            points = stage_points(model, x, "output")
+        except KdkitError:
+            return
+        last = points[-1]
+        sides.append((role, model, last, probe_shape(model, last.tap, x)))
+    tokens = [f"the {role} ({type(m).__name__})" for role, m, p, _ in sides if p.tokens]
+    if not tokens:
+        return
+    shapes = " and ".join(f"the {role} gives {'tokens ' if p.tokens else ''}{shape} at {p.tap}"
+                          for role, _m, p, shape in sides)
+    raise KdkitError(
+        f"{method} reads the pre-ReLU feature at each stage end, but {' and '.join(tokens)} "
+        f"{'is a transformer' if len(tokens) == 1 else 'are transformers'} whose blocks end "
+        f"in a residual add, not a ReLU: there is no pre-activation to read ({shapes}); what "
+        "works with tokens: hint, fitnets, at, nst, "
+        "sp, fsp (tokens read as maps), pkt, rkd (the embedding), kd (the logits); or name "
+        "pre-ReLU layers of two CNNs (student_layers / teacher_layers)")
+
+
+def _same_spatial(points: list[Pair], method: str) -> None:
     """Losses that compare positions (AT, NST) need equal H×W: fail at build time."""
-    for s, t, _, ss, ts in points:
-        if len(ss) != 4 or len(ts) != 4 or ss[2:] != ts[2:]:
+    for p in points:
+        if len(p.ss) != 4 or len(p.ts) != 4 or p.ss[2:] != p.ts[2:]:
             raise KdkitError(
-                f"{method}: student {s} gives {ss} and teacher {t} gives {ts}; the spatial "
-                "sizes must match (choose layers with equal H×W via student_layers / "
-                "teacher_layers)"
+                f"{method}: student {p.s} gives {p.shown('student')} and teacher {p.t} gives "
+                f"{p.shown('teacher')}; the spatial sizes must match (choose layers with equal "
+                "H×W via student_layers / teacher_layers)"
             )
 
 
@@ -77,6 +157,14 @@ def _connector(s_shape: tuple[int, ...], t_shape: tuple[int, ...], kind: str) ->
             return None
         return nn.Linear(s_shape[1], t_shape[1], bias=False)
     return Connector(s_shape, t_shape, kind)
+
+
+def _adapter(p: Pair, kind: str | None) -> nn.Module | None:
+    """The student's adapter: its token view (if any), then a connector (kind None: none)."""
+    conn = _connector(p.ss, p.ts, kind) if kind is not None else None
+    if p.s_view is not None and conn is not None:
+        return nn.Sequential(p.s_view, conn)
+    return p.s_view if p.s_view is not None else conn
 
 
 def _check_stage(stage: int | None, n: int) -> int:
@@ -93,11 +181,11 @@ def hint(
     student_layers: Layers = None, teacher_layers: Layers = None,
 ) -> list[Term]:
     """Hint baseline: CE + plain L2 between connector(student) and teacher at one stage end."""
-    points = _points(ctx, student_layers, teacher_layers, "output")
-    s, t, _, ss, ts = points[_check_stage(stage, len(points))]
+    points = _points(ctx, student_layers, teacher_layers, "output", "hint")
+    p = points[_check_stage(stage, len(points))]
     return ce_and_kd(ctx, kd_alpha, temperature) + [
-        Term("hint", MSEFeatureLoss(), weight, s, t, teacher_name=_teacher(ctx)[0],
-             adapter=_connector(ss, ts, connector)),
+        Term("hint", MSEFeatureLoss(), weight, p.s, p.t, teacher_name=_teacher(ctx)[0],
+             adapter=_adapter(p, connector), teacher_view=p.t_view),
     ]
 
 
@@ -118,17 +206,18 @@ def fitnets(
     run's rate diverges; Adam is invariant to that scale. ``hint_optimizer`` / ``hint_lr``
     change it.
     """
-    points = _points(ctx, student_layers, teacher_layers, "output")
-    s, t, _, ss, ts = points[_check_stage(stage, len(points))]
+    points = _points(ctx, student_layers, teacher_layers, "output", "fitnets")
+    p = points[_check_stage(stage, len(points))]
     name = _teacher(ctx)[0]
-    regressor = _connector(ss, ts, "conv")
+    regressor = _adapter(p, "conv")
 
     def lam(progress: float) -> float:
         return lambda_start + (lambda_end - lambda_start) * progress
 
     return [
-        Stage("hint", [Term("hint", HintLoss(), 1.0, s, t, teacher_name=name,
-                            adapter=regressor)], hint_epochs, hint_lr, hint_optimizer),
+        Stage("hint", [Term("hint", HintLoss(), 1.0, p.s, p.t, teacher_name=name,
+                            adapter=regressor, teacher_view=p.t_view)],
+              hint_epochs, hint_lr, hint_optimizer),
         Stage("kd", [
             Term("ce", CrossEntropy(), 1.0),
             Term("kd", SoftCrossEntropy(temperature), lam, LOGITS, LOGITS, teacher_name=name),
@@ -143,11 +232,12 @@ def at(
 ) -> list[Term]:
     """Attention transfer (Zagoruyko & Komodakis 2017): CE (+KD) + β·Σ_stages AT, β = 1000."""
     name = _teacher(ctx)[0]
-    points = _points(ctx, student_layers, teacher_layers, "output")
+    points = _points(ctx, student_layers, teacher_layers, "output", "at")
     _same_spatial(points, "at")
     return ce_and_kd(ctx, kd_alpha, temperature) + [
-        Term(f"at{i + 1}", ATLoss(p), beta, s, t, teacher_name=name)
-        for i, (s, t, _, _, _) in enumerate(points)
+        Term(f"at{i + 1}", ATLoss(p), beta, q.s, q.t, teacher_name=name, adapter=q.s_view,
+             teacher_view=q.t_view)
+        for i, q in enumerate(points)
     ]
 
 
@@ -172,30 +262,32 @@ def overhaul(
 ) -> list[Term]:
     """Heo et al. 2019: CE + β·Σ_i partial-L2(conn(S_i), σ_m(T_i)) / 2^(n−i−1), pre-ReLU."""
     name, teacher = _teacher(ctx)
-    points = _points(ctx, student_layers, teacher_layers, "preact")
+    points = _points(ctx, student_layers, teacher_layers, "preact", "overhaul")
     if teacher_bns is not None and len(teacher_bns) != len(points):
         raise KdkitError(f"overhaul: teacher_bns needs one BN path per stage ({len(points)})")
     n = len(points)
     terms = ce_and_kd(ctx, kd_alpha, temperature)
-    for i, (s, t, bn, ss, ts) in enumerate(points):
-        margin = _margin(teacher, teacher_bns[i] if teacher_bns else bn, t)
-        if margin.numel() != ts[1]:
-            raise KdkitError(f"overhaul: BN of {t} has {margin.numel()} channels, "
-                             f"the feature has {ts[1]}")
+    for i, p in enumerate(points):
+        margin = _margin(teacher, teacher_bns[i] if teacher_bns else p.bn, p.t)
+        if margin.numel() != p.ts[1]:
+            raise KdkitError(f"overhaul: BN of {p.t} has {margin.numel()} channels, "
+                             f"the feature has {p.ts[1]}")
         terms.append(Term(f"overhaul{i + 1}", OverhaulLoss(margin), beta / 2 ** (n - i - 1),
-                          s, t, teacher_name=name, adapter=_connector(ss, ts, connector)))
+                          p.s, p.t, teacher_name=name, adapter=_adapter(p, connector),
+                          teacher_view=p.t_view))
     return terms
 
 
 def _last_stage_term(ctx: MethodContext, name: str, loss: nn.Module, weight: float,
                      kd_alpha: float, temperature: float, student_layers: Layers,
                      teacher_layers: Layers, same_spatial: bool) -> list[Term]:
-    points = _points(ctx, student_layers, teacher_layers, "output")
+    points = _points(ctx, student_layers, teacher_layers, "output", name)
     if same_spatial:
         _same_spatial(points[-1:], name)
-    s, t, _, _, _ = points[-1]
+    p = points[-1]
     return ce_and_kd(ctx, kd_alpha, temperature) + [
-        Term(name, loss, weight, s, t, teacher_name=_teacher(ctx)[0])]
+        Term(name, loss, weight, p.s, p.t, teacher_name=_teacher(ctx)[0], adapter=p.s_view,
+             teacher_view=p.t_view)]
 
 
 def _simple(name: str, loss: Callable[[], nn.Module], default_weight: float, summary: str,
@@ -233,18 +325,27 @@ def fsp(ctx: MethodContext, *, weight: float = 1.0, kd_alpha: float = 0.0,
         temperature: float = 4.0, student_layers: Layers = None,
         teacher_layers: Layers = None) -> list[Term]:
     """FSP (Yim et al. 2017): CE + ‖G_s − G_t‖² of Gram matrices of consecutive stage ends."""
-    points = _points(ctx, student_layers, teacher_layers, "output")
+    points = _points(ctx, student_layers, teacher_layers, "output", "fsp")
     if len(points) < 2:
-        raise KdkitError("fsp needs at least two stage ends (a pair per section)")
-    for s, t, _, ss, ts in points:
-        if ss[1] != ts[1]:
+        found = "; ".join(f"student {p.s} {p.shown('student')} with teacher {p.t} "
+                          f"{p.shown('teacher')}" for p in points)
+        raise KdkitError(
+            f"fsp needs at least two paired stage ends (a pair per section), found {found}; "
+            "a transformer and a CNN pair only where the CNN's map has the transformer's "
+            "grid: name two or more layers of each, of equal widths (student_layers / "
+            "teacher_layers), or use hint, fitnets, at, nst or sp")
+    for p in points:
+        if p.ss[1] != p.ts[1]:
             raise KdkitError(
-                f"fsp: student {s} has {ss[1]} channels and teacher {t} {ts[1]}; FSP matrices "
-                "compare equal widths (the paper's students are shallower, not thinner)"
+                f"fsp: student {p.s} has {p.ss[1]} channels and teacher {p.t} {p.ts[1]} "
+                f"({p.shown('student')} and {p.shown('teacher')}); FSP matrices compare equal "
+                "widths (the paper's students are shallower, not thinner)"
             )
     name = _teacher(ctx)[0]
     return ce_and_kd(ctx, kd_alpha, temperature) + [
-        Term(f"fsp{i + 1}", FSPLoss(), weight, (a[0], b[0]), (a[1], b[1]), teacher_name=name)
+        Term(f"fsp{i + 1}", FSPLoss(), weight, (a.s, b.s), (a.t, b.t), teacher_name=name,
+             adapter=EachTensor([a.s_view, b.s_view]) if a.s_view or b.s_view else None,
+             teacher_view=EachTensor([a.t_view, b.t_view]) if a.t_view or b.t_view else None)
         for i, (a, b) in enumerate(zip(points[:-1], points[1:], strict=True))
     ]
 
@@ -255,9 +356,9 @@ def ab(ctx: MethodContext, *, init_epochs: int | None = None, margin: float = 1.
        student_layers: Layers = None, teacher_layers: Layers = None) -> list[Stage]:
     """Activation boundaries (Heo et al. 2019): initialise by AB transfer, then CE (+KD)."""
     name = _teacher(ctx)[0]
-    points = _points(ctx, student_layers, teacher_layers, "preact")
-    init = [Term(f"ab{i + 1}", ABLoss(margin), 1.0 / len(points), s, t, teacher_name=name,
-                 adapter=_connector(ss, ts, connector))
-            for i, (s, t, _, ss, ts) in enumerate(points)]
+    points = _points(ctx, student_layers, teacher_layers, "preact", "ab")
+    init = [Term(f"ab{i + 1}", ABLoss(margin), 1.0 / len(points), p.s, p.t, teacher_name=name,
+                 adapter=_adapter(p, connector), teacher_view=p.t_view)
+            for i, p in enumerate(points)]
     return [Stage("init", init, init_epochs),
             Stage("train", ce_and_kd(ctx, kd_alpha, temperature))]

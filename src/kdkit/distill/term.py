@@ -37,6 +37,8 @@ class Term:
             teacher in that order (ensembles).
         adapter: optional trainable module applied to the student tensor first
             (connector, regressor); it is trained with the student.
+        teacher_view: optional fixed module without parameters applied to the teacher
+            tensor(s) before the loss (a transformer's tokens read as a map); never trained.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Term:
     teacher: Tap | tuple[Tap, ...] | None = None
     teacher_name: str | tuple[str, ...] = "teacher"
     adapter: nn.Module | None = None
+    teacher_view: nn.Module | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name in ("loss", "logits"):
@@ -56,6 +59,9 @@ class Term:
             len(self.teacher) != len(self.teacher_name)
         ):
             raise KdkitError(f"term '{self.name}': give one teacher tap per teacher name")
+        if self.teacher_view is not None and any(True for _ in self.teacher_view.parameters()):
+            raise KdkitError(f"term '{self.name}': a teacher view is a fixed reshaping and has "
+                             "no parameters (the teacher side is never trained)")
 
     @property
     def teacher_is_list(self) -> bool:
@@ -99,6 +105,8 @@ class Term:
         gradient), for terms that relate samples under ``global_batch_terms``.
         """
         s = self.adapter(student) if self.adapter is not None else student
+        if self.teacher_view is not None and teacher is not None:
+            teacher = self.teacher_view(teacher)
         if gather is not None:
             s, teacher = _tree(gather, s), _tree(gather, teacher)
             target = gather(target) if target is not None else None
