@@ -94,11 +94,10 @@ def test_shipped_vision_configs_have_no_problems(path: Path, tmp_path, monkeypat
     missing files are named."""
     pytest.importorskip("torchvision")
     pytest.importorskip("timm")
-    from kdkit.cli import main
-
     from safetensors.torch import save_file
     from torchvision.models import resnet18
 
+    from kdkit.cli import main
     from kdkit.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)
