@@ -267,3 +267,21 @@ def test_a_staged_method_whose_first_stage_skips_layers_trains_under_ddp(tmp_pat
     _ok(_worker(spec, tmp_path / "one.st"))
     _ok(_worker({**spec, "sync_bn": True}, tmp_path / "two.st", nproc=2))
     assert _max_diff(tmp_path / "one.st", tmp_path / "two.st") < 1e-3  # BN variances ~170
+
+
+def test_a_streamed_folder_under_torchrun_gives_one_process_weights(tmp_path):
+    """Images streamed from disk (each rank reads only its share of each global batch, with
+    a DataLoader worker) train the weights of one process streaming them, per-sample
+    augmentation included."""
+    _ok(_kdkit("data", "export", "digits", "--format", "imagefolder", "--out", "imgs",
+               cwd=tmp_path))
+    common = ["train", "--model", "mlp", "--model-arg", "hidden=[16]", "--data", "folder:imgs",
+              "--data-root", "root", "--stream", "--workers", "1", "--epochs", "2",
+              "--augment", "shift=1", "--no-progress"]
+    _ok(_kdkit("--nproc", "2", *common, "--out", "two", cwd=tmp_path))
+    _ok(_kdkit(*common, "--out", "one", cwd=tmp_path))
+    assert _max_diff(tmp_path / "one" / "model.safetensors",
+                     tmp_path / "two" / "model.safetensors") < 1e-6
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["test_acc"] == two["test_acc"]
