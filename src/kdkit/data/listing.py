@@ -59,7 +59,7 @@ def _rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header (lower-cased names) and the non-blank rows ``(line, cells)`` of a listing."""
     where = f"listing {csv_path}"
     if not csv_path.exists():
-        raise DataError(f"{where} does not exist (expected a CSV file whose {_HEADER_HINT}; "
+        raise DataError(f"{where} does not exist (expected a CSV file: {_HEADER_HINT}; "
                         "see kdkit.data.listing)")
     if csv_path.is_dir():
         raise DataError(f"{where} is a folder, not a CSV file (for class sub-folders of images "
