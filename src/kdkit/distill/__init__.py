@@ -8,6 +8,7 @@ from kdkit.distill.methods import (
     build_method,
     build_stages,
     method_arguments,
+    method_deployment,
     method_needs_teacher,
     method_teachers,
     register_method,
@@ -18,6 +19,9 @@ from kdkit.distill.term import Term
 from kdkit.distill import (  # noqa: E402,F401  isort: skip
     methods_ensemble,
     methods_feature,
+    methods_feature2,
+    methods_logit,
+    methods_state,
     methods_triplet,
 )
 
@@ -30,6 +34,7 @@ __all__ = [
     "build_method",
     "build_stages",
     "method_arguments",
+    "method_deployment",
     "method_needs_teacher",
     "method_teachers",
     "register_method",

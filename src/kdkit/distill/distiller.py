@@ -14,8 +14,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from kdkit import dist
 from kdkit.dist import gather_batch
-from kdkit.distill.term import Term
+from kdkit.distill.term import StepInfo, Term
 from kdkit.errors import KdkitError
 from kdkit.taps import Tap, run_with_taps
 
@@ -102,6 +103,22 @@ class Distiller(nn.Module):
         return dict(self._teachers)
 
     @property
+    def metric_keys(self) -> list[str]:
+        """The keys of :meth:`forward`'s values besides ``loss`` and ``logits``: each term's
+        name, then ``<term>/<metric>`` for each extra scalar a loss reports (its
+        ``metric_names``, e.g. CTKD's temperature), which the loop logs like the terms."""
+        return [t.name for t in self.terms] + [
+            f"{t.name}/{m}" for t in self.terms for m in getattr(t.loss, "metric_names", ())]
+
+    def begin_fit(self, *, num_samples: int, seed: int = 0) -> None:
+        """Before training on a set of ``num_samples`` samples (the loop calls it first, a
+        resume included): losses with per-sample state (CRD's memory bank) size it."""
+        for t in self.terms:
+            hook = getattr(t.loss, "begin_fit", None)
+            if hook is not None:
+                hook(num_samples, seed)
+
+    @property
     def teacher_taps(self) -> dict[str, list[str]]:
         """Teacher name -> keys of the taps read from it (what a teacher-output cache stores)."""
         return {name: sorted(taps) for name, taps in self._teacher_taps.items()}
@@ -142,6 +159,8 @@ class Distiller(nn.Module):
         progress: float = 0.0,
         teacher_outputs: Mapping[str, Mapping[str, Tensor]] | None = None,
         global_batch: tuple[int, ...] | None = None,
+        index: Tensor | None = None,
+        seed: int | None = None,
     ) -> dict[str, Tensor]:
         """Compute the objective on a batch.
 
@@ -153,6 +172,10 @@ class Distiller(nn.Module):
             global_batch: under DDP, every rank's shard size (rank order): the terms that
                 relate samples (RKD, SP, PKT, triplets, ...) then see the global batch, all
                 gathered with gradient (``global_batch_terms``); None: each rank's shard.
+            index: the batch rows' sample indices (B,) in the training set, for losses with
+                per-sample state (CRD's memory bank); the loop passes its loader's.
+            seed: this step's seed for losses' random draws (CRD's negatives), the same on
+                every rank; the loop passes one per (run seed, epoch, step).
         """
         logits, s_feats = run_with_taps(self.student, x, self._student_taps)
         t_all = teacher_outputs if teacher_outputs is not None else self.teacher_outputs(x)
@@ -167,6 +190,18 @@ class Distiller(nn.Module):
             gather = None
             if global_batch is not None and term.relates_samples:
                 gather = partial(gather_batch, sizes=global_batch)
+            begin_step = getattr(term.loss, "begin_step", None)
+            if begin_step is not None:
+                if (gather is None and dist.world_size() > 1
+                        and getattr(term.loss, "needs_global_batch", False)):
+                    raise KdkitError(
+                        f"term '{term.name}' keeps per-sample state that every process must "
+                        "update with the same samples: under torchrun it needs the global "
+                        "batch (train.global_batch_terms: true, or --global-batch-terms)")
+                idx = index
+                if idx is not None and gather is not None:
+                    idx = gather(idx.to(logits.device))
+                begin_step(StepInfo(progress, idx, seed))
             value = term.compute(s_val if isinstance(term.student, tuple) else s_val[0], t_val, y,
                                  gather=gather)
             w = term.weight_at(progress)
@@ -174,6 +209,9 @@ class Distiller(nn.Module):
                 weighted = value if w == 1.0 else w * value
                 total = weighted if total is None else total + weighted
             result[term.name] = value.detach()
+            if getattr(term.loss, "metric_names", ()):
+                for k, v in getattr(term.loss, "metrics")().items():  # noqa: B009
+                    result[f"{term.name}/{k}"] = v.detach()
         result["loss"] = total if total is not None else logits.new_zeros((), dtype=torch.float32)
         return result
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from kdkit.distill.term import Term
 from kdkit.errors import KdkitError
 from kdkit.losses import CrossEntropy, KDLoss
+from kdkit.losses.logit import maybe_standardized
 from kdkit.registry import Registry
 from kdkit.taps import LOGITS, Tap, penultimate
 
@@ -27,11 +29,15 @@ class MethodContext:
     """What a builder may look at: the models and an example input (never data or files).
 
     ``example_input`` (a small batch shaped like the data) lets builders size adapters.
+    ``epochs``: how many epochs the run trains (None when unknown, e.g. a bare
+    ``build_method``), for a schedule given in epochs (a warm-up): a Term's weight is a
+    function of progress in [0, 1], and epoch = progress · epochs.
     """
 
     student: nn.Module
     teachers: Mapping[str, nn.Module] = field(default_factory=dict)
     example_input: Tensor | None = None
+    epochs: int | None = None
 
 
 @dataclass
@@ -68,6 +74,29 @@ def register_method(
         return fn
 
     return deco
+
+
+# A method whose deployed model is not the student alone (SimKD: student backbone +
+# projector + the teacher's classifier) registers how to build it after training:
+# fn(student, terms, teachers, *, model_name, model_kwargs) -> (model, name, kwargs), where
+# (name, kwargs) is the model.json recipe (a model source create_model rebuilds).
+Deployment = Callable[..., "tuple[nn.Module, str, dict[str, Any]]"]
+_DEPLOYMENTS: dict[str, Deployment] = {}
+
+
+def register_deployment(name: str) -> Callable[[Deployment], Deployment]:
+    """Decorator registering the deployed-model builder of method ``name``."""
+
+    def deco(fn: Deployment) -> Deployment:
+        _DEPLOYMENTS[name] = fn
+        return fn
+
+    return deco
+
+
+def method_deployment(name: str) -> Deployment | None:
+    """The deployed-model builder of method ``name`` (None: the student is deployed)."""
+    return _DEPLOYMENTS.get(name)
 
 
 def method_teachers(name: str) -> Teachers:
@@ -152,6 +181,7 @@ def build_method(
     teachers: Mapping[str, nn.Module] | None = None,
     *,
     example_input: Tensor | None = None,
+    epochs: int | None = None,
     **kwargs: Any,
 ) -> list[Term]:
     """Build the Terms of single-stage method ``name`` for this student/teacher pair.
@@ -159,7 +189,8 @@ def build_method(
     ``example_input``: a small batch shaped like the data, for methods whose adapters
     depend on layer shapes. Staged methods (FitNets) are built with :func:`build_stages`.
     """
-    stages = build_stages(name, student, teachers, example_input=example_input, **kwargs)
+    stages = build_stages(name, student, teachers, example_input=example_input, epochs=epochs,
+                          **kwargs)
     if len(stages) != 1:
         raise KdkitError(
             f"method '{name}' has {len(stages)} stages ({', '.join(s.name for s in stages)}); "
@@ -174,9 +205,13 @@ def build_stages(
     teachers: Mapping[str, nn.Module] | None = None,
     *,
     example_input: Tensor | None = None,
+    epochs: int | None = None,
     **kwargs: Any,
 ) -> list[Stage]:
-    """Build method ``name`` as a list of stages (one stage for most methods)."""
+    """Build method ``name`` as a list of stages (one stage for most methods).
+
+    ``epochs``: the run's epoch count, for methods with a warm-up in epochs (None: unknown).
+    """
     kwargs, problems = coerce_method_kwargs(name, kwargs)
     if problems:
         raise KdkitError("; ".join(problems))
@@ -189,7 +224,7 @@ def build_stages(
             f"method '{name}' takes exactly one teacher, got {len(teachers)} "
             f"({', '.join(teachers)}); choose one, or use an ensemble method"
         )
-    built = METHODS.get(name)(MethodContext(student, teachers, example_input), **kwargs)
+    built = METHODS.get(name)(MethodContext(student, teachers, example_input, epochs), **kwargs)
     if built and all(isinstance(b, Stage) for b in built):
         return list(built)  # type: ignore[arg-type]
     return [Stage("main", list(built))]  # type: ignore[arg-type]
@@ -202,8 +237,13 @@ def ce(ctx: MethodContext, *, label_smoothing: float = 0.0) -> list[Term]:
 
 
 @register_method("kd", teachers="one")
-def kd(ctx: MethodContext, *, temperature: float = 4.0, alpha: float = 0.9) -> list[Term]:
-    """Hinton et al. 2015: α·T²·KL(p_t^T‖p_s^T) + (1−α)·CE on the teacher's logits."""
+def kd(ctx: MethodContext, *, temperature: float = 4.0, alpha: float = 0.9,
+       logit_standardization: bool = False) -> list[Term]:
+    """Hinton et al. 2015: α·T²·KL(p_t^T‖p_s^T) + (1−α)·CE on the teacher's logits.
+
+    ``logit_standardization``: each sample's logits standardized first, teacher and
+    student separately, then KD at ``temperature`` (Sun et al., CVPR 2024).
+    """
     if not 0.0 <= alpha <= 1.0:
         raise KdkitError(f"kd: alpha must be in [0, 1], got {alpha}")
     if temperature <= 0:
@@ -211,8 +251,32 @@ def kd(ctx: MethodContext, *, temperature: float = 4.0, alpha: float = 0.9) -> l
     teacher = next(iter(ctx.teachers))
     return [
         Term("ce", CrossEntropy(), 1.0 - alpha),
-        Term("kd", KDLoss(temperature), alpha, LOGITS, LOGITS, teacher_name=teacher),
+        Term("kd", maybe_standardized(KDLoss(temperature), logit_standardization), alpha,
+             LOGITS, LOGITS, teacher_name=teacher),
     ]
+
+
+def warmup_weight(weight: float, warmup_epochs: float, ctx: MethodContext,
+                  method: str) -> float | Callable[[float], float]:
+    """``weight · min(epoch / warmup_epochs, 1)``, epoch = progress · ``ctx.epochs`` (the
+    linear warm-up of DKD and ReviewKD). Without the run's epoch count (a bare
+    ``build_method`` without ``epochs=``) the warm-up cannot be placed: a warning says so
+    and the weight is constant."""
+    if warmup_epochs < 0:
+        raise KdkitError(f"{method}: warmup_epochs must be >= 0, got {warmup_epochs}")
+    if warmup_epochs == 0:
+        return weight
+    if ctx.epochs is None:
+        warnings.warn(f"{method}: the run's epoch count is unknown (pass epochs= to "
+                      f"build_method / build_stages), so its {warmup_epochs:g}-epoch warm-up "
+                      "is off", stacklevel=3)
+        return weight
+    epochs = ctx.epochs
+
+    def warm(progress: float) -> float:
+        return weight * min(progress * epochs / warmup_epochs, 1.0)
+
+    return warm
 
 
 def layer_tap(model: nn.Module, layer: str | None) -> Tap:

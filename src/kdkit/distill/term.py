@@ -20,6 +20,25 @@ from kdkit.taps import LOGITS, Tap
 Weight = float | Callable[[float], float]
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training is, for a loss that keeps state across steps (CTKD's curriculum, CRD's
+    memory bank). The distiller calls ``loss.begin_step(info)`` before each forward on every
+    loss that defines ``begin_step``; other losses never see it.
+
+    Attributes:
+        progress: fraction of training done, in [0, 1].
+        index: the batch rows' sample indices (B,) in the training set (under
+            ``global_batch`` the global batch's), or None when the caller gave none.
+        seed: a seed for this step's random draws, the same on every process (None outside
+            the training loop).
+    """
+
+    progress: float = 0.0
+    index: Tensor | None = None
+    seed: int | None = None
+
+
 @dataclass
 class Term:
     """One summand of the distillation objective.

@@ -8,12 +8,26 @@ from kdkit.losses.ensemble import (
     ensemble_targets,
 )
 from kdkit.losses.kd import KDLoss, kd_loss, soft_kl
+from kdkit.losses.logit import (
+    CCLoss,
+    DISTLoss,
+    DKDLoss,
+    NKDLoss,
+    Standardized,
+    standardize_logits,
+)
 from kdkit.losses.metric import AbsoluteTeacherLoss, RelativeTeacherLoss
 from kdkit.losses.relative import RelativeDissimilarityLoss
 from kdkit.losses.rkd import RKDAngleLoss, RKDDistanceLoss, rkd_angle, rkd_distance
 from kdkit.losses.triplet import BatchHardTripletLoss, TripletKDLoss
 
 __all__ = [
+    "CCLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "NKDLoss",
+    "Standardized",
+    "standardize_logits",
     "AbsoluteTeacherLoss",
     "BatchHardTripletLoss",
     "CrossEntropy",

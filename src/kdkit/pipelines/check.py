@@ -309,12 +309,16 @@ class DryBuild:
             ts = {label: self._instance(self._model(spec), dev) for label, spec in teachers.items()}
             x, y = self._input(dev)
             with on_device(dev):  # adapters and loss buffers on the models' device
-                stages = build_stages(method, s, ts, example_input=x, **run.method.kwargs)
+                stages = build_stages(method, s, ts, example_input=x,
+                                      epochs=self.cfg.student_train(run).epochs,
+                                      **run.method.kwargs)
                 for stage in stages:
                     try:
                         distiller = Distiller(s, ts, stage.terms, teacher_mode=run.teacher_mode)
                         distiller.train()
-                        distiller(x, y)
+                        # as fit does: per-sample state sized, the batch's sample indices
+                        distiller.begin_fit(num_samples=max(len(x), 2))
+                        distiller(x, y, index=torch.arange(len(x)))
                     except Exception as e:  # noqa: BLE001
                         which = f" (stage '{stage.name}')" if len(stages) > 1 else ""
                         raise _StepError(f"a training step{which} on a zero batch of shape "

@@ -22,7 +22,7 @@ from kdkit.data import DatasetSplits
 from kdkit.data.augment import build_augment
 from kdkit.data.loader import derive_seed
 from kdkit.data.stream import eval_args, example_inputs, make_loader
-from kdkit.distill import Distiller, build_stages
+from kdkit.distill import Distiller, build_stages, method_deployment
 from kdkit.errors import KdkitError
 from kdkit.files import RUN_MARKER, clean_stale_temps, mark_run_dir, remove_run_dir
 from kdkit.models import DATA_FILLED, create_model
@@ -209,7 +209,7 @@ def train_one(
     if channels_last:
         student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     stages = build_stages(method, student, teachers, example_input=example_inputs(data.train),
-                          **method_kwargs)
+                          epochs=settings.epochs, **method_kwargs)
     aug = build_augment(augment, fill=data.black)
     cache_settings = CacheSettings(**teacher_cache) if teacher_cache is not None else None
     if loader is not None and cache_settings is not None:
@@ -235,22 +235,35 @@ def train_one(
             resume=resume, progress=progress, main=main, stop_after=stop_after,
             eval_batch_size=eval_batch_size, model_name=model_name, model_kwargs=model_kwargs)
     t0 = time.perf_counter()
-    test = evaluate(student, *eval_args(data.test), batch_size=eval_batch_size,
+    final = result.history[-1] if result.history else {}
+    val_acc = final.get("val/acc")
+    # What is deployed: the student, or what the method builds from it (SimKD: backbone +
+    # projector + the teacher's classifier); that model is tested, counted and saved.
+    deployed, saved_name, saved_kwargs = student, model_name, model_kwargs
+    deploy = method_deployment(method)
+    if deploy is not None:
+        deployed, saved_name, saved_kwargs = deploy(
+            student, stages[-1].terms, teachers, model_name=model_name, model_kwargs=model_kwargs)
+        if val is not None:  # (the loop's per-epoch val figures are the bare student's)
+            vx, vy = val if isinstance(val, tuple) else (val, None)
+            val_acc = evaluate(deployed, vx, vy, batch_size=eval_batch_size,
+                               distributed=True)["acc"]
+    test = evaluate(deployed, *eval_args(data.test), batch_size=eval_batch_size,
                     distributed=True)
     model_path = run_dir / f"{MODEL_STEM}.safetensors"
     with dist.main_first():
         if main:
-            save_model(run_dir, student, name=model_name, kwargs=model_kwargs,
+            save_model(run_dir, deployed, name=saved_name, kwargs=saved_kwargs,
                        data=data_meta(data), extra={"method": {"name": method,
                                                                "kwargs": method_kwargs},
                                                     "seed": settings.seed})
-    final = result.history[-1] if result.history else {}
     summary = {
         "label": label, "seed": settings.seed, "model": model_name, "model_kwargs": model_kwargs,
         "method": method, "method_kwargs": method_kwargs,
-        "params": count_parameters(student), "size_bytes": model_path.stat().st_size,
+        **({"deployed_model": saved_name} if deploy is not None else {}),
+        "params": count_parameters(deployed), "size_bytes": model_path.stat().st_size,
         "test_acc": test["acc"], "test_loss": test["loss"],
-        "val_acc": final.get("val/acc"), "epochs": stage_settings.epochs,
+        "val_acc": val_acc, "epochs": stage_settings.epochs,
         "train_samples": len(loader.dataset),
         "wall_s": round(fit_wall + time.perf_counter() - t0, 2),
         "resumed_from": result.resumed_from, **(extra or {}), "identity": identity,

@@ -45,6 +45,7 @@ from kdkit.train.optim import build_optimizer, lr_at, set_lr
 from kdkit.train.teacher_cache import TeacherCache
 
 _DROPOUT_STREAM = 2  # keeps per-step torch seeds apart from the loader's streams
+_TERM_STREAM = 3  # losses' own draws (CRD's negatives): the same seed on every rank
 
 
 class TrainingInterrupted(KdkitError):
@@ -218,6 +219,7 @@ def fit(
             "that leaves every rank at least one sample (or fewer processes)")
     device = resolve_device(s.device)
     prec = Precision(s.precision, device)
+    distiller.begin_fit(num_samples=len(loader.dataset), seed=derive_seed(s.seed, _TERM_STREAM))
     distiller.to(device)
     compiled = _compile(distiller, log) if s.compile else []
     loader.place(device)
@@ -241,7 +243,7 @@ def fit(
     result = FitResult()
     ident = json.loads(json.dumps({**(identity or {}), "loop": loop_identity(s),
                                    "steps_per_epoch": steps_per_epoch}, default=str))
-    keys = ["loss", *(t.name for t in distiller.terms)]
+    keys = ["loss", *distiller.metric_keys]  # terms, then extra scalars (CTKD's temperature)
     epoch, start_step, partial, wall_before = 0, 0, {}, 0.0
     found = None
     if resume and run_dir is not None:
@@ -351,7 +353,8 @@ def fit(
                 rows = loader.batch_rows(step)
                 sizes = tuple(dist.shard_sizes(rows, world)) if global_batch else None
                 with prec.autocast():
-                    out = model(x, y, progress=prog, teacher_outputs=cached, global_batch=sizes)
+                    out = model(x, y, progress=prog, teacher_outputs=cached, global_batch=sizes,
+                                index=index, seed=derive_seed(s.seed, epoch, step, _TERM_STREAM))
                 meter.add(out, y, gstep)
                 last_of_epoch = step + 1 == steps_per_epoch
                 if check_every == 1:
