@@ -211,6 +211,24 @@ def test_bench_explicit_feature_method_that_does_not_fit_is_skipped(tmp_path, mo
     assert "chosen with --feature-method" in capsys.readouterr().out
 
 
+def test_bench_crd_rows_get_sample_indices_and_run(tmp_path, monkeypatch):
+    """CRD's memory bank is sized by begin_fit and read by sample index: the bench checks
+    its rows as the loop runs them (not as unfit), and live and cached train alike."""
+    calls = _in_process(monkeypatch)
+    out = tmp_path / "b"
+    assert main(["bench", *MLP_PAIR, "--feature-method", "crd", "--feature-arg",
+                 "negatives=64", "--train-subset", "200", "--epochs", "1",
+                 "--teacher-epochs", "1", "--batch-size", "64", "--out", str(out)]) == 0
+    assert calls[-2:] == ["crd_live", "crd_cache"]
+    report = json.loads((out / "bench.json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert report["feature_method"] == "crd" and report["complete"]
+    assert "feature_note" not in report or not report["feature_note"]
+    assert not any("skipped" in r for r in rows.values())
+    assert rows["crd_cache"]["val_acc"] == rows["crd_live"]["val_acc"]
+    assert "crd_cache / plain" in report["ratios"]
+
+
 def test_bench_checks_every_row_before_training_the_teacher(tmp_path):
     from kdkit.errors import KdkitError
     from kdkit.pipelines.bench import run_bench

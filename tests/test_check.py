@@ -113,6 +113,76 @@ def test_shipped_vision_configs_have_no_problems(path: Path, tmp_path, monkeypat
     assert dry_build(load_config(path)) == []
 
 
+# The methods of issue 13, each with a typo of one of its arguments (the right name second).
+NEW_METHODS: list[tuple[str, dict[str, Any], tuple[str, str]]] = [
+    ("dkd", {}, ("warmup_epoch", "warmup_epochs")),
+    ("dkd", {"logit_standardization": True}, ("betta", "beta")),
+    ("kd", {"logit_standardization": True}, ("logit_standardisation", "logit_standardization")),
+    ("dist", {}, ("gama", "gamma")),
+    ("nkd", {}, ("temprature", "temperature")),
+    ("cc", {}, ("oder", "order")),
+    ("ctkd", {}, ("curriculum_epoch", "curriculum_epochs")),
+    ("ctkd", {"base": "dkd", "mode": "instance", "logit_standardization": True},
+     ("dkd_beat", "dkd_beta")),
+    ("crd", {"negatives": 64}, ("feat_dims", "feat_dim")),
+    ("vid", {}, ("init_varaince", "init_variance")),
+    ("reviewkd", {}, ("mid_channel", "mid_channels")),
+    ("simkd", {}, ("facter", "factor")),
+]
+
+
+def _new_methods_raw(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, Any]:
+    raw = default_raw()
+    raw["teacher"]["model"] = teacher
+    raw["student"] = student
+    raw["students"] = [{"label": f"m{i}", "method": {"name": name, **kw}}
+                       for i, (name, kw, _typo) in enumerate(NEW_METHODS)]
+    return raw
+
+
+def test_every_new_method_validates_on_a_cnn_pair() -> None:
+    """Each method of issue 13 builds and takes a step on a ResNet pair on digits (the pair
+    of examples/fashion_feature.yaml)."""
+    raw = _new_methods_raw({"name": "resnet14"}, {"name": "resnet", "depth": 8, "width": 8})
+    assert problems_of(raw) == []
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_new_methods_on_the_example_pairs(path: Path) -> None:
+    """On each example's pair every method of issue 13 builds, except where the pair cannot
+    have it, said clearly: a feature method on an MLP, SimKD on a teacher whose classifier
+    does not follow global average pooling (a flattening head: PlainCNN, LeNet-5)."""
+    raw = copy.deepcopy(load_raw(path)[0])
+    raw.pop("datafree", None)
+    labels = [t["label"] for t in raw.get("teachers", [])]
+    raw["students"] = [
+        {"label": f"m{i}", "method": {"name": name, **kw},
+         **({"teachers": [labels[0]]} if len(labels) > 1 else {})}
+        for i, (name, kw, _typo) in enumerate(NEW_METHODS)]
+    expected = ("cannot find the stages of MLP", "outputs no feature map",
+                "reuses a classifier that follows global average pooling")
+    for p in problems_of(raw):
+        method = NEW_METHODS[int(p.split("label 'm")[1].split("'")[0])][0]
+        assert method in ("vid", "reviewkd", "simkd") and any(e in p for e in expected), p
+        assert "Error:" not in p, p  # a sentence, not a raw exception
+
+
+def test_a_typo_in_a_new_methods_argument_is_named() -> None:
+    from kdkit.errors import ConfigError
+
+    raw = _new_methods_raw({"name": "resnet14"}, {"name": "resnet", "depth": 8, "width": 8})
+    for run, (_name, _kw, (typo, _right)) in zip(raw["students"], NEW_METHODS, strict=True):
+        run["method"][typo] = 1
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    msg = str(e.value)
+    for i, (name, _kw, (typo, right)) in enumerate(NEW_METHODS):
+        assert (f"students[{i}].method: method '{name}' has no argument '{typo}'; "
+                f"it takes: ") in msg
+        line = next(ln for ln in msg.splitlines() if f"students[{i}].method" in ln)
+        assert right in line.split("it takes: ")[1]
+
+
 def test_default_config_is_fast_and_leaves_the_rng_alone() -> None:
     cfg = load_config()
     dry_build(cfg)  # first call: lazy imports

@@ -27,13 +27,11 @@ from kdkit.losses.logit import (
 from kdkit.models import create_model
 from kdkit.train.loop import LoopSettings, fit
 from kdkit.train.teacher_cache import CacheSettings, TeacherCache
+from methods_reference import Z_S, Z_T
+from methods_reference import Y as Y_REF
 
 D = torch.float64
-ZS = torch.tensor([[2.0, 1.0, 0.1, -1.0], [0.5, 0.3, -0.2, 1.5], [0.0, -0.5, 1.0, 0.2],
-                   [1.2, 0.8, -0.3, 0.0]], dtype=D)
-ZT = torch.tensor([[3.0, 0.5, 0.0, -2.0], [0.0, 1.0, -1.0, 2.5], [-1.0, 0.0, 2.0, 0.5],
-                   [2.0, 0.0, -1.0, -0.5]], dtype=D)
-YR = torch.tensor([0, 3, 2, 1])
+ZS, ZT, YR = Z_S, Z_T, Y_REF
 NEW = ["dkd", "dist", "nkd", "cc"]
 
 

@@ -27,12 +27,7 @@ from kdkit.losses.kd import kd_loss
 from kdkit.models import create_model
 from kdkit.train.loop import LoopSettings, TrainingInterrupted, fit
 from kdkit.train.teacher_cache import CacheSettings, TeacherCache
-
-Z_S = torch.tensor([[2.0, 1.0, 0.1, -1.0], [0.5, 0.3, -0.2, 1.5], [0.0, -0.5, 1.0, 0.2],
-                    [1.2, 0.8, -0.3, 0.0]], dtype=torch.float64)
-Z_T = torch.tensor([[3.0, 0.5, 0.0, -2.0], [0.0, 1.0, -1.0, 2.5], [-1.0, 0.0, 2.0, 0.5],
-                    [2.0, 0.0, -1.0, -0.5]], dtype=torch.float64)
-Y = torch.tensor([0, 3, 2, 1])
+from methods_reference import Z_S, Z_T, Y
 
 
 def _teacher(seed=0):

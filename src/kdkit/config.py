@@ -539,6 +539,15 @@ def _check_teacher_cache(
     problem = teacher_cache_views_problem(merged.get("augment"), spec, str(run.get("label")))
     if problem:
         problems.append(f"{key}.views: {problem}")
+    method = run.get("method")
+    mname = method.get("name") if isinstance(method, dict) else None
+    if isinstance(mname, str):
+        from kdkit.distill.methods import METHODS, method_takes_teacher_cache
+
+        if mname in METHODS and not method_takes_teacher_cache(mname):
+            problems.append(f"{key}: method '{mname}' runs the teacher on a view of each batch "
+                            "drawn afresh every step, which a teacher-output cache cannot hold; "
+                            "remove teacher_cache from this run")
     if run.get("teacher_mode") == "train":
         problems.append(f"{where}.teacher_mode: 'train' (BN batch statistics) cannot use "
                         f"{key}: a sample's teacher output depends on its batch; use "

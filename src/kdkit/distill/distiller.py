@@ -49,6 +49,12 @@ class Distiller(nn.Module):
         terms: the objective; term names must be unique.
         teacher_mode: ``"eval"`` (default) or ``"train"`` (BN batch statistics, as some
             official implementations do); teachers never receive gradients either way.
+
+    Two views (MLKD): when a term's loss has ``second_view`` (a callable ``(x, StepInfo) ->
+    x2``), each step the student and the teachers also run on ``x2`` (separate forwards, the
+    teachers under no_grad as always) and every loss with ``views = 2`` receives each side as
+    ``[first view, second view]``; the other terms and ``"logits"`` see the first view (the
+    batch) only. A teacher-output cache cannot serve a view drawn per step and is refused.
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class Distiller(nn.Module):
         for t in self.terms:
             for name, tap in t.teacher_reads():
                 self._teacher_taps.setdefault(name, {})[str(tap)] = tap
+        self._viewer = _second_view_term(self.terms)
 
     @property
     def teachers(self) -> dict[str, nn.Module]:
@@ -117,6 +124,13 @@ class Distiller(nn.Module):
             hook = getattr(t.loss, "begin_fit", None)
             if hook is not None:
                 hook(num_samples, seed)
+
+    @property
+    def second_view(self) -> str | None:
+        """The name of the term that makes a second view of each batch (MLKD's strong view),
+        or None. Such a view is drawn afresh every step, so a teacher-output cache cannot
+        serve it."""
+        return self._viewer.name if self._viewer is not None else None
 
     @property
     def teacher_taps(self) -> dict[str, list[str]]:
@@ -179,6 +193,15 @@ class Distiller(nn.Module):
         """
         logits, s_feats = run_with_taps(self.student, x, self._student_taps)
         t_all = teacher_outputs if teacher_outputs is not None else self.teacher_outputs(x)
+        s_feats2: dict[str, Tensor] = {}
+        t_all2: Mapping[str, Mapping[str, Tensor]] = {}
+        if self._viewer is not None:  # a second view (MLKD): student and teachers run on it too
+            if teacher_outputs is not None:
+                raise KdkitError(no_cache_message(self._viewer.name))
+            x2 = getattr(self._viewer.loss, "second_view")(  # noqa: B009
+                x, StepInfo(progress, index, seed))
+            _, s_feats2 = run_with_taps(self.student, x2, self._student_taps)
+            t_all2 = self.teacher_outputs(x2)
         result: dict[str, Tensor] = {"logits": logits}
         total: Tensor | None = None
         for term in self.terms:
@@ -187,6 +210,13 @@ class Distiller(nn.Module):
             if reads:
                 t_val = reads if term.teacher_is_list else reads[0]
             s_val = [s_feats[str(tap)] for tap in term.student_taps()]
+            s_in: Tensor | list[Tensor] = s_val if isinstance(term.student, tuple) else s_val[0]
+            if getattr(term.loss, "views", 1) == 2:  # [first view, second view] of each side
+                key = str(term.student_taps()[0])
+                s_in = [s_feats[key], s_feats2[key]]
+                if reads:
+                    name, t_tap = term.teacher_reads()[0]
+                    t_val = [t_all[name][str(t_tap)], t_all2[name][str(t_tap)]]
             gather = None
             if global_batch is not None and term.relates_samples:
                 gather = partial(gather_batch, sizes=global_batch)
@@ -202,8 +232,7 @@ class Distiller(nn.Module):
                 if idx is not None and gather is not None:
                     idx = gather(idx.to(logits.device))
                 begin_step(StepInfo(progress, idx, seed))
-            value = term.compute(s_val if isinstance(term.student, tuple) else s_val[0], t_val, y,
-                                 gather=gather)
+            value = term.compute(s_in, t_val, y, gather=gather)
             w = term.weight_at(progress)
             if w != 0.0:  # (the same sum as 0 + w1*v1 + ..., without the extra operations)
                 weighted = value if w == 1.0 else w * value
@@ -216,3 +245,33 @@ class Distiller(nn.Module):
         return result
 
 
+
+
+def no_cache_message(term: str) -> str:
+    return (f"term '{term}' runs the teachers on a second, strong view of each batch "
+            "drawn afresh every step, which a teacher-output cache cannot hold: remove "
+            "train.teacher_cache (--teacher-cache) from this run")
+
+
+def _second_view_term(terms: Sequence[Term]) -> Term | None:
+    """The term whose loss makes a second view of each batch (``loss.second_view(x, info)``,
+    MLKD's strong view), checking the terms that take two views (``loss.views == 2``: each
+    side is passed as ``[first view, second view]``): one student tap, at most one teacher
+    read, no adapter, and exactly one maker of the view."""
+    two = [t for t in terms if getattr(t.loss, "views", 1) == 2]
+    makers = [t for t in terms if getattr(t.loss, "second_view", None) is not None]
+    if not two and not makers:
+        return None
+    if len(makers) != 1:
+        raise KdkitError(
+            f"terms {[t.name for t in two]} take two views of each batch, so exactly one term "
+            f"must make the second view; got {[t.name for t in makers] or 'none'}")
+    for t in two:
+        if len(t.student_taps()) != 1 or len(t.teacher_reads()) > 1 or t.adapter is not None \
+                or t.teacher_view is not None:
+            raise KdkitError(f"term '{t.name}' takes two views: it reads one student tap and at "
+                             "most one teacher tap, without an adapter or a teacher view")
+    if makers[0] not in two:
+        raise KdkitError(f"term '{makers[0].name}' makes a second view but does not take it "
+                         "(its loss needs views = 2)")
+    return makers[0]

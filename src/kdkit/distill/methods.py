@@ -63,17 +63,32 @@ METHODS: Registry[list[Term] | list[Stage]] = Registry("method")
 _TEACHERS: dict[str, Teachers] = {}
 
 
+# Methods whose teachers cannot be served by the teacher-output cache (MLKD's strong view is
+# drawn afresh every step): configs with train.teacher_cache are refused before any training.
+_NO_TEACHER_CACHE: set[str] = set()
+
+
 def register_method(
-    name: str, *, teachers: Teachers, summary: str | None = None
+    name: str, *, teachers: Teachers, summary: str | None = None, teacher_cache: bool = True
 ) -> Callable[[Builder], Builder]:
-    """Decorator registering a method builder ``fn(ctx, **kwargs) -> list[Term]``."""
+    """Decorator registering a method builder ``fn(ctx, **kwargs) -> list[Term]``.
+
+    ``teacher_cache=False``: the method's teacher outputs cannot be cached."""
 
     def deco(fn: Builder) -> Builder:
         METHODS.register(name, summary)(fn)
         _TEACHERS[name] = teachers
+        if not teacher_cache:
+            _NO_TEACHER_CACHE.add(name)
         return fn
 
     return deco
+
+
+def method_takes_teacher_cache(name: str) -> bool:
+    """Whether method ``name``'s teacher outputs can come from the teacher-output cache."""
+    METHODS.get(name)
+    return name not in _NO_TEACHER_CACHE
 
 
 # A method whose deployed model is not the student alone (SimKD: student backbone +

@@ -290,6 +290,15 @@ def _check_head(teacher: nn.Module, tap: Tap, head: TeacherHead, x: Tensor) -> N
             if feats["f"].dim() != 4:
                 raise KdkitError(f"simkd: teacher {tap} gives {tuple(feats['f'].shape)}, not a "
                                  "feature map (B, C, H, W); name one (teacher_layer)")
+            fc = head.fc
+            assert isinstance(fc, nn.Linear)
+            if fc.in_features != feats["f"].shape[1]:
+                # e.g. a flattening head (PlainCNN, LeNet-5): no pooled map feeds the classifier
+                raise KdkitError(
+                    f"simkd: the teacher's classifier takes {fc.in_features} inputs but the "
+                    f"average-pooled map at {tap} has {feats['f'].shape[1]} channels: SimKD "
+                    "reuses a classifier that follows global average pooling (a ResNet/WRN "
+                    "head); name the map it pools (teacher_layer) or use such a teacher")
             again = head(feats["f"].float())
     finally:
         teacher.train(was)

@@ -190,14 +190,16 @@ def _build_distiller(spec: BenchSpec, row: Row, student: nn.Module, teacher: nn.
     method = "kd" if row.method == "teacher_forward" else row.method
     teachers = {} if method == "ce" else {"teacher": teacher}
     terms = build_method(method, student, teachers, example_input=example,
-                         **_method_kwargs(spec, row))
+                         epochs=spec.epochs, **_method_kwargs(spec, row))
     return Distiller(student, teachers, terms)
 
 
 def row_problem(spec: BenchSpec, row: Row, data: DatasetSplits, teacher: nn.Module) -> str | None:
     """Why ``row`` cannot run on these models (None when it can), found cheaply: the row's
-    distiller is built on a fresh student and run on two training images, and a cached row's
-    cache identity is computed (no training, no timing, no files)."""
+    distiller is built on a fresh student and run on two training images as the loop runs
+    it (``begin_fit`` on the training set, then the batch's sample indices and a step seed:
+    CRD's memory bank needs them), and a cached row's cache identity is computed (no
+    training, no timing, no files)."""
     from kdkit.data.augment import build_augment
     from kdkit.pipelines.runs import build_model
     from kdkit.train.teacher_cache import CacheSettings, cache_identity
@@ -215,9 +217,10 @@ def row_problem(spec: BenchSpec, row: Row, data: DatasetSplits, teacher: nn.Modu
     except KdkitError as e:
         return str(e)
     try:
+        distiller.begin_fit(num_samples=len(train), seed=spec.seed)
         distiller.eval()
         with torch.no_grad():
-            distiller(x, y)
+            distiller(x, y, index=torch.arange(len(x)), seed=spec.seed)
     except (KdkitError, RuntimeError) as e:
         return f"a forward pass on two training images fails: {e}"
     return None

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from kdkit import dist
 from kdkit.data.loader import derive_seed
-from kdkit.distill.distiller import Distiller
+from kdkit.distill.distiller import Distiller, no_cache_message
 from kdkit.errors import CheckpointError, KdkitError, NonFiniteLossError
 from kdkit.files import atomic_write_bytes, clean_stale_temps
 from kdkit.progress import progress_bar
@@ -205,6 +205,8 @@ def fit(
             f"{label}: no training batches (dataset of {len(loader.dataset)} samples, "
             f"batch size {loader.batch_size}, drop_last={loader.drop_last})"
         )
+    if teacher_cache is not None and distiller.second_view is not None:
+        raise KdkitError(f"{label}: {no_cache_message(distiller.second_view)}")
     if teacher_cache is not None and loader.views != teacher_cache.views:
         raise KdkitError(
             f"{label}: the teacher cache holds {teacher_cache.views} view(s) per sample but the "

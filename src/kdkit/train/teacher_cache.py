@@ -72,7 +72,7 @@ from kdkit.data.arrays import ArrayDataset
 from kdkit.data.augment import Augment
 from kdkit.data.stream import StreamDataset
 from kdkit.data.views import augment_fingerprint, make_views, sample_keys
-from kdkit.distill.distiller import Distiller
+from kdkit.distill.distiller import Distiller, no_cache_message
 from kdkit.errors import KdkitError
 from kdkit.progress import progress_bar
 from kdkit.taps import LOGITS
@@ -169,6 +169,8 @@ def cache_identity(
             "the teacher cache needs teacher_mode 'eval': in 'train' mode BatchNorm uses each "
             "batch's statistics, so a sample's output depends on its batch; use a live teacher"
         )
+    if distiller.second_view is not None:
+        raise KdkitError(no_cache_message(distiller.second_view))
     taps = distiller.teacher_taps
     if not taps:
         raise KdkitError("the teacher cache has nothing to store: this method reads no teacher")
