@@ -2,7 +2,6 @@
 the step, the contract (only the student trains, resume is exact), and the refusals (the
 teacher cache, non-image inputs)."""
 
-import json
 import math
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from kdkit.cli import main
 from kdkit.config import validate_semantics
 from kdkit.data.augment import build_augment
-from kdkit.data.loader import BatchLoader, derive_seed
+from kdkit.data.loader import derive_seed
 from kdkit.distill import Distiller, build_method
 from kdkit.distill.methods_mlkd import DEFAULT_STRONG_AUGMENT, StrongView
 from kdkit.distill.term import StepInfo
@@ -31,6 +30,8 @@ from kdkit.models import create_model
 from kdkit.train.loop import LoopSettings, TrainingInterrupted, fit
 from kdkit.train.teacher_cache import CacheSettings, TeacherCache
 from methods_reference import Z_S, Z_T
+from methods_reference import metric_rows as _rows
+from methods_reference import shift_loader as _loader
 
 # a "strong view" pair: the same rows, perturbed
 Z_S2 = Z_S.flip(1) * 0.7 + 0.1
@@ -228,16 +229,6 @@ def test_a_step_changes_the_student_only(teacher_mode):
                                                rel=1e-6)
 
 
-def _loader(digits, seed=0):
-    return BatchLoader(digits.train, 64, shuffle=True, seed=seed,
-                       augment=build_augment({"shift": 1}, fill=digits.black))
-
-
-def _rows(path):
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in rows:
-        r.pop("epoch_s", None)
-    return rows
 
 
 def test_mlkd_resume_is_exact(digits, tmp_path):

@@ -3,15 +3,12 @@
 Each: the math by hand, the contract (gradients, resume exact, cached = live), and what
 the loop logs."""
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdkit.data.augment import build_augment
-from kdkit.data.loader import BatchLoader
 from kdkit.distill import Distiller, build_method
 from kdkit.distill.term import StepInfo
 from kdkit.errors import KdkitError
@@ -28,6 +25,8 @@ from kdkit.models import create_model
 from kdkit.train.loop import LoopSettings, TrainingInterrupted, fit
 from kdkit.train.teacher_cache import CacheSettings, TeacherCache
 from methods_reference import Z_S, Z_T, Y
+from methods_reference import metric_rows as _rows
+from methods_reference import shift_loader as _loader
 
 
 def _teacher(seed=0):
@@ -43,16 +42,6 @@ def _distiller(method, teacher, seed=1, epochs=None, **kw):
     return Distiller(s, {"teacher": teacher}, terms)
 
 
-def _loader(digits, seed=0, views=None):
-    return BatchLoader(digits.train, 64, shuffle=True, seed=seed, views=views,
-                       augment=build_augment({"shift": 1}, fill=digits.black))
-
-
-def _rows(path):
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in rows:
-        r.pop("epoch_s", None)
-    return rows
 
 
 # ------------------------------------------------------------------------------ CTKD
