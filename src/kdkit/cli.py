@@ -862,20 +862,20 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"kdkit: {e}", file=sys.stderr)
         return 130
     except KdkitError as e:
-        print(f"kdkit: error{where}: {e}", file=sys.stderr)
+        _error_line(f"kdkit: error{where}: {e}")
         return 2
     except OSError as e:  # the file system said no (permissions, disk full, ...)
         where_file = f" ({e.filename})" if e.filename else ""
-        print(f"kdkit: error{where}: {e.strerror or e}{where_file}", file=sys.stderr)
+        _error_line(f"kdkit: error{where}: {e.strerror or e}{where_file}")
         return 2
     except KeyboardInterrupt:
         print("kdkit: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if where and type(e).__module__.startswith("torch.distributed"):
-            print(f"kdkit: error{where}: lost contact with the other processes (one of them "
-                  f"failed or stopped): {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
-                  file=sys.stderr)
+            _error_line(f"kdkit: error{where}: lost contact with the other processes (one of "
+                        "them failed or stopped): "
+                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
             return 1
         raise
     finally:
@@ -884,6 +884,20 @@ def _run_command(args: argparse.Namespace) -> int:
 
             dist.shutdown(graceful=ok)
             _left_process_group()
+
+
+def _error_line(line: str) -> None:
+    """Write one whole line to stderr in a single write: the ranks of a torchrun job share
+    the stream, and a line written in pieces can interleave with another rank's."""
+    sys.stderr.flush()
+    data = (line + "\n").encode(errors="replace")
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
+        sys.stderr.write(line + "\n")
+        return
+    while data:
+        data = data[os.write(fd, data):]
 
 
 if __name__ == "__main__":
