@@ -77,6 +77,7 @@ def test_channels_and_resize_apply_to_streamed_items(digits_folder, data_root):
 
 
 def test_train_and_eval_stream_through_the_cli(digits_folder, data_root, tmp_path, capsys):
+    before = sorted(p.relative_to(digits_folder) for p in digits_folder.rglob("*"))
     out = tmp_path / "run"
     assert main(["train", "--model", "mlp", "--model-arg", "hidden=[32]",
                  "--data", f"folder:{digits_folder}", "--stream", "--workers", "1",
@@ -90,6 +91,8 @@ def test_train_and_eval_stream_through_the_cli(digits_folder, data_root, tmp_pat
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == len(load_dataset(f"folder:{digits_folder}", stream=True,
                                                  log=lambda _: None).val)
+    # the user's folder is read, never written (statistics live under $KDKIT_DATA)
+    assert sorted(p.relative_to(digits_folder) for p in digits_folder.rglob("*")) == before
 
 
 def test_streamed_and_in_memory_training_agree_without_augmentation(digits_folder, data_root):

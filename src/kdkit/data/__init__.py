@@ -262,7 +262,7 @@ def load_dataset(
     identity is then a hash of the listing and each file's size and mtime, not of pixels.
     """
     if stream:
-        return _load_streamed(name, root=root, val_fraction=val_fraction,
+        return _load_streamed(name, val_fraction=val_fraction,
                               train_subset=train_subset, seed=seed, log=log, channels=channels,
                               resize=resize, workers=workers)
     if _is_files(name):  # images on disk (folder:/csv:, kdkit.data.folder), not the registry
@@ -310,7 +310,7 @@ def load_dataset(
     )
 
 
-def _load_streamed(name: str, *, root: str | Path | None, val_fraction: float,
+def _load_streamed(name: str, *, val_fraction: float,
                    train_subset: int | None, seed: int, log: Callable[[str], None],
                    channels: int | None, resize: int | None, workers: int) -> DatasetSplits:
     from kdkit.data.arrays import split_indices, subset_indices
@@ -333,9 +333,10 @@ def _load_streamed(name: str, *, root: str | Path | None, val_fraction: float,
     name = canonical_name(name)
     classes, train_files, test_files = files_splits(name)
     identity = files_identity(name)
-    stats_root = Path(root).expanduser() if root is not None else default_root()
+    # kept beside the registered datasets, never inside the user's folder (``root`` names
+    # where registered datasets live; it means nothing to a folder: or csv: name)
     mean, std = pixel_stats(train_files, identity, workers=workers,
-                            cache_dir=stats_root / "stats", log=log)
+                            cache_dir=default_root() / "stats", log=log)
     y_all = torch.tensor([label for _, label in train_files], dtype=torch.long)
     train_idx, val_idx = split_indices(y_all, val_fraction, derive_seed(seed, _VAL_STREAM))
     if train_subset is not None:
