@@ -198,6 +198,7 @@ def test_nproc_failure_is_one_line_per_rank_and_one_summary(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # four experiment runs (about 35 s): keeps the main suite under 5 minutes
 def test_jobs_and_only_give_the_same_table(tmp_path, sequential):
     """--jobs 2 runs sub-runs in parallel processes; --only runs one sub-run (its teacher
     must be finished); --resume assembles the table. All give the sequential table."""
