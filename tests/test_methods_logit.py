@@ -293,3 +293,24 @@ def test_no_warning_when_epochs_given():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_method("dkd", student, {"t": teacher}, epochs=3)
+
+
+def test_kd_takes_the_ls_papers_weights_directly():
+    """KD+LS's CIFAR recipe is 0.1·CE + 9·KD at T = 2: weights kd's α cannot express."""
+    s, teacher = _pair()
+    t = {"teacher": teacher}
+    terms = build_method("kd", s, t, ce_weight=0.1, kd_weight=9.0, temperature=2.0,
+                         logit_standardization=True)
+    assert [(term.name, term.weight) for term in terms] == [("ce", 0.1), ("kd", 9.0)]
+    with pytest.raises(KdkitError, match="give ce_weight and kd_weight together"):
+        build_method("kd", s, t, kd_weight=9.0)
+
+
+def test_dkd_split_gathers_the_other_classes_without_a_mask():
+    """The non-target logits, in class order, for every target (no boolean indexing, which
+    would synchronise with a GPU each step)."""
+    from kdkit.losses.logit import _split
+
+    z = torch.arange(12.0).reshape(3, 4)
+    _, _, others = _split(z, torch.tensor([0, 2, 3]))
+    assert torch.equal(others, torch.tensor([[1.0, 2, 3], [4, 5, 7], [8, 9, 10]]))

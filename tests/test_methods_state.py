@@ -316,3 +316,28 @@ def test_crd_under_torchrun_keeps_one_bank_and_gives_one_process_weights(tmp_pat
     assert _max_diff(tmp_path / "one.st", tmp_path / "two.st") < 1e-5
     refused = _worker(spec, tmp_path / "shard.st", nproc=2)
     assert refused.returncode != 0 and "global_batch_terms" in refused.stderr
+
+
+def test_ctkd_refuses_alpha_with_a_dkd_base_and_probes_the_class_count():
+    """``alpha`` weighs KD against CE (base kd) and is refused with base dkd, where it would
+    be ignored; the instance MLP's width is the probed logits' (not the last Linear's)."""
+    torch.manual_seed(0)
+    teacher = create_model("mlp", hidden=[24], num_classes=4, input_size=8)
+    student = create_model("mlp", hidden=[16], num_classes=4, input_size=8)
+    with pytest.raises(KdkitError, match="with base: dkd set dkd_alpha and dkd_beta"):
+        build_method("ctkd", student, {"teacher": teacher}, base="dkd", alpha=0.5, epochs=2)
+
+    class WithAnAuxHead(torch.nn.Module):  # the last-registered Linear is not the classifier
+        def __init__(self):
+            super().__init__()
+            self.body = student
+            self.aux = torch.nn.Linear(3, 7)  # never called
+
+        def forward(self, x):
+            return self.body(x)
+
+    terms = build_method("ctkd", WithAnAuxHead(), {"teacher": teacher}, mode="instance",
+                         epochs=2,
+                         example_input=torch.zeros(2, 1, 8, 8))
+    out = terms[-1].loss.temperature(torch.zeros(2, 4), torch.zeros(2, 4), 1.0)
+    assert out.shape[0] == 2

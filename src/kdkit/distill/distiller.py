@@ -104,6 +104,10 @@ class Distiller(nn.Module):
             for name, tap in t.teacher_reads():
                 self._teacher_taps.setdefault(name, {})[str(tap)] = tap
         self._viewer = _second_view_term(self.terms)
+        # whether any loss reads the step's sample indices or seed (CRD, MLKD): the loop
+        # passes them only then (under DDP every tensor argument is copied to the device)
+        self.uses_step_info = self._viewer is not None or any(
+            getattr(t.loss, "begin_step", None) is not None for t in self.terms)
 
     @property
     def teachers(self) -> dict[str, nn.Module]:

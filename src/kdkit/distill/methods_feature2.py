@@ -164,7 +164,10 @@ def reviewkd(ctx: MethodContext, *, weight: float = 1.0, warmup_epochs: float = 
 
     Every paired stage end takes part; the ABF stack sees them all at once (one Term reading
     all student stages). ``mid_channels`` defaults to min(512, the student's deepest width)
-    (mdistiller's CIFAR setting); weight 1 and a 20-epoch warm-up are the paper's CIFAR ones.
+    (mdistiller's CIFAR setting). Weight 1 and a 20-epoch warm-up are METHODS.md's CIFAR
+    defaults; mdistiller's config for ResNet32x4 -> ResNet8x4 uses weight 5. Two parts of
+    the official CIFAR code are not here: its deepest level, the pooled embedding fused as a
+    1x1 map, and reading the teacher's stages before their last ReLU (this reads outputs).
     """
     if mid_channels is not None and mid_channels < 1:
         raise KdkitError(f"reviewkd: mid_channels must be >= 1, got {mid_channels}")

@@ -34,11 +34,15 @@ from kdkit.taps import LOGITS, probe_shape
 
 
 def _num_classes(ctx: MethodContext) -> int:
-    """The width of the student's logits: its last linear layer's, else probed."""
+    """The width of the student's logits: probed on the example input when there is one
+    (the last-registered linear layer need not be the classifier), else that layer's."""
+    if ctx.example_input is not None:
+        return int(probe_shape(ctx.student, LOGITS, ctx.example_input)[-1])
     last = [m for m in ctx.student.modules() if isinstance(m, nn.Linear)]
     if last:
         return int(last[-1].out_features)
-    return int(probe_shape(ctx.student, LOGITS, ctx.example_input)[-1])
+    raise KdkitError("ctkd (mode: instance): cannot tell the number of classes without an "
+                     "example input; build the method with example_input=")
 
 
 @register_method("ctkd", teachers="one",
@@ -46,7 +50,7 @@ def _num_classes(ctx: MethodContext) -> int:
                          "temperature learnt adversarially through gradient reversal, λ on a "
                          "cosine curriculum over 10 epochs; T in [1, 21].")
 def ctkd(ctx: MethodContext, *, base: Literal["kd", "dkd"] = "kd",
-         mode: Literal["global", "instance"] = "global", alpha: float = 0.9,
+         mode: Literal["global", "instance"] = "global", alpha: float | None = None,
          curriculum_epochs: int = 10, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
          warmup_epochs: float = 20.0, logit_standardization: bool = False) -> list[Term]:
     """CTKD (Li et al. 2023) on top of KD or DKD: the distillation temperature
@@ -58,12 +62,17 @@ def ctkd(ctx: MethodContext, *, base: Literal["kd", "dkd"] = "kd",
 
     ``mode``: ``global`` (one T) or ``instance`` (an MLP of each sample's teacher and
     student logits gives its own T). ``base="kd"``: (1 − α)·CE + α·T²·KL (the official
-    recipe: CE 0.1, KD 0.9); ``base="dkd"``: CE + min(epoch/``warmup_epochs``, 1)·
-    (``dkd_alpha``·TCKD + ``dkd_beta``·NCKD) at the learnt T (``alpha`` unused).
+    recipe: CE 0.1, KD 0.9; ``alpha`` defaults to 0.9); ``base="dkd"``: CE +
+    min(epoch/``warmup_epochs``, 1)·(``dkd_alpha``·TCKD + ``dkd_beta``·NCKD) at the learnt T
+    (``alpha`` is refused there: DKD's weights are ``dkd_alpha``/``dkd_beta``).
     ``logit_standardization``: both sides' logits standardized first (Sun et al. 2024).
     The term is named ``ctkd``; its mean temperature goes to metrics.jsonl per epoch
     (``train/ctkd/temperature``).
     """
+    if base == "dkd" and alpha is not None:
+        raise KdkitError("ctkd: alpha weighs KD against CE for base: kd; with base: dkd set "
+                         "dkd_alpha and dkd_beta instead")
+    alpha = 0.9 if alpha is None else alpha
     if not 0.0 <= alpha <= 1.0:
         raise KdkitError(f"ctkd: alpha must be in [0, 1], got {alpha}")
     if curriculum_epochs < 0:

@@ -22,6 +22,15 @@ from torch import Tensor, nn
 from kdkit.errors import KdkitError
 
 
+def check_same_logits(student: Tensor, teacher: Tensor) -> None:
+    """One clear error when the student's and teacher's logits differ in shape."""
+    if student.shape != teacher.shape:
+        raise KdkitError(
+            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+            "differ; do the models have the same number of classes?"
+        )
+
+
 def soft_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """KL(softmax(teacher/T) ‖ softmax(student/T)), summed over classes, mean over batch.
 
@@ -29,11 +38,7 @@ def soft_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
         student: logits (B, C). teacher: logits (B, C), no gradient needed.
     Returns: scalar, without the T² factor.
     """
-    if student.shape != teacher.shape:
-        raise KdkitError(
-            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
-            "differ; do the models have the same number of classes?"
-        )
+    check_same_logits(student, teacher)
     log_ps = F.log_softmax(student / temperature, dim=-1)
     log_pt = F.log_softmax(teacher / temperature, dim=-1)
     return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)

@@ -102,10 +102,11 @@ def maybe_standardized(loss: nn.Module, logit_standardization: bool) -> nn.Modul
 def _split(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(log p^gt, log(1 − p^gt), non-target logits (B, C − 1)) of ``logits``, computed
     stably (log-sum-exps, never 1 − p)."""
-    gt = F.one_hot(target, logits.shape[1]).bool()
     lse = torch.logsumexp(logits, dim=1)
     z_gt = logits.gather(1, target[:, None]).squeeze(1)
-    others = logits[~gt].view(logits.shape[0], -1)
+    # the C - 1 other classes in order, gathered (a boolean mask would wait for the GPU)
+    j = torch.arange(logits.shape[1] - 1, device=logits.device)[None, :]
+    others = logits.gather(1, j + (j >= target[:, None]).long())
     return z_gt - lse, torch.logsumexp(others, dim=1) - lse, others
 
 

@@ -355,8 +355,10 @@ def fit(
                 rows = loader.batch_rows(step)
                 sizes = tuple(dist.shard_sizes(rows, world)) if global_batch else None
                 with prec.autocast():
+                    step_info = {"index": index, "seed": derive_seed(
+                        s.seed, epoch, step, _TERM_STREAM)} if distiller.uses_step_info else {}
                     out = model(x, y, progress=prog, teacher_outputs=cached, global_batch=sizes,
-                                index=index, seed=derive_seed(s.seed, epoch, step, _TERM_STREAM))
+                                **step_info)
                 meter.add(out, y, gstep)
                 last_of_epoch = step + 1 == steps_per_epoch
                 if check_every == 1:
