@@ -104,10 +104,14 @@ class Distiller(nn.Module):
             for name, tap in t.teacher_reads():
                 self._teacher_taps.setdefault(name, {})[str(tap)] = tap
         self._viewer = _second_view_term(self.terms)
+        # each term's optional hooks, looked up once (a missing attribute of an nn.Module
+        # costs an exception each time): (takes two views, begin_step, reports metrics)
+        self._hooks = [(getattr(t.loss, "views", 1) == 2, getattr(t.loss, "begin_step", None),
+                        bool(getattr(t.loss, "metric_names", ()))) for t in self.terms]
         # whether any loss reads the step's sample indices or seed (CRD, MLKD): the loop
         # passes them only then (under DDP every tensor argument is copied to the device)
         self.uses_step_info = self._viewer is not None or any(
-            getattr(t.loss, "begin_step", None) is not None for t in self.terms)
+            begin is not None for _, begin, _ in self._hooks)
 
     @property
     def teachers(self) -> dict[str, nn.Module]:
@@ -208,14 +212,14 @@ class Distiller(nn.Module):
             t_all2 = self.teacher_outputs(x2)
         result: dict[str, Tensor] = {"logits": logits}
         total: Tensor | None = None
-        for term in self.terms:
+        for term, (two_views, begin_step, reports) in zip(self.terms, self._hooks, strict=True):
             reads = [t_all[name][str(tap)] for name, tap in term.teacher_reads()]
             t_val: Tensor | list[Tensor] | None = None
             if reads:
                 t_val = reads if term.teacher_is_list else reads[0]
             s_val = [s_feats[str(tap)] for tap in term.student_taps()]
             s_in: Tensor | list[Tensor] = s_val if isinstance(term.student, tuple) else s_val[0]
-            if getattr(term.loss, "views", 1) == 2:  # [first view, second view] of each side
+            if two_views:  # [first view, second view] of each side
                 key = str(term.student_taps()[0])
                 s_in = [s_feats[key], s_feats2[key]]
                 if reads:
@@ -224,7 +228,6 @@ class Distiller(nn.Module):
             gather = None
             if global_batch is not None and term.relates_samples:
                 gather = partial(gather_batch, sizes=global_batch)
-            begin_step = getattr(term.loss, "begin_step", None)
             if begin_step is not None:
                 if (gather is None and dist.world_size() > 1
                         and getattr(term.loss, "needs_global_batch", False)):
@@ -242,7 +245,7 @@ class Distiller(nn.Module):
                 weighted = value if w == 1.0 else w * value
                 total = weighted if total is None else total + weighted
             result[term.name] = value.detach()
-            if getattr(term.loss, "metric_names", ()):
+            if reports:
                 for k, v in getattr(term.loss, "metrics")().items():  # noqa: B009
                     result[f"{term.name}/{k}"] = v.detach()
         result["loss"] = total if total is not None else logits.new_zeros((), dtype=torch.float32)

@@ -114,6 +114,9 @@ class CRDLoss(nn.Module):
         self.embed_t = nn.Linear(t_dim, feat_dim)
         self.feat_dim, self.negatives, self.tau, self.momentum = feat_dim, negatives, tau, momentum
         # Empty until begin_fit sizes them; always in the state dict (checkpoints, resume).
+        # updated on every rank from the same (gathered) batch, so identical everywhere: DDP
+        # need not broadcast them each step (kdkit.train.loop._wrap)
+        self.ddp_identical_buffers = ("memory_s", "memory_t", "z")
         self.register_buffer("memory_s", torch.zeros(0, feat_dim))
         self.register_buffer("memory_t", torch.zeros(0, feat_dim))
         self.register_buffer("z", torch.full((2,), -1.0))  # Z_s, Z_t; < 0: not yet set

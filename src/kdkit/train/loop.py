@@ -576,6 +576,14 @@ def _wrap(distiller: Distiller, device: torch.device, world: int) -> nn.Module:
 
     may_skip = any(callable(t.weight) or t.weight == 0 for t in distiller.terms) or not any(
         LOGITS in t.student_taps() for t in distiller.terms)
+    # Buffers that every rank keeps identical by construction (CRD's memory banks, updated
+    # from the gathered global batch) need not be broadcast from rank 0 at every forward.
+    same_everywhere = [f"{name}.{b}" if name else b for name, m in distiller.named_modules()
+                       for b in getattr(m, "ddp_identical_buffers", ())]
+    if same_everywhere and hasattr(DistributedDataParallel,
+                                   "_set_params_and_buffers_to_ignore_for_model"):
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            distiller, same_everywhere)
     return DistributedDataParallel(
         distiller, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=may_skip,
