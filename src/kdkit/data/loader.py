@@ -16,6 +16,7 @@ import hashlib
 import math
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,7 +59,54 @@ def derive_seed(*ints: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class BatchLoader:
+class Batches:
+    """What both loaders share: batching of ``n`` samples, the (seed, epoch) order, view
+    picks and the settings. :class:`BatchLoader` cuts in-memory tensors;
+    :class:`~kdkit.data.stream.DatasetLoader` reads any ``Dataset``."""
+
+    def _setup(self, dataset: Any, n: int, batch_size: int, *, shuffle: bool, seed: int,
+               augment: Augment | None, drop_last: bool, views: int | None) -> None:
+        if batch_size < 1:
+            raise KdkitError(f"batch_size must be >= 1, got {batch_size}")
+        if views is not None and views < 1:
+            raise KdkitError(f"views must be >= 1 (or None for batch augmentation), got {views}")
+        self.dataset = dataset
+        self._n = n
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.augment = augment
+        self.drop_last = drop_last
+        self.views = views
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        n = self._n
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def batch_rows(self, step: int) -> int:
+        """How many samples global batch ``step`` holds (the last one may be short)."""
+        return max(0, min(self.batch_size, self._n - step * self.batch_size))
+
+    def order(self, epoch: int) -> Tensor:
+        """The sample order of ``epoch`` (a permutation if shuffling, else 0..N-1)."""
+        return epoch_order(self._n, self.seed, epoch, self.shuffle)
+
+    def view_ids(self, epoch: int, index: Tensor) -> Tensor:
+        """In view mode, the view (B,) each sample of ``index`` shows in ``epoch``."""
+        if self.views is None:
+            raise KdkitError("view_ids needs a loader in view mode (views=K)")
+        return pick_views(derive_seed(self.seed, epoch, _VIEW_STREAM), index, self.views)
+
+    def epoch_batches(self, epoch: int, start_step: int = 0, *,
+                      shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        return self.epoch_batches(0)
+
+
+class BatchLoader(Batches):
     """Iterate an :class:`ArrayDataset` as ``(x, y, index)`` batches; no per-sample Python.
 
     ``x`` (B, C, H, W), ``y`` (B,), ``index`` (B,) LongTensor of positions in the dataset.
@@ -76,19 +124,9 @@ class BatchLoader:
         drop_last: bool = False,
         views: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise KdkitError(f"batch_size must be >= 1, got {batch_size}")
-        if views is not None and views < 1:
-            raise KdkitError(f"views must be >= 1 (or None for batch augmentation), got {views}")
-        self.views = views
+        self._setup(dataset, len(dataset), batch_size, shuffle=shuffle, seed=seed,
+                    augment=augment, drop_last=drop_last, views=views)
         self._keys: Tensor | None = None
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.augment = augment
-        self.drop_last = drop_last
-        self.device = torch.device("cpu")
         self._x, self._y = dataset.x, dataset.y  # where batches are cut from
 
     def place(self, device: torch.device) -> BatchLoader:
@@ -109,18 +147,6 @@ class BatchLoader:
             self._x, self._y = x.cpu().pin_memory(), y.cpu().pin_memory()
         self.device = device
         return self
-
-    def batch_rows(self, step: int) -> int:
-        """How many samples global batch ``step`` holds (the last one may be short)."""
-        return max(0, min(self.batch_size, len(self.dataset) - step * self.batch_size))
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def order(self, epoch: int) -> Tensor:
-        """The sample order of ``epoch`` (a permutation if shuffling, else 0..N-1)."""
-        return epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
 
     def epoch_batches(
         self, epoch: int, start_step: int = 0, *, shard: tuple[int, int] = (0, 1)
@@ -170,11 +196,3 @@ class BatchLoader:
             self._keys = sample_keys(self.dataset.x)
         return self._keys
 
-    def view_ids(self, epoch: int, index: Tensor) -> Tensor:
-        """In view mode, the view (B,) each sample of ``index`` shows in ``epoch``."""
-        if self.views is None:
-            raise KdkitError("view_ids needs a loader in view mode (views=K)")
-        return pick_views(derive_seed(self.seed, epoch, _VIEW_STREAM), index, self.views)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        return self.epoch_batches(0)

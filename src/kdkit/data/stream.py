@@ -24,7 +24,6 @@ state) make a run irreproducible; give them to the loader instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,15 +32,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from kdkit.data.augment import Augment
-from kdkit.data.loader import _VIEW_STREAM, derive_seed, epoch_order
-from kdkit.data.views import hash_uniforms, make_views, pick_views
+from kdkit.data.loader import Batches, derive_seed
+from kdkit.data.views import hash_uniforms, make_views
 from kdkit.errors import KdkitError
 from kdkit.train.device import to_device
 
 _STREAM_AUGMENT = 5  # derive_seed tag of the per-sample augmentation key
 
 
-class DatasetLoader:
+class DatasetLoader(Batches):
     """Iterate a ``Dataset`` of ``(x, y)`` items as ``(x, y, index)`` batches (see module doc).
 
     Same interface as :class:`~kdkit.data.loader.BatchLoader` (``fit`` takes either):
@@ -60,49 +59,24 @@ class DatasetLoader:
         num_workers: int = 0,
         views: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise KdkitError(f"batch_size must be >= 1, got {batch_size}")
         if views is not None and (views < 1 or not hasattr(dataset, "sample_keys")):
             raise KdkitError(f"views={views}: view mode needs views >= 1 and a dataset whose "
                              "samples have keys (sample_keys(), as kdkit's streamed splits do)")
-        self.views = views
         if num_workers < 0:
             raise KdkitError(f"num_workers must be >= 0, got {num_workers}")
         try:
-            self._n = len(dataset)  # type: ignore[arg-type]
+            n = len(dataset)  # type: ignore[arg-type]
         except TypeError:
             raise KdkitError(f"{type(dataset).__name__} has no len(): kdkit needs a map-style "
                              "dataset (items by index), not an iterable one") from None
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.augment = augment
-        self.drop_last = drop_last
+        self._setup(dataset, n, batch_size, shuffle=shuffle, seed=seed, augment=augment,
+                    drop_last=drop_last, views=views)
         self.num_workers = int(num_workers)
-        self.device = torch.device("cpu")
-
-    def __len__(self) -> int:
-        return self._n // self.batch_size if self.drop_last else math.ceil(self._n / self.batch_size)
 
     def place(self, device: torch.device) -> DatasetLoader:
         """Deliver batches on ``device`` (from pinned memory, without waiting, on a GPU)."""
         self.device = torch.device(device)
         return self
-
-    def batch_rows(self, step: int) -> int:
-        return max(0, min(self.batch_size, self._n - step * self.batch_size))
-
-    def order(self, epoch: int) -> Tensor:
-        """The sample order of ``epoch``: :class:`BatchLoader`'s permutation for (seed, epoch)."""
-        return epoch_order(self._n, self.seed, epoch, self.shuffle)
-
-    def view_ids(self, epoch: int, index: Tensor) -> Tensor:
-        """In view mode, the view (B,) each sample of ``index`` shows in ``epoch`` (the same
-        draw as :class:`~kdkit.data.loader.BatchLoader`'s)."""
-        if self.views is None:
-            raise KdkitError("view_ids needs a loader in view mode (views=K)")
-        return pick_views(derive_seed(self.seed, epoch, _VIEW_STREAM), index, self.views)
 
     def epoch_batches(
         self, epoch: int, start_step: int = 0, *, shard: tuple[int, int] = (0, 1)
@@ -127,7 +101,7 @@ class DatasetLoader:
             persistent_workers=False,
         )
         key = derive_seed(self.seed, epoch, _STREAM_AUGMENT)
-        keys = self.dataset.sample_keys() if self.views is not None else None  # type: ignore[attr-defined]
+        keys = self.dataset.sample_keys() if self.views is not None else None
         for rows, (x, y) in zip(index_lists, loader, strict=True):
             index = torch.tensor(rows, dtype=torch.long)
             if keys is not None:  # view mode: the view of (sample, view number), as cached
@@ -136,9 +110,6 @@ class DatasetLoader:
                 u = hash_uniforms(key, index, torch.zeros_like(index), self.augment.n_draws)
                 x = self.augment.apply(x, u)
             yield to_device(x, self.device), to_device(y, self.device), index
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        return self.epoch_batches(0)
 
 
 def _collate(items: list[Any]) -> tuple[Tensor, Tensor]:
@@ -228,15 +199,6 @@ class StreamDataset(Dataset):
             self.base._kdkit_keys = keys  # type: ignore[attr-defined]  # once per base
         adapt = hash((self.channels, self.resize)) if (self.channels or self.resize) else 0
         return keys[self.indices] ^ adapt
-
-    def digest(self) -> str:
-        """SHA-256 naming exactly these samples: the files' identity and the indices."""
-        import hashlib
-
-        h = hashlib.sha256(self.identity.encode())
-        h.update(self.indices.numpy().tobytes())
-        h.update(f"{self.channels}:{self.resize}".encode())
-        return h.hexdigest()
 
 
 def example_inputs(dataset: Any, n: int = 2) -> Tensor:

@@ -361,7 +361,7 @@ def deploy_simkd(student: nn.Module, terms: Sequence[Term], teachers: Mapping[st
                  ) -> SimKDStudent:
     """The deployed model of a trained SimKD: a copy of the student without its classifier,
     the trained projector, and a frozen copy of the teacher's classifier."""
-    term = next((t for t in terms if t.name == "simkd"), None)
+    term = next((t for t in terms if isinstance(t.adapter, SimKDProjector)), None)
     if term is None or not isinstance(term.adapter, SimKDProjector) or \
             not isinstance(term.student, Tap) or isinstance(term.teacher_name, tuple):
         raise KdkitError("deploy_simkd takes the terms of the method 'simkd'")

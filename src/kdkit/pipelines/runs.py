@@ -245,8 +245,7 @@ def train_one(
         deployed, saved_name, saved_kwargs = deploy(
             student, stages[-1].terms, teachers, model_name=model_name, model_kwargs=model_kwargs)
         if val is not None:  # (the loop's per-epoch val figures are the bare student's)
-            vx, vy = val if isinstance(val, tuple) else (val, None)
-            val_acc = evaluate(deployed, vx, vy, batch_size=eval_batch_size,
+            val_acc = evaluate(deployed, *eval_args(data.val), batch_size=eval_batch_size,
                                distributed=True)["acc"]
     test = evaluate(deployed, *eval_args(data.test), batch_size=eval_batch_size,
                     distributed=True)

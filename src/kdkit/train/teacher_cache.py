@@ -137,8 +137,8 @@ def dataset_keys(dataset: ArrayDataset | StreamDataset) -> Tensor:
 def _pool(parts: list[Any]) -> tuple[Tensor, Tensor | _StreamPool]:
     """The distinct samples of ``parts`` in the order of their keys: (keys, x), x a tensor
     in memory or, for streamed splits, a :class:`_StreamPool` that decodes when indexed."""
-    if not isinstance(parts[0], ArrayDataset):
-        streamed = [p for p in parts if not isinstance(p, ArrayDataset)]
+    streamed = [p for p in parts if not isinstance(p, ArrayDataset)]
+    if streamed:
         if len(streamed) != len(parts) or len({id(p.base) for p in streamed}) > 1:
             raise KdkitError("teacher cache: a pool mixes splits of different datasets; "
                              "build it over the splits of one dataset")
@@ -147,16 +147,17 @@ def _pool(parts: list[Any]) -> tuple[Tensor, Tensor | _StreamPool]:
                               torch.cat([p.y for p in streamed]), first.name,
                               identity=first.identity, channels=first.channels,
                               resize=first.resize, workers=first.workers)
-        keys, order = torch.sort(whole.sample_keys())
-        distinct = torch.ones_like(keys, dtype=torch.bool)
-        distinct[1:] = keys[1:] != keys[:-1]
-        keys, picked = keys[distinct], order[distinct]
-        return keys, _StreamPool(whole.subset(picked), keys)
-    x = torch.cat([d.x for d in parts]) if len(parts) > 1 else parts[0].x
-    keys, order = torch.sort(sample_keys(x))
+        all_keys = whole.sample_keys()
+    else:
+        x = torch.cat([d.x for d in parts]) if len(parts) > 1 else parts[0].x
+        all_keys = sample_keys(x)
+    keys, order = torch.sort(all_keys)
     distinct = torch.ones_like(keys, dtype=torch.bool)
-    distinct[1:] = keys[1:] != keys[:-1]  # identical images: one row serves them all
-    return keys[distinct], x[order[distinct]]
+    distinct[1:] = keys[1:] != keys[:-1]  # identical samples: one row serves them all
+    keys, picked = keys[distinct], order[distinct]
+    if streamed:
+        return keys, _StreamPool(whole.subset(picked), keys)
+    return keys, x[picked]
 
 
 def cache_identity(
