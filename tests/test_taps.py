@@ -118,3 +118,14 @@ def test_preact_on_block_not_ending_in_relu_is_refused():
 def test_bad_read_kind():
     with pytest.raises(KdkitError, match="tap read"):
         Tap("fc", "weights")  # type: ignore[arg-type]
+
+
+def test_a_preact_tap_passes_nan_on_for_the_loop_to_report():
+    """A diverged network's NaN pre-activation is still its block's pre-activation (relu of
+    NaN is NaN): the tap reads it, and the loop's NaN check names the term and step, rather
+    than the tap claiming the block does not end with its ReLU (as AB's init stage did)."""
+    net = TVNet().eval()
+    x = torch.randn(2, 1, 6, 6)
+    x[0, 0, 0, 0] = float("nan")
+    _, feats = run_with_taps(net, x, {"stage": Tap("layer1", "preact")})
+    assert torch.isnan(feats["stage"]).any()

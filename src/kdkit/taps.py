@@ -187,8 +187,11 @@ class _Capture:
                 pre = pending.pop("x")
                 out_t = _output_tensor(out, where)
                 # The pre-activation is only meaningful if the module really ends with it.
+                # (NaN compares equal to NaN here: a diverged run is the loop's to report,
+                # naming the term and step, not a wrong tap)
                 if relu is not module and (
-                    out_t.shape != pre.shape or not torch.equal(out_t, pre.clamp(min=0))
+                    out_t.shape != pre.shape or not torch.allclose(
+                        out_t, pre.clamp(min=0), rtol=0.0, atol=0.0, equal_nan=True)
                 ):
                     raise KdkitError(
                         f"tap {where}: '{tap.path}' does not end with its last ReLU module "
