@@ -286,3 +286,25 @@ def test_a_streamed_folder_under_torchrun_gives_one_process_weights(tmp_path):
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert one["test_acc"] == two["test_acc"]
+
+
+def test_keep_going_runs_the_rest_past_a_failed_sub_run(tmp_path):
+    """A sub-run that diverges does not stop the others under --keep-going: they finish, the
+    error names the failure (and its log), and nothing assembles a table with a hole."""
+    (tmp_path / "exp.yaml").write_text(
+        "name: kg\nseeds: [0]\ndata: {name: digits, val_fraction: 0.2, train_subset: 100}\n"
+        "teacher: {model: {name: mlp, hidden: [32]}, train: {epochs: 2}}\n"
+        "student: {name: mlp, hidden: [8]}\ntrain: {epochs: 2, batch_size: 32}\n"
+        "students:\n"
+        "  - {label: blowup, method: {name: kd}, train: {lr: 1.0e+30}}\n"
+        "  - {label: fine, method: {name: kd}}\n")
+    proc = _kdkit("run", "exp.yaml", "--out", "o", "--keep-going", "--no-cache",
+                  "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert err.startswith("kdkit: error: 1 sub-run(s) failed: seed0/blowup failed (exit 2; "
+                          "log "), err
+    assert "became nan" in err or "became inf" in err, err
+    assert "continue with --resume" in err
+    assert (tmp_path / "o" / "seed0" / "fine" / "summary.json").exists()
+    assert not (tmp_path / "o" / "summary.json").exists()

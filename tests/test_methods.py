@@ -146,3 +146,31 @@ def test_rkd_with_kd_has_kd_term():
     assert names == ["ce", "kd", "rkd_distance", "rkd_angle"]
     weights = {t.name: t.weight for t in build_method("rkd", student, {"t": teacher})}
     assert weights == {"ce": 1.0, "rkd_distance": 25.0, "rkd_angle": 50.0}
+
+
+def test_ab_stage_weights_are_the_reference_codes_scale():
+    """AB's initialisation weights are AB_distillation's (and CRD's): the deepest stage
+    3/1000, each shallower one half the next, on the loss summed over elements and averaged
+    over the batch. The init stage then learns the teacher's boundaries at lr 0.05 without
+    diverging (at weight 1/n the comparison's AB run became NaN at step 14)."""
+    student, teachers = _pair_for("ab")
+    stages = build_stages("ab", student, {"t": teachers["res"]}, example_input=X[:2])
+    init = stages[0].terms
+    n = len(init)
+    assert n >= 2
+    assert [t.weight for t in init] == pytest.approx([3e-3 * 2.0 ** (i - n + 1) for i in range(n)])
+    d = Distiller(student, {"t": teachers["res"]}, init)
+    opt = torch.optim.SGD(d.parameters(), lr=0.05, momentum=0.9)
+    d.train()
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.arange(64) % 4
+    losses = []
+    for _ in range(60):
+        out = d(x, y)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0]

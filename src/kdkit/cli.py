@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_experiment(
         cfg, out, resume=args.resume, force=args.force,
         cache_dir=_cache_dir(args.cache_dir, args.no_cache), progress=not args.no_progress,
-        device=args.device, only=args.only, jobs=args.jobs,
+        device=args.device, only=args.only, jobs=args.jobs, keep_going=args.keep_going,
     )
     if args.only:
         print(f"ran {', '.join(result['only'])} in {out}/; when every sub-run is finished, "
@@ -686,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                    help="run up to N ready sub-runs at once, each a process with a fair share "
                    "of the threads (or its own GPU); the table is the same (default: 1)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="when a sub-run fails, run every other one that does not need it "
+                   "(each in its own process), then name every failure; fix and --resume")
     p.add_argument("--only", action="append", metavar="[seedK/]LABEL",
                    help="run just this sub-run (repeatable; its teachers must be finished), "
                    "e.g. from a SLURM array; `--resume` afterwards assembles the table")

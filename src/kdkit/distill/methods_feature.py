@@ -350,15 +350,25 @@ def fsp(ctx: MethodContext, *, weight: float = 1.0, kd_alpha: float = 0.0,
     ]
 
 
+AB_SCALE = 3.0 / 1000.0  # the reference code's "/ 1000 * 3"
+
+
 @register_method("ab", teachers="one")
 def ab(ctx: MethodContext, *, init_epochs: int | None = None, margin: float = 1.0,
        kd_alpha: float = 0.0, temperature: float = 4.0, connector: ConnectorKind = "conv_bn",
        student_layers: Layers = None, teacher_layers: Layers = None) -> list[Stage]:
-    """Activation boundaries (Heo et al. 2019): initialise by AB transfer, then CE (+KD)."""
+    """Activation boundaries (Heo et al. 2019): initialise by AB transfer, then CE (+KD).
+
+    Stage weights are the reference code's scale (AB_distillation, and CRD's
+    reproduction): the deepest stage 3/1000, each shallower one half the next deeper one,
+    on the loss summed over elements and averaged over the batch. (At weight 1/n the
+    summed loss is thousands of times larger and SGD at lr 0.05 diverges within an epoch.)
+    """
     name = _teacher(ctx)[0]
     points = _points(ctx, student_layers, teacher_layers, "preact", "ab")
-    init = [Term(f"ab{i + 1}", ABLoss(margin), 1.0 / len(points), p.s, p.t, teacher_name=name,
-                 adapter=_adapter(p, connector), teacher_view=p.t_view)
+    n = len(points)
+    init = [Term(f"ab{i + 1}", ABLoss(margin), AB_SCALE * 2.0 ** (i - n + 1), p.s, p.t,
+                 teacher_name=name, adapter=_adapter(p, connector), teacher_view=p.t_view)
             for i, p in enumerate(points)]
     return [Stage("init", init, init_epochs),
             Stage("train", ce_and_kd(ctx, kd_alpha, temperature))]

@@ -225,6 +225,7 @@ def run_experiment(
     device: str | None = None,
     only: list[str] | None = None,
     jobs: int = 1,
+    keep_going: bool = False,
 ) -> dict[str, Any]:
     """Run the whole experiment into ``out_dir``; return the aggregated summary.
 
@@ -240,15 +241,17 @@ def run_experiment(
             scheduler (a SLURM array, a job queue) can fan an experiment out over machines.
         jobs: run up to this many ready sub-runs at once, each in its own process with a
             fair share of the CPU threads (or its own GPU); teachers before their students.
+        keep_going: a failed sub-run does not stop the others (each sub-run then runs in a
+            process of its own, even at ``jobs=1``); the error names every failure.
     """
     problems = dry_build(cfg)
     if problems:
         raise ConfigError(problems, f"'{cfg.name}'")
     _check_devices(cfg, device)
     selected = _selected(cfg, only) if only else None
-    if jobs > 1 and dist.world_size() > 1:
-        raise KdkitError("--jobs runs sub-runs as processes of their own; under torchrun give "
-                         "one or the other")
+    if (jobs > 1 or keep_going) and dist.world_size() > 1:
+        raise KdkitError("--jobs and --keep-going run sub-runs as processes of their own; "
+                         "under torchrun give neither")
     resolved = dump_config(cfg)
     cfg_path = out_dir / "config.yaml"
     continuing = resume or selected is not None  # --only adds to the experiment's folder
@@ -273,11 +276,11 @@ def run_experiment(
         if main and selected is None:
             atomic_write_json(elapsed_path, {"wall_s": wall()})
 
-    if jobs > 1:
+    if jobs > 1 or keep_going:
         from kdkit.pipelines.jobs import run_parallel
 
         run_parallel(cfg, cfg_path, out_dir, jobs=jobs, selected=selected, cache_dir=cache_dir,
-                     device=device, log=log)
+                     device=device, log=log, keep_going=keep_going)
         if selected is not None:
             return {"name": cfg.name, "only": sorted(selected), "runs": []}
         note_elapsed()

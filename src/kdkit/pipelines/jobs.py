@@ -60,10 +60,14 @@ def _last_line(path: Path) -> str:
 def run_parallel(
     cfg: ExperimentConfig, cfg_path: Path, out_dir: Path, *, jobs: int,
     selected: set[tuple[int, str]] | None, cache_dir: Path | None, device: str | None,
-    log: Callable[[str], None] = print, poll_s: float = 0.2,
+    log: Callable[[str], None] = print, poll_s: float = 0.2, keep_going: bool = False,
 ) -> None:
     """Run the experiment's unfinished sub-runs (or the ``selected`` ones), ``jobs`` at a
-    time; return when all are finished; raise naming the first that failed (and its log)."""
+    time; return when all are finished; raise naming the first that failed (and its log).
+
+    A failure stops new sub-runs from starting (those running finish), unless
+    ``keep_going``: then every sub-run that does not need the failed one still runs (a
+    failed teacher's students are skipped), and the error names them all at the end."""
     from kdkit.pipelines.experiment import sub_runs
 
     todo: list[Task] = [t for t in sub_runs(cfg) if (selected is None or t[:2] in selected)
@@ -76,6 +80,7 @@ def run_parallel(
     logs.mkdir(exist_ok=True)
     running: dict[Task, tuple[subprocess.Popen[bytes], Path, float, int]] = {}
     failed: list[str] = []
+    skipped: list[str] = []
     log(f"kdkit run --jobs {jobs}: {len(todo)} sub-run(s) to run, {threads} thread(s) each"
         + (f", over {gpus} GPU(s)" if gpus else ""))
 
@@ -112,7 +117,12 @@ def run_parallel(
                     log(f"[jobs] {name} finished ({time.perf_counter() - started:.1f} s)")
                 else:
                     failed.append(f"{name} failed (exit {rc}; log {path}: {_last_line(path)})")
-            if failed:
+                    log(f"[jobs] {failed[-1]}")
+                    if task[2] and keep_going:  # its students cannot run
+                        for t in [t for t in todo if t[0] == task[0] and not t[2]]:
+                            todo.remove(t)
+                            skipped.append(f"seed{t[0]}/{t[1]}")
+            if failed and not keep_going:
                 todo.clear()
                 continue
             for task in list(todo):
@@ -132,7 +142,11 @@ def run_parallel(
                 proc.kill()
         raise
     if failed:
-        raise KdkitError(f"{len(failed)} sub-run(s) failed: {'; '.join(failed[:3])}")
+        more = (f"; {len(skipped)} skipped for a failed teacher ({', '.join(skipped[:5])})"
+                if skipped else "")
+        shown = failed if keep_going else failed[:3]
+        raise KdkitError(f"{len(failed)} sub-run(s) failed: {'; '.join(shown)}{more}; fix the "
+                         "cause and continue with --resume (finished sub-runs are kept)")
 
 
 def _start(task: Task, slot: int, cfg_path: Path, out_dir: Path, logs: Path, threads: int,
