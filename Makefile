@@ -15,10 +15,11 @@ VSTAMP := $(VVENV)/.kdkit-installed
 
 # torch is installed first and pinned to the CPU build that ships on this machine's
 # disk; pyproject's range is then already satisfied, so nothing pulls a CUDA build.
+# The optional extras (ONNX export, figures, TensorBoard) come too: the tests use them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,deploy,report,tensorboard]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,7 +27,7 @@ setup: $(STAMP)
 $(VSTAMP): pyproject.toml
 	$(PYTHON) -m venv $(VVENV)
 	$(VBIN)/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(VBIN)/pip install --quiet --disable-pip-version-check timm -e '.[dev]'
+	$(VBIN)/pip install --quiet --disable-pip-version-check timm -e '.[dev,deploy,report]'
 	touch $(VSTAMP)
 
 setup-vision: $(VSTAMP)

@@ -916,7 +916,7 @@ def test_progress_without_a_terminal_is_plain_lines(mlp_teacher, digits, tmp_pat
     then (here: every 0 s), a short one nothing; a terminal gets the bar."""
     import sys
 
-    from kdkit.datafree import common
+    from kdkit import progress as common
 
     hist_kw = dict(latent_dim=8, steps=20, batch_size=16, lr=0.01, seed=0, progress=True)
     assert not sys.stderr.isatty()

@@ -246,12 +246,16 @@ def test_simkd_run_saves_and_evaluates_the_deployed_model(tmp_path, digits):
     from kdkit.train.metrics import evaluate
 
     torch.manual_seed(0)
-    teacher = create_model("resnet", depth=8, width=8, in_channels=1, input_size=8).eval()
+    train_one(run_dir=tmp_path / "t", label="t", data=digits, model_name="resnet",
+              model_kwargs={"depth": 8, "width": 8}, method="ce", method_kwargs={},
+              teachers={}, settings=LoopSettings(epochs=3), batch_size=64, augment=None,
+              progress=False)
+    teacher, _ = load_model(tmp_path / "t")
     run = tmp_path / "simkd"
     summary = train_one(run_dir=run, label="s", data=digits, model_name="resnet",
                         model_kwargs={"depth": 8, "width": 4}, method="simkd", method_kwargs={},
-                        teachers={"teacher": teacher}, settings=LoopSettings(epochs=1),
-                        batch_size=128, augment=None, progress=False)
+                        teachers={"teacher": teacher}, settings=LoopSettings(epochs=3),
+                        batch_size=64, augment=None, progress=False)
     meta = json.loads((run / "model.json").read_text())
     assert meta["model"]["name"] == "py:kdkit.distill.methods_feature2:simkd_student"
     assert summary["deployed_model"] == meta["model"]["name"]
@@ -266,4 +270,22 @@ def test_simkd_run_saves_and_evaluates_the_deployed_model(tmp_path, digits):
     assert torch.equal(model.head.fc.weight, teacher.fc.weight)
     test = evaluate(model, *eval_args(digits.test))
     assert summary["test_acc"] == pytest.approx(test["acc"])
-    assert main(["eval", str(run)]) == 0
+    # The loop validates the deployed model every epoch (a view on the training modules),
+    # not the bare student, whose own classifier SimKD never trains
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["val/acc"] == pytest.approx(summary["val_acc"])
+    bare_val = evaluate(_bare_student(run, digits), *eval_args(digits.val))["acc"]
+    assert summary["val_acc"] > bare_val + 20.0
+    assert main(["eval", str(run), "--no-deploy"]) == 0
+
+
+def _bare_student(run, digits):
+    """The student alone (its untrained classifier) from the run's checkpoint."""
+    from safetensors.torch import load_file
+
+    student = create_model("resnet", depth=8, width=4, in_channels=1, input_size=8)
+    tensors = load_file(run / "checkpoint" / "state.safetensors")
+    own = {k.removeprefix("model/student."): v for k, v in tensors.items()
+           if k.startswith("model/student.")}
+    student.load_state_dict(own)
+    return student.eval()

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,7 +120,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(format_table(result["rows"], cfg))
     print(f"wall time {result['wall_s']:.1f} s; results in {out}/ (summary.json, table.md)")
+    if not args.no_report:
+        _experiment_report(out)
     return 0
+
+
+def _experiment_report(out: Path) -> None:
+    """``kdkit report`` at the end of ``kdkit run`` (rank 0 alone; skipped, saying how to get
+    it, when matplotlib is missing); its figures also go to TensorBoard when that is on."""
+    from kdkit import dist
+
+    if not dist.is_main():
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("report skipped: figures need matplotlib (pip install 'kdkit[report]'; then "
+              f"`kdkit report {out}`)")
+        return
+    from kdkit.report import write_report
+    from kdkit.train import tensorboard
+
+    report = write_report(out, log=print)
+    if tensorboard.enabled():
+        figures = sorted(report.parent.glob("*.png"))
+        tensorboard.add_images(out, {f"report/{p.stem}": p for p in figures})
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -265,17 +290,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdkit.data.stream import eval_args
-    from kdkit.pipelines.experiment import format_table
+    from kdkit.pipelines.table import format_table, remeasure_latency
     from kdkit.train.artifacts import load_model, model_stem
     from kdkit.train.checkpoint import read_json
-    from kdkit.train.metrics import count_parameters, cpu_latency_ms, evaluate
+    from kdkit.train.compression import torch_profile
+    from kdkit.train.metrics import evaluate
 
     path = Path(args.path)
     summary = path / "summary.json"
     if path.is_dir() and summary.exists():
         table = read_json(summary, "summary")
         if isinstance(table, dict) and "rows" in table:
-            print(format_table(table["rows"]))
+            rows = table["rows"]
+            if args.latency:  # latency belongs to the machine: measured here, now
+                rows = remeasure_latency(rows, path, int(table["seeds"][0]),
+                                         repeats=args.latency_repeats)
+            print(format_table(rows))
             return 0
     model, meta = load_model(path)
     data, notes = _eval_data(args, meta["data"])
@@ -287,15 +317,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model.to(resolve_device(args.device))
     res = evaluate(model, *eval_args(split))
-    model.cpu()  # the latency below is a CPU figure
+    model.cpu()  # the latencies below are CPU figures
     weights = model_stem(path).with_suffix(".safetensors")
-    print(json.dumps({
+    shape = tuple(data.input_shape)
+    report: dict[str, Any] = {
         "model": meta["model"]["name"], "data": data.name, "split": args.split,
         "samples": len(split), "top1": round(res["acc"], 3), "loss": round(res["loss"], 5),
-        "params": count_parameters(model), "size_bytes": weights.stat().st_size,
-        "latency_ms": round(cpu_latency_ms(model, tuple(data.input_shape)), 4),
-        **notes,
-    }, indent=2))
+        "size_bytes": weights.stat().st_size,
+        **torch_profile(model, shape, repeats=args.latency_repeats), **notes,
+    }
+    if not args.no_deploy:
+        from kdkit.deploy.ort import calibration_inputs, deploy_profile, split_arrays
+        from kdkit.pipelines.table import deploy_available
+
+        if deploy_available():
+            import torch
+
+            with tempfile.TemporaryDirectory() as tmp:
+                prof = deploy_profile(model, shape, *split_arrays(split),
+                                      calibration_inputs(data.train), Path(tmp),
+                                      repeats=args.latency_repeats,
+                                      threads=torch.get_num_threads())
+            report.update(prof, int8_top1=round(prof.pop("int8_acc"), 3))
+        else:
+            report["deploy"] = ("onnxruntime latency and int8 accuracy need the deploy "
+                                "extra: pip install 'kdkit[deploy]'")
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -656,6 +703,10 @@ def _add_out_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log every term, the learning rate and validation metrics (and "
+                   "figures) as TensorBoard events in each run's tensorboard/ folder (needs "
+                   "pip install 'kdkit[tensorboard]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -689,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-going", action="store_true",
                    help="when a sub-run fails, run every other one that does not need it "
                    "(each in its own process), then name every failure; fix and --resume")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write the report with figures at the end (`kdkit report` "
+                   "writes it later)")
     p.add_argument("--only", action="append", metavar="[seedK/]LABEL",
                    help="run just this sub-run (repeatable; its teachers must be finished), "
                    "e.g. from a SLURM array; `--resume` afterwards assembles the table")
@@ -725,6 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val", "train"], default="test",
                    help="which split (default: %(default)s); val and train are the run's own, "
                    "rebuilt from its seed, val_fraction and train_subset")
+    p.add_argument("--latency", action="store_true",
+                   help="for an experiment's table: re-measure every model's latency on this "
+                   "machine (a table's latencies are those of the machine that ran it)")
+    p.add_argument("--latency-repeats", type=_positive_int, default=50, metavar="N",
+                   help="timed forward passes per latency figure, median taken (default 50)")
+    p.add_argument("--no-deploy", action="store_true",
+                   help="skip the ONNX export, int8 quantization and onnxruntime latency")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("models", help="list registered models")
@@ -738,6 +799,14 @@ def build_parser() -> argparse.ArgumentParser:
     from kdkit.cli_datafree import add_parser as add_datafree_parser
 
     add_datafree_parser(sub, _add_out_flags)
+
+    from kdkit.cli_deploy import add_parser as add_deploy_parser
+
+    add_deploy_parser(sub)  # kdkit export (onnx, int8); needs the deploy extra
+
+    from kdkit.cli_report import add_parser as add_report_parser
+
+    add_report_parser(sub)
 
     p = sub.add_parser("data", help="datasets: list, fetch, export")
     dsub = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
@@ -858,6 +927,10 @@ def _run_command(args: argparse.Namespace) -> int:
                     dist.shutdown(graceful=False)
                     _left_process_group()
                     return int(args.fn(args)) if dist_rank == 0 else 0
+        if getattr(args, "tensorboard", False):
+            from kdkit.train import tensorboard
+
+            tensorboard.enable()
         code = int(args.fn(args))
         ok = True
         return code

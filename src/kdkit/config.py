@@ -284,6 +284,9 @@ class StudentRunSpec(_Strict):
 class EvalSpec(_Strict):
     batch_size: int = Field(1024, ge=1)
     latency_repeats: int = Field(50, ge=1)
+    # export every model to ONNX (verified), quantize it to int8 and measure onnxruntime
+    # for the table (needs kdkit[deploy]; skipped with a note without it)
+    deploy: bool = True
 
 
 class ExperimentConfig(_Strict):

@@ -83,6 +83,10 @@ class Distiller(nn.Module):
         if teacher_mode not in ("eval", "train"):
             raise KdkitError(f"teacher_mode must be 'eval' or 'train', got {teacher_mode!r}")
         self.student = student
+        # what the loop validates each epoch: the student, or the deployed model's view of
+        # the training modules (set_evaluated; kept out of the module tree, so nothing is
+        # registered, moved or checkpointed twice)
+        self.__dict__["_evaluated"] = None
         self.adapters = nn.ModuleDict(
             {t.name: t.adapter for t in terms if t.adapter is not None}
         )
@@ -144,6 +148,17 @@ class Distiller(nn.Module):
     def teacher_taps(self) -> dict[str, list[str]]:
         """Teacher name -> keys of the taps read from it (what a teacher-output cache stores)."""
         return {name: sorted(taps) for name, taps in self._teacher_taps.items()}
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model the loop's per-epoch validation evaluates (default: the student)."""
+        view = self.__dict__["_evaluated"]
+        return self.student if view is None else view
+
+    def set_evaluated(self, model: nn.Module | None) -> None:
+        """Validate ``model`` (built on this distiller's own modules, e.g. SimKD's student
+        + projector + teacher classifier) instead of the bare student."""
+        self.__dict__["_evaluated"] = model
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Distiller:
         super()._apply(fn, recurse)

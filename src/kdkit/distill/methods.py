@@ -114,6 +114,28 @@ def method_deployment(name: str) -> Deployment | None:
     return _DEPLOYMENTS.get(name)
 
 
+EvalView = Callable[..., nn.Module]
+_EVAL_VIEWS: dict[str, EvalView] = {}
+
+
+def register_eval_view(name: str) -> Callable[[EvalView], EvalView]:
+    """Decorator registering, for a method whose deployed model is not the bare student,
+    a builder of that model *sharing* the training modules, called as
+    ``fn(student, terms, teachers)``: the loop's per-epoch validation evaluates it, so
+    ``val/acc`` in metrics.jsonl is the deployed model's as it trains."""
+
+    def deco(fn: EvalView) -> EvalView:
+        _EVAL_VIEWS[name] = fn
+        return fn
+
+    return deco
+
+
+def method_eval_view(name: str) -> EvalView | None:
+    """The per-epoch evaluation view of method ``name`` (None: the student is evaluated)."""
+    return _EVAL_VIEWS.get(name)
+
+
 def method_teachers(name: str) -> Teachers:
     """'none', 'one' or 'many': how many teachers method ``name`` distils from."""
     METHODS.get(name)

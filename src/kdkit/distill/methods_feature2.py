@@ -27,6 +27,7 @@ from kdkit.distill.methods import (
     MethodContext,
     ce_and_kd,
     register_deployment,
+    register_eval_view,
     register_method,
     warmup_weight,
 )
@@ -357,20 +358,40 @@ def _probe_map(model: nn.Module, tap: Tap, x: Tensor, who: str) -> tuple[int, ..
     return shape
 
 
+def _simkd_term(terms: Sequence[Term]) -> Term:
+    """The SimKD term (found by its projector)."""
+    term = next((t for t in terms if isinstance(t.adapter, SimKDProjector)), None)
+    if term is None or not isinstance(term.student, Tap) or isinstance(term.teacher_name, tuple):
+        raise KdkitError("deploy_simkd takes the terms of the method 'simkd'")
+    return term
+
+
 def deploy_simkd(student: nn.Module, terms: Sequence[Term], teachers: Mapping[str, nn.Module]
                  ) -> SimKDStudent:
     """The deployed model of a trained SimKD: a copy of the student without its classifier,
     the trained projector, and a frozen copy of the teacher's classifier."""
-    term = next((t for t in terms if isinstance(t.adapter, SimKDProjector)), None)
-    if term is None or not isinstance(term.adapter, SimKDProjector) or \
-            not isinstance(term.student, Tap) or isinstance(term.teacher_name, tuple):
-        raise KdkitError("deploy_simkd takes the terms of the method 'simkd'")
+    term = _simkd_term(terms)
+    assert isinstance(term.student, Tap) and isinstance(term.teacher_name, str)
+    assert term.adapter is not None
     backbone = copy.deepcopy(student)
     path, _ = _classifier(backbone, "student")
     _set_module(backbone, path, nn.Identity())
     _t_path, fc = _classifier(teachers[term.teacher_name], "teacher")
     head = TeacherHead(copy.deepcopy(fc).requires_grad_(False))
     return SimKDStudent(backbone, term.student, copy.deepcopy(term.adapter), head).eval()
+
+
+@register_eval_view("simkd")
+def simkd_eval_view(student: nn.Module, terms: Sequence[Term],
+                    teachers: Mapping[str, nn.Module]) -> SimKDStudent:
+    """The deployed model's computation on the training modules themselves (no copies):
+    the student read at its final map, the projector being trained, the teacher's
+    classifier. What the loop validates every epoch."""
+    term = _simkd_term(terms)
+    assert isinstance(term.student, Tap) and isinstance(term.teacher_name, str)
+    _t_path, fc = _classifier(teachers[term.teacher_name], "teacher")
+    assert term.adapter is not None
+    return SimKDStudent(student, term.student, term.adapter, TeacherHead(fc))
 
 
 @register_deployment("simkd")

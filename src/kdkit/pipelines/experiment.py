@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,7 +20,14 @@ from typing import Any
 from torch import nn
 
 from kdkit import dist
-from kdkit.config import ExperimentConfig, StudentRunSpec, TeacherSpec, TrainSpec, dump_config
+from kdkit.config import (
+    ExperimentConfig,
+    StudentRunSpec,
+    TeacherSpec,
+    TrainSpec,
+    dump_config,
+    load_config,
+)
 from kdkit.data import DatasetSplits, load_dataset
 from kdkit.data.stream import eval_args
 from kdkit.distill.methods import method_teachers
@@ -45,11 +51,12 @@ from kdkit.pipelines.runs import (
     prepare_run_dir,
     train_one,
 )
+from kdkit.pipelines.table import aggregate, deploy_available, format_table
 from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
 from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json, read_json
 from kdkit.train.device import check_precision, resolve_device
 from kdkit.train.loop import LoopSettings
-from kdkit.train.metrics import cpu_latency_ms, evaluate
+from kdkit.train.metrics import evaluate
 
 ELAPSED = "elapsed.json"  # the experiment's wall time so far, for resumed runs
 CACHE_FORMAT = 2  # 2: keyed by the data's content hash (1 knew only the dataset's name)
@@ -255,7 +262,7 @@ def run_experiment(
     resolved = dump_config(cfg)
     cfg_path = out_dir / "config.yaml"
     continuing = resume or selected is not None  # --only adds to the experiment's folder
-    if continuing and cfg_path.exists() and cfg_path.read_bytes() != resolved.encode():
+    if continuing and cfg_path.exists() and not _same_config(cfg_path, resolved):
         raise KdkitError(
             f"{cfg_path} differs from the config given now; --resume and --only need the same "
             "config (use --force to start over, or --out for a new run directory)"
@@ -286,6 +293,7 @@ def run_experiment(
         note_elapsed()
         resume = True  # every sub-run is finished: what follows assembles the table
     runs: list[dict[str, Any]] = []
+    seed_data: dict[int, DatasetSplits] = {}  # each seed's student data, for the int8 columns
     for seed in cfg.seeds:
         seed_dir = out_dir / f"seed{seed}"
         d = cfg.data
@@ -318,6 +326,7 @@ def run_experiment(
         data = _load(cfg, seed, d.train_subset, log)
         if d.synthetic:
             data = load_synthetic(d.synthetic.replace("{seed}", str(seed)), data)
+        seed_data[seed] = data
         for run in wanted:
             chosen = _select_teachers(run, teachers, teacher_val)
             summary = _student(cfg, run, data, seed, seed_dir / run.label, chosen,
@@ -332,7 +341,13 @@ def run_experiment(
                 "runs": runs}
     with dist.main_first():
         if main:  # latency and the table: measured and written once
-            table_rows = aggregate(runs, out_dir, cfg.seeds[0], cfg.eval.latency_repeats)
+            deploy = cfg.eval.deploy and deploy_available()
+            if cfg.eval.deploy and not deploy:
+                log("onnxruntime columns and int8 accuracy skipped: the deploy extra is not "
+                    "installed (pip install 'kdkit[deploy]')")
+            table_rows = aggregate(runs, out_dir, cfg.seeds[0],
+                                   latency_repeats=cfg.eval.latency_repeats, deploy=deploy,
+                                   data_for=seed_data.__getitem__, log=log)
             result = {
                 "name": cfg.name, "seeds": cfg.seeds, "rows": table_rows, "runs": runs,
                 "wall_s": round(wall(), 1),
@@ -343,6 +358,18 @@ def run_experiment(
     if not main:
         result = dict(read_json(out_dir / SUMMARY, "experiment summary"))
     return result
+
+
+def _same_config(path: Path, resolved: str) -> bool:
+    """Whether the experiment config saved at ``path`` is ``resolved``: byte for byte, or
+    once read with this kdkit (a setting a newer kdkit added appears in ``resolved`` with
+    its default, and an experiment started before it still resumes)."""
+    if path.read_bytes() == resolved.encode():
+        return True
+    try:
+        return dump_config(load_config(path)) == resolved
+    except KdkitError:
+        return False
 
 
 def _check_devices(cfg: ExperimentConfig, device: str | None) -> None:
@@ -474,61 +501,3 @@ def _report(log: Callable[[str], None], seed: int, s: dict[str, Any]) -> None:
     val = f", val {s['val_acc']:.2f}%" if s.get("val_acc") is not None else ""
     log(f"[seed {seed}] {s['label'].split('/')[-1]}: test {s['test_acc']:.2f}%{val} "
         f"({s['wall_s']:.1f} s)")
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def aggregate(
-    runs: list[dict[str, Any]], out_dir: Path, first_seed: int, latency_repeats: int
-) -> list[dict[str, Any]]:
-    """One row per run label: size, latency (seed ``first_seed``'s model), acc mean ± std."""
-    labels: list[str] = []
-    for r in runs:
-        lab = r["label"].split("/", 1)[-1]
-        if lab not in labels:
-            labels.append(lab)
-    rows = []
-    for lab in labels:
-        rs = [r for r in runs if r["label"].split("/", 1)[-1] == lab]
-        model, _ = load_model(out_dir / f"seed{first_seed}" / lab)
-        c, h, w = json.loads((out_dir / f"seed{first_seed}" / lab / f"{MODEL_STEM}.json")
-                             .read_text())["data"]["input_shape"]
-        acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
-        vals = [r["val_acc"] for r in rs if r.get("val_acc") is not None]
-        val_m, val_s = _mean_std(vals) if vals else (None, None)
-        rows.append({
-            "label": lab, "model": rs[0]["model"], "method": rs[0]["method"],
-            "params": rs[0]["params"], "size_bytes": rs[0]["size_bytes"],
-            "latency_ms": round(cpu_latency_ms(model, (c, h, w), repeats=latency_repeats), 4),
-            "test_acc_mean": acc_m, "test_acc_std": acc_s, "val_acc_mean": val_m,
-            "val_acc_std": val_s, "n_seeds": len(rs),
-            "wall_s_mean": statistics.fmean(r["wall_s"] + r.get("transfer_s", 0.0) for r in rs),
-        })
-    return rows
-
-
-def _size(n: int) -> str:
-    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.2f} MiB"
-
-
-def format_table(rows: list[dict[str, Any]], cfg: ExperimentConfig | None = None) -> str:
-    """Markdown table: model, parameters, size on disk, CPU latency, top-1 mean ± std."""
-    head = ("| run | model | method | params | size on disk | CPU latency (ms/sample) "
-            "| top-1 test (%) | top-1 val (%) | wall per seed (s) |")
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        val = (f"{r['val_acc_mean']:.2f} ± {r['val_acc_std']:.2f}"
-               if r["val_acc_mean"] is not None else "–")
-        lines.append(
-            f"| {r['label']} | {r['model']} | {r['method']} | {r['params']:,} | "
-            f"{_size(r['size_bytes'])} | {r['latency_ms']:.3f} | "
-            f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | {val} | "
-            f"{r.get('wall_s_mean', 0.0):.1f} |"
-        )
-    if cfg is not None:
-        lines.append("")
-        lines.append(f"{cfg.name}: {len(cfg.seeds)} seeds {cfg.seeds}, dataset {cfg.data.name}; "
-                     "accuracy at the last epoch, mean ± std over seeds.")
-    return "\n".join(lines) + "\n"

@@ -164,6 +164,10 @@ def _start(task: Task, slot: int, cfg_path: Path, out_dir: Path, logs: Path, thr
         env["CUDA_VISIBLE_DEVICES"] = _visible_gpus(gpus)[slot % gpus]
     if device is not None:
         cmd += ["--device", device]
+    from kdkit.train import tensorboard
+
+    if tensorboard.enabled():
+        cmd.append("--tensorboard")
     path = logs / f"seed{seed}-{label}.log"
     with open(path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -22,7 +22,7 @@ from kdkit.data import DatasetSplits
 from kdkit.data.augment import build_augment
 from kdkit.data.loader import derive_seed
 from kdkit.data.stream import eval_args, example_inputs, make_loader
-from kdkit.distill import Distiller, build_stages, method_deployment
+from kdkit.distill import Distiller, build_stages, method_deployment, method_eval_view
 from kdkit.errors import KdkitError
 from kdkit.files import RUN_MARKER, clean_stale_temps, mark_run_dir, remove_run_dir
 from kdkit.models import DATA_FILLED, create_model
@@ -233,7 +233,8 @@ def train_one(
             channels_last=channels_last, cache_settings=cache_settings, cache_root=cache_root,
             aug=aug, loader=loader, val=val, settings=settings, identity=identity,
             resume=resume, progress=progress, main=main, stop_after=stop_after,
-            eval_batch_size=eval_batch_size, model_name=model_name, model_kwargs=model_kwargs)
+            eval_batch_size=eval_batch_size, model_name=model_name, model_kwargs=model_kwargs,
+            method=method)
     t0 = time.perf_counter()
     final = result.history[-1] if result.history else {}
     val_acc = final.get("val/acc")
@@ -244,7 +245,7 @@ def train_one(
     if deploy is not None:
         deployed, saved_name, saved_kwargs = deploy(
             student, stages[-1].terms, teachers, model_name=model_name, model_kwargs=model_kwargs)
-        if val is not None:  # (the loop's per-epoch val figures are the bare student's)
+        if val is not None:  # (the same figure as the loop's last epoch, on the copy)
             val_acc = evaluate(deployed, *eval_args(data.val), batch_size=eval_batch_size,
                                distributed=True)["acc"]
     test = evaluate(deployed, *eval_args(data.test), batch_size=eval_batch_size,
@@ -279,7 +280,7 @@ def _train_stages(
     channels_last: bool, cache_settings: CacheSettings | None, cache_root: Path | None,
     aug: Any, loader: Any, val: Any, settings: LoopSettings, identity: dict[str, Any],
     resume: bool, progress: bool, main: bool, stop_after: int | None, eval_batch_size: int,
-    model_name: str, model_kwargs: dict[str, Any],
+    model_name: str, model_kwargs: dict[str, Any], method: str,
 ) -> tuple[Any, LoopSettings, float]:
     """Fit each stage of a method in turn (earlier stages keep their own run directories);
     returns the last stage's fit result and settings, and the training time of all."""
@@ -305,6 +306,9 @@ def _train_stages(
             fit_wall += float(read_json(stage_dir / SUMMARY, "stage summary").get("wall_s", 0.0))
             continue
         distiller = Distiller(student, teachers, stage.terms, teacher_mode=teacher_mode)
+        view = method_eval_view(method) if last else None
+        if view is not None:  # validate what is deployed (SimKD), not the bare student
+            distiller.set_evaluated(view(student, stage.terms, teachers))
         distiller.to(device)
         if channels_last:  # the teachers are converted for the run alone (_memory_format)
             distiller.adapters.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

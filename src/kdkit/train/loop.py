@@ -30,6 +30,7 @@ from kdkit.distill.distiller import Distiller, no_cache_message
 from kdkit.errors import CheckpointError, KdkitError, NonFiniteLossError
 from kdkit.files import atomic_write_bytes, clean_stale_temps
 from kdkit.progress import progress_bar
+from kdkit.train import tensorboard
 from kdkit.train.checkpoint import (
     load_checkpoint,
     load_state,
@@ -328,9 +329,14 @@ def fit(
     # Reading a value from the device waits for it; on one CPU process that costs nothing,
     # so the non-finite check and Ctrl-C run every step; elsewhere every CHECK_EVERY steps.
     global_batch = world > 1 and s.global_batch_terms
+    tb = tensorboard.writer_for(run_dir) if writes else None
+    if tb is not None:
+        on_epoch = _also(tb.record, on_epoch)
     with contextlib.ExitStack() as stack:
         sig = stack.enter_context(_sigint_flag())
         stack.enter_context(bar)
+        if tb is not None:
+            stack.callback(tb.close)
         if s.sync_bn and world > 1:
             stack.enter_context(dist.sync_batchnorm(distiller, on_cuda=device.type == "cuda"))
         model = _wrap(distiller, device, world)
@@ -386,6 +392,8 @@ def fit(
                     if metrics_path:
                         _append_jsonl(metrics_path, {"epoch": epoch, "step": step + 1, "lr": lr,
                                                      "train/loss": step_loss})
+                    if tb is not None:
+                        tb.record({"global_step": done, "lr": lr, "train/loss": step_loss})
                 if stop or (stop_after is not None and done >= stop_after):
                     nxt_epoch, nxt_step = (epoch, step + 1)
                     sums = meter.totals()
@@ -675,7 +683,7 @@ def _end_epoch(
         # Under DDP each rank's BatchNorm statistics saw its own shard: all take rank 0's
         # (as DDP's next forward would), then each evaluates its share of the split.
         dist.broadcast_state(distiller, buffers_only=True)
-        ev = evaluate(distiller.student, *(val if isinstance(val, tuple) else (val,)),
+        ev = evaluate(distiller.evaluated, *(val if isinstance(val, tuple) else (val,)),
                       distributed=True)
         rec["val/acc"], rec["val/loss"] = ev["acc"], ev["loss"]
         distiller.train()
@@ -691,6 +699,16 @@ def _end_epoch(
                   f"{val_text} ({rec['epoch_s']:.1f} s)")
     if on_epoch is not None:
         on_epoch(rec)
+
+
+def _also(first: Callable[[dict[str, Any]], None],
+          then: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:
+    """An epoch hook calling ``first``, then ``then`` (if any)."""
+    def hook(rec: dict[str, Any]) -> None:
+        first(rec)
+        if then is not None:
+            then(rec)
+    return hook
 
 
 def _jsonable(s: LoopSettings) -> dict[str, Any]:

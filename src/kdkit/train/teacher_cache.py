@@ -74,7 +74,7 @@ from kdkit.data.stream import StreamDataset
 from kdkit.data.views import augment_fingerprint, make_views, sample_keys
 from kdkit.distill.distiller import Distiller, no_cache_message
 from kdkit.errors import KdkitError
-from kdkit.progress import progress_bar
+from kdkit.progress import StageProgress
 from kdkit.taps import LOGITS
 from kdkit.train.checkpoint import atomic_write_json, module_fingerprint, sha256_file
 from kdkit.train.device import fits_on_device, module_device
@@ -434,8 +434,8 @@ def _build(
     was_training = distiller.training
     distiller.eval()
     device = module_device(next(iter(distiller.teachers.values())))
-    bar = progress_bar(total=n * k_views, desc="teacher cache", unit="row", leave=False,
-                       dynamic_ncols=True)
+    # a bar on a terminal; in a log, a line every minute (a large cache takes a while)
+    bar = StageProgress("teacher cache", n * k_views, enabled=log is not None, unit="row")
     try:
         arrays: dict[tuple[str, str], dict[str, np.memmap[Any, Any]]] = {}
         entries: list[dict[str, Any]] = []
