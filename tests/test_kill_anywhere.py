@@ -57,6 +57,7 @@ import kdkit.pipelines.experiment  # noqa: F401
 import kdkit.train.checkpoint as checkpoint_mod
 from kdkit import files
 from kdkit.cli import main
+from kdkit.pipelines import table
 
 KILLED = 137
 CHILD_TIMEOUT_S = 300.0
@@ -65,8 +66,7 @@ SAMPLE_PER_JOB = 6  # kill points per job in CI, the riskiest ones included
 # Fields that measure time or say where a run came from; everything else must be identical.
 TIMING_KEYS = frozenset({
     "epoch_s", "wall_s", "wall_s_mean", "build_s", "synthesis_s", "transfer_s", "latency_ms",
-    "latency_b64_ms", "ort_latency_ms", "ort_latency_b64_ms", "x_faster", "x_faster_ort",
-    "cached_from", "resumed_from", "mtime_ns",
+    *table.TIMING_KEYS, "cached_from", "resumed_from", "mtime_ns",
 })
 _KDKIT_SRC = str(Path(kdkit.__file__).resolve().parent) + os.sep
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -140,7 +140,7 @@ JOBS = [
                 "teacher copy": 3}),
     Job("run-via-search", texts={"exp.yaml": _SEARCH},
         steps=(("--threads", "1", "run", "{W}/exp.yaml", "--no-cache", "--no-progress", "--out",
-                "{W}/out"),),
+                "{W}/out", "--no-report"),),
         expect={"checkpoint": 5, "summary": 6, "model file": 8}),
     Job("datafree-record-synthesize", setup=(_TEACHER,),
         steps=(("--threads", "1", "datafree", "record", "--teacher", "{W}/teacher", "--data",

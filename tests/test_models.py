@@ -13,6 +13,9 @@ from kdkit.errors import KdkitError
 from kdkit.models import MODELS, count_parameters, create_model, list_models
 
 ALL = list_models()
+# Language models (token ids in, (B, L, V) out) have their own tests: test_models_gpt.py.
+TOKEN_MODELS = {"gpt", "gpt_student", "gpt_teacher"}
+IMAGE = [n for n in ALL if n not in TOKEN_MODELS]
 # Models whose feature maps collapse at 8x8 inputs: they must refuse with a KdkitError.
 TOO_SMALL_AT_8 = {"lenet5", "lenet5_half", "plain_cnn8", "plain_cnn10"}
 
@@ -24,7 +27,7 @@ def _forward(name: str, c: int, s: int, num_classes: int = 10) -> torch.Tensor:
         return model(torch.randn(2, c, s, s))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", IMAGE)
 @pytest.mark.parametrize(("c", "s", "k"), [(1, 28, 10), (3, 32, 10), (3, 32, 100), (1, 8, 10)])
 def test_forward_shape_and_finite(name: str, c: int, s: int, k: int) -> None:
     if s == 8 and name in TOO_SMALL_AT_8:
@@ -43,6 +46,7 @@ def test_registry_names() -> None:
         "plain_cnn2", "plain_cnn4", "plain_cnn6", "plain_cnn8", "plain_cnn10", "resnet",
         "resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet110", "wrn",
         "wrn16_1", "wrn16_2", "wrn16_4", "wrn28_2", "wrn28_4", "wrn40_1", "wrn40_2",
+        "gpt", "gpt_student", "gpt_teacher",
     }  # fmt: skip
     assert set(ALL) == expected
     assert ALL == MODELS.names()
@@ -159,7 +163,7 @@ def test_module_names() -> None:
     assert isinstance(dict(create_model("plain_cnn2").named_modules())["features.2"], nn.ReLU)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", IMAGE)
 def test_each_relu_module_runs_once(name: str) -> None:
     """Activations are separate non-inplace nn.ReLU modules, so hooks see every one."""
     s = 16 if name in TOO_SMALL_AT_8 else 8

@@ -424,7 +424,6 @@ def test_cache_files_follow_the_umask(digits, tmp_path, monkeypatch, mask):
 def test_build_reports_progress(digits, tmp_path, monkeypatch):
     from tqdm import tqdm
 
-    from kdkit.train import teacher_cache
 
     bars = []
 
@@ -433,14 +432,17 @@ def test_build_reports_progress(digits, tmp_path, monkeypatch):
         bars.append((kw, bar))
         return bar
 
-    monkeypatch.setattr(teacher_cache, "progress_bar", recording_bar)
+    from kdkit import progress
+
+    monkeypatch.setattr(progress, "progress_bar", recording_bar)
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
     logs = []
     aug = _aug(digits)
     TeacherCache.open_or_build(tmp_path, _kd(_teacher()), digits.train, aug,
                                CacheSettings(views=3), batch_size=100, log=logs.append)
     n = len(digits.train)
     ((kw, bar),) = bars
-    assert kw["total"] == 3 * n and bar.n == 3 * n
+    assert kw["total"] == 3 * n and bar.n == 3 * n and kw["desc"] == "teacher cache"
     assert len(logs) == 2
     assert "is new; building 3 view(s)" in logs[0]
     assert f"{3 * n} rows" in logs[1] and "built in" in logs[1]

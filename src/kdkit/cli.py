@@ -211,7 +211,7 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
         data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
                             train_subset=args.train_subset, seed=args.seed,
                             channels=args.channels, resize=args.resize, stream=args.stream,
-                            workers=args.workers)
+                            workers=args.workers, **_text_args(args))
     teachers = {}
     if teacher is not None:
         # The teacher's own train split is irrelevant here: only its weights are used.
@@ -324,9 +324,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": meta["model"]["name"], "data": data.name, "split": args.split,
         "samples": len(split), "top1": round(res["acc"], 3), "loss": round(res["loss"], 5),
         "size_bytes": weights.stat().st_size,
-        **torch_profile(model, shape, repeats=args.latency_repeats), **notes,
+        **({"bpc": round(res["bpc"], 5)} if "bpc" in res else {}),
+        **torch_profile(model, shape, repeats=args.latency_repeats,
+                        num_classes=data.num_classes), **notes,
     }
-    if not args.no_deploy:
+    if not args.no_deploy and len(shape) == 3:  # (ONNX export takes image inputs)
         from kdkit.deploy.ort import calibration_inputs, deploy_profile, split_arrays
         from kdkit.pipelines.table import deploy_available
 
@@ -344,6 +346,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "extra: pip install 'kdkit[deploy]'")
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _text_eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> Any:
+    """A language model's own splits: the same text, window and vocabulary (the saved one),
+    and for ``--split train`` the same subset of windows."""
+    from kdkit.data import load_dataset
+    from kdkit.data.text import Vocab
+
+    recorded = trained.get("source")
+    source: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    vocab = trained.get("vocab")
+    if not isinstance(vocab, dict):
+        raise KdkitError("this language model's model.json records no vocabulary; retrain it")
+    data = load_dataset(trained["name"], root=args.data_root or source.get("root"),
+                        context=int(trained["input_shape"][0]), vocab=Vocab.from_dict(vocab),
+                        seed=int(source.get("seed", 0)), train_subset=source.get("train_subset"))
+    if source.get("sha256") and data.source.get("sha256") != source.get("sha256"):
+        raise KdkitError(f"the text of {trained['name']} differs from the one the model was "
+                         "trained on (content hash); point --data-root at the original")
+    return data
+
+
+def _text_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--context / --vocab for a text dataset (refused for images)."""
+    from kdkit.data.text import is_text_name
+
+    given = {k: v for k, v in (("context", args.context), ("vocab", args.vocab)) if v is not None}
+    if not is_text_name(args.data):
+        if given:
+            raise KdkitError(f"--{next(iter(given))}: '{args.data}' holds images; --context and "
+                             "--vocab belong to text datasets (shakespeare, text:PATH)")
+        return {}
+    return {"context": given.get("context", 128), "vocab": given.get("vocab", "char")}
 
 
 def _valid_source(source: Any) -> bool:
@@ -368,7 +403,10 @@ def _eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[Any, 
     from dataclasses import replace
 
     from kdkit.data import ArrayDataset, load_dataset
+    from kdkit.data.text import is_text_name
 
+    if is_text_name(trained["name"]) and (args.data is None or args.data == trained["name"]):
+        return _text_eval_data(args, trained), {}
     recorded: Any = trained.get("source")
     source: dict[str, Any] = dict(recorded) if _valid_source(recorded) else {}
     own = args.data is None or args.data == trained["name"]
@@ -424,21 +462,37 @@ def cmd_models(args: argparse.Namespace) -> int:
         import torch
 
         try:
-            c, h, _w = (int(v) for v in args.input.split(","))
+            dims = [int(v) for v in args.input.split(",")]
+            if len(dims) not in (1, 3):
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"--input expects C,H,W (e.g. 1,28,28), got '{args.input}'") from None
+            raise ConfigError(f"--input expects C,H,W (e.g. 1,28,28) or L, a context of L "
+                              f"tokens for a language model, got '{args.input}'") from None
         from kdkit.distill.features import stage_points
 
-        model = create_model(args.layers, in_channels=c, input_size=h)
+        if len(dims) == 1:  # token ids (1, L) for a language model
+            model = create_model(args.layers, input_size=dims[0])
+            x = torch.zeros(1, dims[0], dtype=torch.long)
+        else:
+            c, h = dims[0], dims[1]
+            model = create_model(args.layers, in_channels=c, input_size=h)
+            x = torch.zeros(1, c, h, h)
         shapes: dict[str, tuple[int, ...]] = {}
-        hooks = [m.register_forward_hook(
+        hooks = [m.register_forward_hook(  # a tuple output: its first tensor, as taps read it
             lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(o.shape))
-            if isinstance(o, torch.Tensor) else None)
+            if isinstance(o, torch.Tensor) else shapes.__setitem__(n, tuple(o[0].shape))
+            if isinstance(o, tuple) and o and isinstance(o[0], torch.Tensor) else None)
             for n, m in model.named_modules() if n]
         model.eval()
-        x = torch.zeros(1, c, h, h)
         with torch.no_grad():
-            model(x)
+            try:
+                model(x)
+            except (RuntimeError, TypeError, IndexError, ValueError) as e:
+                if len(dims) != 1:
+                    raise
+                raise KdkitError(f"model '{args.layers}' does not take token ids (1, {dims[0]}) "
+                                 f"({type(e).__name__}: {str(e)[:100]}); for an image model "
+                                 "give --input C,H,W") from None
         for hk in hooks:
             hk.remove()
         for n, m in model.named_modules():
@@ -654,6 +708,10 @@ def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) ->
                    "decoding it into memory first")
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader worker processes decoding streamed images (default: 0)")
+    p.add_argument("--context", type=_positive_int, default=None, metavar="L",
+                   help="text datasets: tokens per window, the models' context (default 128)")
+    p.add_argument("--vocab", choices=["char", "byte"], default=None,
+                   help="text datasets: characters of the corpus (default) or bytes")
     p.add_argument("--model-arg", action="append", metavar="K=V", help="model argument")
     if default_method is not None:
         p.add_argument("--method", default=default_method,
@@ -790,7 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("--layers", metavar="NAME", help="print NAME's module paths and shapes")
-    p.add_argument("--input", default="1,28,28", help="C,H,W for --layers (default 1,28,28)")
+    p.add_argument("--input", default="1,28,28",
+                   help="C,H,W for --layers, or L: L tokens for a language model "
+                        "(default 1,28,28)")
     p.set_defaults(fn=cmd_models)
 
     p = sub.add_parser("methods", help="list distillation methods and their arguments")
@@ -807,13 +867,17 @@ def build_parser() -> argparse.ArgumentParser:
     from kdkit.cli_report import add_parser as add_report_parser
 
     add_report_parser(sub)
+    from kdkit.cli_lm import add_parser as add_generate_parser
+
+    add_generate_parser(sub, _positive_int, _add_device_flag)
 
     p = sub.add_parser("data", help="datasets: list, fetch, export")
     dsub = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
     dl = dsub.add_parser("list", help="list registered datasets")
     dl.set_defaults(fn=cmd_data)
-    df = dsub.add_parser("fetch", help="download and verify a dataset (mnist, fashion_mnist)")
-    df.add_argument("name", choices=["mnist", "fashion_mnist"])
+    df = dsub.add_parser("fetch", help="download and verify a dataset (mnist, fashion_mnist, "
+                         "shakespeare)")
+    df.add_argument("name", choices=["mnist", "fashion_mnist", "shakespeare"])
     df.add_argument("--root", help="data folder (default $KDKIT_DATA or ~/.cache/kdkit/data)")
     df.set_defaults(fn=cmd_data)
     de = dsub.add_parser("export", help="write a dataset as image files (train/<class>/N.png)",

@@ -96,6 +96,12 @@ class DataSpec(_Strict):
         None, description="train students on this transfer set (a folder from `kdkit datafree`); "
         "'{seed}' in the path is replaced by the run's seed"
     )
+    context: int | None = Field(
+        None, ge=2, description="text datasets (shakespeare, text:PATH): tokens per window, "
+        "the models' context (default 128)")
+    vocab: Literal["char", "byte"] = Field(
+        "char", description="text datasets: a character vocabulary (the corpus's symbols) or "
+        "bytes (256)")
 
 
 class TeacherCacheSpec(_Strict):
@@ -439,6 +445,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
     """
     from kdkit.data import DATASETS
     from kdkit.data.augment import build_augment
+    from kdkit.data.text import is_text_name
     from kdkit.distill.methods import METHODS, check_method_kwargs
     from kdkit.models import MODELS, model_problems
 
@@ -470,8 +477,19 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
     dname = data.get("name", "digits") if data else "digits"
     val_fraction = data.get("val_fraction", 0.1) if data else 0.1
     files = isinstance(dname, str) and dname.startswith(("folder:", "csv:"))
-    if isinstance(dname, str) and dname not in DATASETS and not files:
+    text = isinstance(dname, str) and is_text_name(dname)
+    if isinstance(dname, str) and dname not in DATASETS and not files and not text:
         problems.append(_unknown("dataset", dname, DATASETS.names(), "data.name", "data list"))
+    if data and not text and isinstance(dname, str):
+        for key in ("context", "vocab"):
+            if key in data:
+                problems.append(f"data.{key}: '{dname}' holds images; {key} belongs to text "
+                                "datasets (shakespeare, text:PATH): remove it")
+    if data and text:
+        for key in ("channels", "resize"):
+            if data.get(key) is not None:
+                problems.append(f"data.{key}: '{dname}' is text; {key} belongs to images: "
+                                "remove it")
     streams = bool(data.get("stream")) if data else False
     if streams and not files and isinstance(dname, str):
         problems.append(f"data.stream: '{dname}' is decoded into memory; only image folders "

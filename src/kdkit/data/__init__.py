@@ -1,7 +1,8 @@
 """Datasets behind a registry, loaded into memory as normalised tensors with train/val/test splits.
 
 ``load_dataset("mnist")`` returns :class:`DatasetSplits`; :class:`BatchLoader` iterates one
-split as whole-tensor batches, reproducibly and resumably.
+split as whole-tensor batches, reproducibly and resumably. Text (``shakespeare``,
+``text:PATH``) becomes windows of token ids: :mod:`kdkit.data.text`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from kdkit.data.augment import (
     build_augment,
 )
 from kdkit.data.cifar import load_cifar10, load_cifar100
-from kdkit.data.fetch import EXPECTED_SHA256, IDX_FILES, verify
+from kdkit.data.fetch import EXPECTED_SHA256, verify
 from kdkit.data.idx import read_idx_images, read_idx_labels, sha256_file
 from kdkit.data.loader import BatchLoader, derive_seed
+from kdkit.data.text import Vocab, is_text_name, load_text
 from kdkit.errors import DataError
 from kdkit.registry import Registry
 
@@ -52,10 +54,12 @@ __all__ = [
     "RandomCrop",
     "RandomShift",
     "RawData",
+    "Vocab",
     "build_augment",
     "default_root",
     "derive_seed",
     "load_dataset",
+    "load_text",
     "sha256_file",
     "split_train_val",
     "take_subset",
@@ -166,6 +170,16 @@ def _cifar100(root: Path) -> RawData:
     return _cifar_raw(load_cifar100(root), 100)
 
 
+@DATASETS.register(
+    "shakespeare", summary="Shakespeare's 42 works (37 plays, 5 poems; 5.1 MB text, 5.4 MB "
+    "download), char (84) or byte tokens, split by work; code MIT; packaged texts CC-BY 2.5 "
+    "(Open Knowledge Foundation); the works are public domain")
+def _shakespeare(root: Path) -> RawData:
+    """Text, not images: :func:`load_dataset` routes it to :func:`kdkit.data.text.load_text`."""
+    raise DataError("'shakespeare' is a text dataset (windows of token ids, not images): "
+                    "load it with load_dataset('shakespeare', context=..., vocab=...)")
+
+
 FAKE_CIFAR_SIZES = (10_000, 2_000)  # train, test
 
 
@@ -225,7 +239,7 @@ def _ensure_files(name: str, root: Path, download: bool, log: Callable[[str], No
             raise DataError(
                 f"{name} is not ready: {problems[0]}"
                 f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
-                f"run `kdkit data fetch {name}` (files: {', '.join(IDX_FILES)})"
+                f"run `kdkit data fetch {name}` (files: {', '.join(EXPECTED_SHA256[name])})"
             )
     _VERIFIED.add((name, str(root)))
 
@@ -249,6 +263,8 @@ def load_dataset(
     resize: int | None = None,
     stream: bool = False,
     workers: int = 0,
+    context: int = 128,
+    vocab: str | Vocab = "char",
 ) -> DatasetSplits:
     """Load ``name`` as normalised train/val/test tensors (``root`` defaults to default_root()).
 
@@ -260,7 +276,17 @@ def load_dataset(
     :class:`~kdkit.data.stream.StreamDataset` (the same samples, labels and normalisation as
     in memory; images decoded when read, by ``workers`` DataLoader workers). The data's
     identity is then a hash of the listing and each file's size and mtime, not of pixels.
+
+    Text (``shakespeare``, ``text:PATH``): :func:`~kdkit.data.text.load_text` with ``context``
+    tokens per window and ``vocab`` ("char", "byte" or a :class:`Vocab`); its splits are fixed
+    (by work, or 90/5/5 by position), so ``val_fraction`` does not apply; ``train_subset``
+    keeps that many train windows.
     """
+    if is_text_name(name) and not stream:
+        if channels is not None or resize is not None:
+            raise DataError(f"dataset '{name}' is text: channels and resize apply to images only")
+        return load_text(name, root=root, context=context, vocab=vocab, seed=seed,
+                         train_subset=train_subset, download=download, log=log)
     if stream:
         return _load_streamed(name, val_fraction=val_fraction,
                               train_subset=train_subset, seed=seed, log=log, channels=channels,
@@ -398,6 +424,9 @@ def load_raw(name: str, *, root: str | Path | None = None, download: bool = True
              log: Callable[[str], None] = print) -> RawData:
     """The integer pixels of ``name`` (registered, ``folder:PATH`` or ``csv:PATH``) as decoded, before any
     split or normalisation: what ``kdkit data export`` writes."""
+    if is_text_name(name):
+        raise DataError(f"'{name}' is a text dataset (windows of token ids): it has no images "
+                        "to export; train on it with --data / data.name")
     if _is_files(name):
         from kdkit.data.folder import load_folder
 

@@ -12,11 +12,13 @@ from kdkit.errors import DataError
 
 if TYPE_CHECKING:
     from kdkit.data.stream import StreamDataset
+    from kdkit.data.text import Vocab
 
 
 @dataclass
 class ArrayDataset:
-    """A dataset held as two tensors: ``x`` (N, C, H, W) float32 normalised, ``y`` (N,) int64."""
+    """A dataset held as two tensors: ``x`` (N, C, H, W) float32 normalised, ``y`` (N,) int64;
+    or, for text (:mod:`kdkit.data.text`), ``x`` and ``y`` (N, L) int64 token ids."""
 
     x: Tensor
     y: Tensor
@@ -45,13 +47,15 @@ class DatasetSplits:
     val: ArrayDataset | StreamDataset
     test: ArrayDataset | StreamDataset
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # (C, H, W); (L,) for text
     mean: float
     std: float
     name: str
     # What rebuilds these exact splits: dataset name, root, seed, val_fraction, train_subset
     # and the SHA-256 of the decoded data (see load_dataset); empty for hand-made splits.
     source: dict[str, Any] = field(default_factory=dict)
+    # Text datasets: the vocabulary that maps token ids to text (None for images).
+    vocab: Vocab | None = None
 
     @property
     def black(self) -> float:

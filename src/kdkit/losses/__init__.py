@@ -8,6 +8,21 @@ from kdkit.losses.ensemble import (
     ensemble_targets,
 )
 from kdkit.losses.kd import KDLoss, kd_loss, soft_kl
+from kdkit.losses.lm import (
+    SkewKL,
+    TokenJSD,
+    TokenKL,
+    TokenTV,
+    TopKKL,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    teacher_topk,
+    token_mask,
+    topk_kl,
+    total_variation,
+)
 from kdkit.losses.logit import (
     CCLoss,
     DISTLoss,
@@ -46,4 +61,17 @@ __all__ = [
     "rkd_angle",
     "rkd_distance",
     "soft_kl",
+    "SkewKL",
+    "TokenJSD",
+    "TokenKL",
+    "TokenTV",
+    "TopKKL",
+    "forward_kl",
+    "generalized_jsd",
+    "reverse_kl",
+    "skew_kl",
+    "teacher_topk",
+    "token_mask",
+    "topk_kl",
+    "total_variation",
 ]

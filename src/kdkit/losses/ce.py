@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 def cross_entropy(student: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy of logits ``student`` (B, C) against labels ``target`` (B,)."""
+    if student.dim() > 2:  # token logits (B, L, V) and labels (B, L); -100 marks padding
+        student, target = student.reshape(-1, student.shape[-1]), target.reshape(-1)
     return F.cross_entropy(student, target, label_smoothing=label_smoothing)
 
 

@@ -39,6 +39,8 @@ def soft_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     Returns: scalar, without the T² factor.
     """
     check_same_logits(student, teacher)
+    if student.dim() > 2:  # token logits (B, L, V): the mean over every position
+        student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     log_ps = F.log_softmax(student / temperature, dim=-1)
     log_pt = F.log_softmax(teacher / temperature, dim=-1)
     return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models import lenet, mlp, plain_cnn, resnet, wrn
+from kdkit.models import gpt, lenet, mlp, plain_cnn, resnet, wrn
 from kdkit.models._registry import MODELS
 from kdkit.models.sources import (
     SPECIAL_KEYS,
@@ -23,25 +23,37 @@ from kdkit.models.sources import (
     split_source,
 )
 
-__all__ = ["MODELS", "count_parameters", "create_model", "list_models", "model_problems"]
+__all__ = ["MODELS", "count_parameters", "create_model", "geometry", "list_models",
+           "model_problems"]
 
 # The family modules register themselves on import.
-_FAMILIES = (lenet, mlp, plain_cnn, resnet, wrn)
+_FAMILIES = (gpt, lenet, mlp, plain_cnn, resnet, wrn)
 # Arguments every factory takes that come from the dataset, never from the user.
 DATA_FILLED = ("num_classes", "in_channels", "input_size")
 
 
+def geometry(input_shape: Any, num_classes: int) -> dict[str, int]:
+    """The data-filled model arguments: images (C, H, W) give ``in_channels`` C and
+    ``input_size`` H; token sequences (L,) give ``input_size`` L (the context) and one
+    channel; ``num_classes`` is the number of classes (a language model's vocabulary)."""
+    shape = tuple(input_shape)
+    if len(shape) == 1:
+        return {"num_classes": num_classes, "in_channels": 1, "input_size": shape[0]}
+    return {"num_classes": num_classes, "in_channels": shape[0], "input_size": shape[1]}
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build model ``name``: a zoo name, or ``torchvision:``/``timm:``/``py:`` sources
+    """Build model ``name``: a zoo name, or ``torchvision:``/``timm:``/``py:``/``hf:`` sources
     (:mod:`kdkit.models.sources`); ``weights: PATH`` and ``output: KEY`` work with every
     source. Unknown names or arguments raise ``KdkitError``, and so do sizes whose weights
     cannot be allocated (or overflow a tensor's size)."""
     weights, output = kwargs.pop("weights", None), kwargs.pop("output", None)
     source, target = split_source(name)
     if source is not None:
-        geometry = {"num_classes": kwargs.pop("num_classes", 10),
-                    "in_channels": kwargs.pop("in_channels", 3),
-                    "input_size": kwargs.pop("input_size", 32)}
+        if source == "hf" and output is not None:
+            raise KdkitError(f"model '{name}': hf: models already return their logits; "
+                             "remove output")
+        geometry = {k: kwargs.pop(k, None) for k in DATA_FILLED}  # None: the source's default
         model = create_from_source(source, target, **geometry, **kwargs)
     else:
         model = _create_zoo(name, **kwargs)

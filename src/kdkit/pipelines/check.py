@@ -33,7 +33,7 @@ from kdkit.config import ExperimentConfig, ModelSpec, StudentRunSpec
 from kdkit.data.geometry import dataset_geometry
 from kdkit.distill import Distiller, build_stages, method_teachers
 from kdkit.errors import KdkitError
-from kdkit.models import create_model
+from kdkit.models import create_model, geometry
 from kdkit.models.meta import on_device
 
 REAL_PARAM_LIMIT = 5_000_000  # models up to this size are checked for real, on the CPU
@@ -101,15 +101,18 @@ class DryBuild:
     problems: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     _models: dict[str, _Model] = field(default_factory=dict, init=False, repr=False)
-    _geometry: tuple[int, tuple[int, int, int]] = field(default=(0, (0, 0, 0)), init=False)
+    _geometry: tuple[int, tuple[int, ...]] = field(default=(0, (0, 0, 0)), init=False)
 
     # ------------------------------------------------------------------ the config
 
     def run(self) -> DryBuild:
         try:
-            n, (c, h, w) = dataset_geometry(self.cfg.data.name)
             d = self.cfg.data
-            self._geometry = (n, (d.channels or c, d.resize or h, d.resize or w))
+            n, shape = dataset_geometry(d.name, context=d.context, vocab=d.vocab, root=d.root)
+            if len(shape) == 3:
+                c, h, w = shape
+                shape = (d.channels or c, d.resize or h, d.resize or w)
+            self._geometry = (n, shape)
         except KdkitError as e:
             from kdkit.data import DATASETS
 
@@ -217,10 +220,9 @@ class DryBuild:
         return self._models[key]
 
     def _build(self, spec: ModelSpec, device: str) -> nn.Module:
-        num_classes, (c, h, _) = self._geometry
+        num_classes, shape = self._geometry
         with on_device(device):
-            return create_model(spec.name, num_classes=num_classes, in_channels=c,
-                                input_size=h, **spec.kwargs)
+            return create_model(spec.name, **geometry(shape, num_classes), **spec.kwargs)
 
     def _check_model(self, spec: ModelSpec) -> _Model:
         out = _Model(spec)
@@ -245,8 +247,8 @@ class DryBuild:
             self._on(out.device, f"model {spec.name}", [out],
                      lambda dev: self._forward(self._instance(out, dev), dev))
         except Exception as e:  # noqa: BLE001
-            c, h, w = self._geometry[1]
-            out.problem = (f"model {spec.name} fails on a ({BATCH}, {c}, {h}, {w}) input "
+            dims = ", ".join(str(v) for v in self._geometry[1])
+            out.problem = (f"model {spec.name} fails on a ({BATCH}, {dims}) input "
                            f"(the data's geometry): {_text(e)}")
         return out
 
@@ -256,8 +258,11 @@ class DryBuild:
         return model.instances[device]
 
     def _input(self, device: str) -> tuple[Tensor, Tensor]:
-        num_classes, (c, h, w) = self._geometry
-        x = torch.zeros(BATCH, c, h, w, device=device)
+        num_classes, shape = self._geometry
+        if len(shape) == 1:  # token windows (B, L) and their next tokens
+            x = torch.arange(BATCH * shape[0], device=device).reshape(BATCH, -1) % num_classes
+            return x, (x + 1) % num_classes
+        x = torch.zeros(BATCH, *shape, device=device)
         y = torch.arange(BATCH, device=device) % num_classes
         return x, y
 
@@ -267,9 +272,11 @@ class DryBuild:
         out = model.eval()(x)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
             out = out[0]  # as the Distiller reads it
-        if not isinstance(out, Tensor) or tuple(out.shape) != (BATCH, num_classes):
+        shape = self._geometry[1]
+        want = (BATCH, shape[0], num_classes) if len(shape) == 1 else (BATCH, num_classes)
+        if not isinstance(out, Tensor) or tuple(out.shape) != want:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise KdkitError(f"it returns {got}, not ({BATCH}, {num_classes}) logits")
+            raise KdkitError(f"it returns {got}, not {want} logits")
 
     def _on(self, device: str, what: str, models: list[_Model],
             check: Callable[[str], T]) -> T | None:

@@ -360,6 +360,15 @@ def run_experiment(
     return result
 
 
+def _text_options(d: Any) -> dict[str, Any]:
+    """A text dataset's window and vocabulary (nothing for images)."""
+    from kdkit.data.text import is_text_name
+
+    if not is_text_name(d.name):
+        return {}
+    return {"context": d.context or 128, "vocab": d.vocab}
+
+
 def _same_config(path: Path, resolved: str) -> bool:
     """Whether the experiment config saved at ``path`` is ``resolved``: byte for byte, or
     once read with this kdkit (a setting a newer kdkit added appears in ``resolved`` with
@@ -417,7 +426,7 @@ def _load(cfg: ExperimentConfig, seed: int, train_subset: int | None,
         return load_dataset(d.name, root=d.root, val_fraction=d.val_fraction,
                             train_subset=train_subset, seed=seed, download=d.download, log=log,
                             channels=d.channels, resize=d.resize, stream=d.stream,
-                            workers=d.workers)
+                            workers=d.workers, **_text_options(d))
 
 
 def _elapsed(path: Path) -> float:

@@ -25,7 +25,7 @@ from kdkit.data.stream import eval_args, example_inputs, make_loader
 from kdkit.distill import Distiller, build_stages, method_deployment, method_eval_view
 from kdkit.errors import KdkitError
 from kdkit.files import RUN_MARKER, clean_stale_temps, mark_run_dir, remove_run_dir
-from kdkit.models import DATA_FILLED, create_model
+from kdkit.models import DATA_FILLED, create_model, geometry
 from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
 from kdkit.train.checkpoint import (
     atomic_write_json,
@@ -47,9 +47,10 @@ _INIT_STREAM = 7  # torch seed stream for model initialisation
 def data_meta(data: DatasetSplits) -> dict[str, Any]:
     """What a saved model records of its data: geometry, normalisation and (``source``)
     how to rebuild the exact splits it was trained, validated and tested on."""
+    vocab = getattr(data, "vocab", None)  # a text dataset's: `kdkit generate` decodes with it
     return {"name": data.name, "num_classes": data.num_classes,
             "input_shape": list(data.input_shape), "mean": data.mean, "std": data.std,
-            "source": data.source}
+            "source": data.source, **({"vocab": vocab.to_dict()} if vocab is not None else {})}
 
 
 def _to_stderr(line: str) -> None:
@@ -102,9 +103,7 @@ def build_model(name: str, kwargs: dict[str, Any], data: DatasetSplits, seed: in
                          f"'{data.name}'; remove {'them' if len(filled) > 1 else 'it'} from the "
                          "model's arguments")
     torch.manual_seed(derive_seed(seed, _INIT_STREAM))
-    c, h, _ = data.input_shape
-    geometry = {"num_classes": data.num_classes, "in_channels": c, "input_size": h}
-    return create_model(name, **{**geometry, **kwargs})
+    return create_model(name, **{**geometry(data.input_shape, data.num_classes), **kwargs})
 
 
 def check_teacher_fits(teacher_meta: dict[str, Any], data: DatasetSplits, source: str) -> None:
@@ -268,6 +267,10 @@ def train_one(
         "wall_s": round(fit_wall + time.perf_counter() - t0, 2),
         "resumed_from": result.resumed_from, **(extra or {}), "identity": identity,
     }
+    if "bpc" in test:  # a language model: bits per character (or byte), and its speed
+        tokens = stage_settings.epochs * len(loader.dataset) * int(data.input_shape[0])
+        summary.update(test_bpc=test["bpc"], val_bpc=final.get("val/bpc"),
+                       train_tokens_per_s=round(tokens / max(fit_wall, 1e-9), 1))
     with dist.main_first():
         if main:
             atomic_write_json(summary_path, summary)

@@ -11,7 +11,6 @@ teacher (×smaller, ×faster, Δ accuracy). The onnxruntime and int8 columns nee
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +19,15 @@ from typing import Any
 import torch
 
 from kdkit.data import DatasetSplits
-from kdkit.train.artifacts import MODEL_STEM, load_model
+from kdkit.train.artifacts import load_model
 from kdkit.train.compression import ratios, torch_profile
 
+# Row fields that measure time (they differ from run to run; everything else is exact).
+TIMING_KEYS = frozenset({
+    "latency_ms", "latency_b64_ms", "ort_latency_ms", "ort_latency_b64_ms",
+    "float_ort_latency_ms", "float_ort_latency_b64_ms", "x_faster", "x_faster_ort",
+    "wall_s_mean",
+})
 DEPLOY_DIR = "deploy"  # inside each measured run: model.onnx, model.int8.onnx, export.json
 
 
@@ -62,27 +67,49 @@ def aggregate(
     test accuracy averaged like the float one, and the first seed's onnxruntime latency."""
     rows = []
     labels = _labels(runs)
+    arrays: dict[int, tuple[Any, Any, Any]] = {}  # per seed: test x, test y, calibration x
+
+    def seed_arrays(seed: int) -> tuple[Any, Any, Any]:
+        """The seed's test split and calibration inputs as tensors, read once (a streamed
+        split is decoded once, not once per model)."""
+        from kdkit.deploy.ort import calibration_inputs, split_arrays
+
+        if seed not in arrays:
+            assert data_for is not None
+            data = data_for(seed)
+            arrays[seed] = (*split_arrays(data.test), calibration_inputs(data.train))
+        return arrays[seed]
+
     for i, lab in enumerate(labels):
         rs = [r for r in runs if r["label"].split("/", 1)[-1] == lab]
         run_dir = out_dir / f"seed{first_seed}" / lab
-        model, _ = load_model(run_dir)
-        shape = tuple(json.loads((run_dir / f"{MODEL_STEM}.json").read_text())
-                      ["data"]["input_shape"])
+        model, meta = load_model(run_dir)
+        shape = tuple(meta["data"]["input_shape"])
+        vocab = int(meta["data"]["num_classes"])
         log(f"[table] {lab} ({i + 1}/{len(labels)}): measuring size, MACs and latency")
-        prof = torch_profile(model, shape, repeats=latency_repeats)
+        prof = torch_profile(model, shape, repeats=latency_repeats, num_classes=vocab)
         acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
         vals = [r["val_acc"] for r in rs if r.get("val_acc") is not None]
         val_m, val_s = _mean_std(vals) if vals else (None, None)
         row: dict[str, Any] = {
             "label": lab, "model": rs[0]["model"], "method": rs[0]["method"],
-            "role": rs[0].get("role", "student"),
+            "role": rs[0].get("role", "student"), "context": shape[0] if len(shape) == 1 else None,
             "size_bytes": rs[0]["size_bytes"], **prof,
             "test_acc_mean": acc_m, "test_acc_std": acc_s, "val_acc_mean": val_m,
             "val_acc_std": val_s, "n_seeds": len(rs),
             "wall_s_mean": statistics.fmean(r["wall_s"] + r.get("transfer_s", 0.0) for r in rs),
         }
-        if deploy and data_for is not None:
-            row.update(_deploy_columns(lab, rs, out_dir, first_seed, shape, data_for,
+        if all(r.get("test_bpc") is not None for r in rs):  # language models
+            from kdkit.distill.sampling import generation_latency_ms
+
+            row["test_bpc_mean"], row["test_bpc_std"] = _mean_std([r["test_bpc"] for r in rs])
+            vb = [r["val_bpc"] for r in rs if r.get("val_bpc") is not None]
+            row["val_bpc_mean"], row["val_bpc_std"] = _mean_std(vb) if vb else (None, None)
+            row["tokens_per_s_mean"] = statistics.fmean(
+                r.get("train_tokens_per_s", 0.0) for r in rs)
+            row["gen_ms_per_token"] = round(generation_latency_ms(model, vocab, shape[0]), 3)
+        elif deploy and data_for is not None:  # (ONNX export takes image inputs)
+            row.update(_deploy_columns(lab, rs, out_dir, first_seed, shape, seed_arrays,
                                        latency_repeats, log))
         rows.append(row)
     teacher = next((r for r in rows if r["role"] == "teacher"), None)
@@ -93,11 +120,11 @@ def aggregate(
 
 
 def _deploy_columns(lab: str, rs: list[dict[str, Any]], out_dir: Path, first_seed: int,
-                    shape: tuple[int, ...], data_for: Callable[[int], DatasetSplits],
+                    shape: tuple[int, ...], seed_arrays: Callable[[int], tuple[Any, Any, Any]],
                     repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Every seed's model exported (verified) and quantized; int8 accuracy over the seeds;
     the first seed's file sizes and onnxruntime latency."""
-    from kdkit.deploy.ort import calibration_inputs, deploy_profile, split_arrays
+    from kdkit.deploy.ort import deploy_profile
 
     out: dict[str, Any] = {}
     int8: list[float] = []
@@ -105,10 +132,9 @@ def _deploy_columns(lab: str, rs: list[dict[str, Any]], out_dir: Path, first_see
         seed = int(r["label"].split("/", 1)[0].removeprefix("seed"))
         run_dir = out_dir / f"seed{seed}" / lab
         model, _ = load_model(run_dir)
-        data = data_for(seed)
+        test_x, test_y, calib_x = seed_arrays(seed)
         log(f"[table] {lab} seed {seed}: ONNX export, int8 calibration and evaluation")
-        prof = deploy_profile(model, shape, *split_arrays(data.test),
-                              calibration_inputs(data.train), run_dir / DEPLOY_DIR,
+        prof = deploy_profile(model, shape, test_x, test_y, calib_x, run_dir / DEPLOY_DIR,
                               latency=seed == first_seed, repeats=repeats,
                               threads=torch.get_num_threads())
         int8.append(prof["int8_acc"])
@@ -145,9 +171,38 @@ def _x(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}×"
 
 
+def _format_lm(rows: list[dict[str, Any]], cfg: Any) -> str:
+    """A language-model experiment's table: bits per character, size and speed."""
+    lines = ["| run | model | method | test bpc | val bpc | params | MACs / token | fp32 "
+             "| ×smaller | train tokens/s | generation (ms/token) | wall per seed (s) |",
+             "|" + "---|" * 12]
+    for r in rows:
+        macs = r.get("macs")
+        per_token = macs // max(1, int(r.get("context", 1))) if macs else None
+        lines.append(
+            f"| {r['label']} | {r['model']} | {r['method']} | "
+            f"{_pm(r['test_bpc_mean'], r['test_bpc_std'])} | "
+            f"{_pm(r.get('val_bpc_mean'), r.get('val_bpc_std'))} | {r['params']:,} | "
+            f"{_macs(per_token)} | {_size(r.get('size_fp32_bytes'))} | "
+            f"{_x(r.get('x_smaller'))} | {r.get('tokens_per_s_mean', 0.0):,.0f} | "
+            f"{_ms(r.get('gen_ms_per_token'))} | {r.get('wall_s_mean', 0.0):.1f} |")
+    lines.append("")
+    note = ("bits per character (per byte for a byte vocabulary) on the test split at the "
+            "last epoch, mean ± std over seeds; sizes, MACs and generation latency (batch 1, "
+            "sampling, with the model's key/value cache where it has one) of the first seed's "
+            "model on this machine's CPU")
+    if cfg is not None:
+        note = f"{cfg.name}: {len(cfg.seeds)} seeds {cfg.seeds}, dataset {cfg.data.name}; " + note
+    lines.append(note + ".")
+    return "\n".join(lines) + "\n"
+
+
 def format_table(rows: list[dict[str, Any]], cfg: Any = None) -> str:
     """Two markdown tables: accuracy (test, val, int8; Δ against the teacher) and the
-    compression report (parameters, MACs, sizes, latencies; ratios against the teacher)."""
+    compression report (parameters, MACs, sizes, latencies; ratios against the teacher).
+    Language models get one table of bits per character, size and speed."""
+    if rows and all(r.get("test_bpc_mean") is not None for r in rows):
+        return _format_lm(rows, cfg)
     lines = ["| run | model | method | top-1 test (%) | top-1 val (%) | int8 test (%) "
              "| Δ test vs teacher | wall per seed (s) |", "|" + "---|" * 8]
     for r in rows:

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from kdkit.errors import CheckpointError, KdkitError
-from kdkit.models import create_model
+from kdkit.models import create_model, geometry
 from kdkit.models.meta import on_device
 from kdkit.train.checkpoint import load_checkpoint, load_state_strict, save_checkpoint, signature
 
@@ -72,10 +72,10 @@ def _model_recipe(meta: dict[str, Any], where: str) -> tuple[dict[str, Any], dic
         if not isinstance(data.get("name"), str):
             problems.append(f"'data.name' must be a dataset name, got {str(data.get('name'))[:40]}")
         shape = data.get("input_shape")
-        if not (isinstance(shape, list) and len(shape) == 3
+        if not (isinstance(shape, list) and len(shape) in (1, 3)
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
-            problems.append(f"'data.input_shape' must be [C, H, W] (3 positive whole numbers), "
-                            f"got {str(shape)[:40]}")
+            problems.append(f"'data.input_shape' must be [C, H, W] (an image) or [L] (a token "
+                            f"context), positive whole numbers, got {str(shape)[:40]}")
         n = data.get("num_classes")
         if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
             problems.append(f"'data.num_classes' must be a positive whole number, got "
@@ -116,9 +116,8 @@ def _rebuild(spec: dict[str, Any], data: dict[str, Any], stem: Path, device: str
              ) -> nn.Module | None:
     """The model ``spec`` names, for ``data``'s geometry, on ``device`` ("meta": shapes
     only; None when a model cannot be built there but may be on the CPU)."""
-    c, h, _w = data["input_shape"]
     # the weights are the saved ones: a weights file the model started from is not read
-    kwargs = {"num_classes": data["num_classes"], "in_channels": c, "input_size": h,
+    kwargs = {**geometry(data["input_shape"], data["num_classes"]),
               **{k: v for k, v in spec["kwargs"].items() if k != "weights"}}
     try:
         if device == "meta":

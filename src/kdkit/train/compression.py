@@ -27,14 +27,24 @@ from torch import nn
 LATENCY_BATCHES = (1, 64)
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def example_input(input_shape: tuple[int, ...], batch: int, device: torch.device,
+                  num_classes: int | None = None) -> torch.Tensor:
+    """A batch shaped like the data: random images (B, C, H, W), or for a token context
+    (L,) random token ids (B, L) below ``num_classes`` (the vocabulary)."""
+    if len(input_shape) == 1:
+        return torch.randint(0, num_classes or 2, (batch, *input_shape), device=device)
+    return torch.randn(batch, *input_shape, device=device)
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...],
+               num_classes: int | None = None) -> int:
     """Multiply-accumulates of one sample's forward pass (torch's FLOP counter / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = torch.zeros(1, *input_shape, device=device)
+    x = example_input(input_shape, 1, device, num_classes)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
@@ -49,7 +59,12 @@ def weights_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     from safetensors.torch import save
 
     state = {}
+    seen: set[tuple[int, int]] = set()
     for k, v in model.state_dict().items():
+        where = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if where in seen:  # a tied weight (a language model's embedding and head): once
+            continue
+        seen.add(where)
         v = v.detach().cpu()
         state[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
     return len(save(state))
@@ -57,13 +72,14 @@ def weights_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
 
 @torch.inference_mode()
 def eager_latency_ms(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 1,
-                     repeats: int = 50, warmup: int = 10) -> float:
+                     repeats: int = 50, warmup: int = 10,
+                     num_classes: int | None = None) -> float:
     """Median latency (ms) of one forward pass at ``batch`` in torch eager mode, on the
     model's device (synchronised when that is a GPU)."""
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = torch.randn(batch, *input_shape, device=device)
+    x = example_input(input_shape, batch, device, num_classes)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         model(x)
@@ -79,21 +95,22 @@ def eager_latency_ms(model: nn.Module, input_shape: tuple[int, ...], *, batch: i
 
 
 def torch_profile(model: nn.Module, input_shape: tuple[int, ...], *,
-                  repeats: int = 50) -> dict[str, Any]:
+                  repeats: int = 50, num_classes: int | None = None) -> dict[str, Any]:
     """The torch-side columns for ``model`` (on the CPU): parameters, MACs, fp32/fp16 bytes
     and eager latency at batch 1 and 64, with the thread count they were measured with."""
     warmup = max(1, min(10, repeats))
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "macs": count_macs(model, input_shape),
+        "macs": count_macs(model, input_shape, num_classes),
         "size_fp32_bytes": weights_bytes(model, torch.float32),
         "size_fp16_bytes": weights_bytes(model, torch.float16),
         "latency_ms": round(eager_latency_ms(model, input_shape, batch=1, repeats=repeats,
-                                             warmup=warmup), 4),
+                                             warmup=warmup, num_classes=num_classes), 4),
         # a batch of 64 costs 64 samples per pass: fewer repeats keep the time bounded
         "latency_b64_ms": round(eager_latency_ms(model, input_shape, batch=64,
                                                  repeats=max(1, repeats // 5),
-                                                 warmup=max(1, warmup // 5)), 4),
+                                                 warmup=max(1, warmup // 5),
+                                                 num_classes=num_classes), 4),
         "threads": torch.get_num_threads(),
     }
 

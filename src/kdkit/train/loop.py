@@ -470,6 +470,13 @@ def check_interval(device: torch.device, world: int) -> int:
 _NEVER = 2**62  # "no bad step yet"
 
 
+def _correct(logits: Tensor, y: Tensor) -> Tensor:
+    """Correct predictions in a batch: per sample, the fraction of its positions predicted
+    right (a class label: 0 or 1; a token sequence: its next-token accuracy), summed."""
+    hit = logits.detach().argmax(-1) == y
+    return hit.reshape(len(y), -1).float().mean(1).sum()
+
+
 class _Meter:
     """Per-epoch sums of the metrics, kept on the device (no host read per step).
 
@@ -495,7 +502,7 @@ class _Meter:
 
     def add(self, out: dict[str, Tensor], y: Tensor, gstep: int) -> None:
         vals = torch.stack([out[k].detach().float() for k in self.keys])
-        correct = (out["logits"].detach().argmax(1) == y).sum()
+        correct = _correct(out["logits"], y)
         b = float(len(y))  # (a Python number: adding it copies nothing to the device)
         self.sums[0] += b
         self.sums[1:] += torch.cat([correct.reshape(1).to(self.dtype), vals.to(self.dtype) * b])
@@ -549,7 +556,7 @@ class _HostMeter:
         b = float(len(y))
         sums = self.sums
         sums["n"] += b
-        sums["correct"] += float((out["logits"].detach().argmax(1) == y).sum())
+        sums["correct"] += float(_correct(out["logits"], y))
         last = [float(out[k].detach()) for k in self.keys]
         for k, v in zip(self.keys, last, strict=True):
             sums[k] = sums.get(k, 0.0) + v * b
@@ -686,6 +693,8 @@ def _end_epoch(
         ev = evaluate(distiller.evaluated, *(val if isinstance(val, tuple) else (val,)),
                       distributed=True)
         rec["val/acc"], rec["val/loss"] = ev["acc"], ev["loss"]
+        if "bpc" in ev:  # a language model: bits per character (or byte)
+            rec["val/bpc"] = ev["bpc"]
         distiller.train()
     rec["epoch_s"] = round(time.perf_counter() - t_epoch, 3)
     result.history.append(rec)

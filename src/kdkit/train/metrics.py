@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -21,6 +22,11 @@ def evaluate(
     dataset of ``(x, y)`` items given as ``x`` alone (a streamed split: read through
     DataLoader workers, its ``workers`` many).
 
+    A language model's logits (B, L, V) against labels (B, L) are scored per token: the
+    accuracy of next-token prediction and the mean cross-entropy over every real token
+    (labels -100 are padding), with ``bpc`` = that cross-entropy in bits (bits per
+    character for a character vocabulary, per byte for a byte one).
+
     Batches go to the model's device and are evaluated in float32; the sums stay there
     and are read once. ``distributed``: under DDP each rank evaluates its contiguous share
     and the sums are added over ranks (every rank gets the whole split's figures).
@@ -35,18 +41,27 @@ def evaluate(
     if distributed and dist.world_size() > 1:
         lo, hi = dist.shard_bounds(len(x), dist.rank(), dist.world_size())
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    sums = torch.zeros(2, dtype=dtype, device=device)
+    sums = torch.zeros(3, dtype=dtype, device=device)
+    tokens = False
     for xb, yb in _batches(x, y, lo, hi, batch_size):
         xb, yb = to_device(xb, device), to_device(yb, device)
         logits = model(xb).float()
+        if logits.dim() > 2:  # tokens: (B, L, V) against (B, L)
+            tokens = True
+            logits, yb = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)
+        real = yb != -100
         sums += torch.stack([F.cross_entropy(logits, yb, reduction="sum").to(dtype),
-                             (logits.argmax(1) == yb).sum().to(dtype)])
+                             ((logits.argmax(1) == yb) & real).sum().to(dtype),
+                             real.sum().to(dtype)])
     if distributed:
         dist.all_reduce_sum(sums)
-    loss_sum, correct = sums.tolist()
+    loss_sum, correct, count = sums.tolist()
     model.train(was_training)
-    n = max(1, len(x))
-    return {"acc": 100.0 * correct / n, "loss": loss_sum / n}
+    n = max(1.0, count)
+    out = {"acc": 100.0 * correct / n, "loss": loss_sum / n}
+    if tokens:
+        out["bpc"] = out["loss"] / math.log(2.0)
+    return out
 
 
 def _batches(x: Any, y: Tensor | None, lo: int, hi: int,

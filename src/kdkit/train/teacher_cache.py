@@ -293,6 +293,9 @@ class TeacherCache:
                     placed.setdefault(teacher, {})[tap] = _from_topk(
                         tparts["values"][flat], tparts["indices"][flat], tparts["rest"][flat],
                         int(self.manifest["num_classes"]))
+                elif "ids" in tparts:
+                    placed.setdefault(teacher, {})[tap] = _packed_tokens(
+                        tparts["logprobs"][flat], tparts["ids"][flat])
                 else:
                     placed.setdefault(teacher, {})[tap] = tparts["full"][flat].float()
             return placed
@@ -304,6 +307,9 @@ class TeacherCache:
                     torch.from_numpy(parts[p][v, i]) for p in ("values", "indices", "rest"))
                 out.setdefault(teacher, {})[tap] = _from_topk(
                     values, indices, rest, int(self.manifest["num_classes"]))
+            elif "ids" in parts:
+                out.setdefault(teacher, {})[tap] = _packed_tokens(
+                    torch.from_numpy(parts["logprobs"][v, i]), torch.from_numpy(parts["ids"][v, i]))
             else:
                 out.setdefault(teacher, {})[tap] = torch.from_numpy(parts["full"][v, i]).float()
         return out
@@ -406,6 +412,19 @@ def _topk(t: Tensor, k: int) -> dict[str, Tensor]:
     return {"values": values, "indices": indices, "rest": rest}
 
 
+def _token_topk(t: Tensor, k: int) -> dict[str, Tensor]:
+    """A language model's logits (B, L, V): per position the top-k log-probabilities and
+    their token ids (what the top-k objective reads; ``lm_kd`` with ``topk``)."""
+    logprobs = torch.log_softmax(t.float(), dim=-1)
+    values, ids = logprobs.topk(k, dim=-1)
+    return {"logprobs": values, "ids": ids}
+
+
+def _packed_tokens(logprobs: Tensor, ids: Tensor) -> Tensor:
+    """(B, L, 2k): the k log-probabilities, then the k ids as floats (exact below 2^24)."""
+    return torch.cat([logprobs.float(), ids.float()], dim=-1)
+
+
 def _from_topk(values: Tensor, indices: Tensor, rest: Tensor, num_classes: int) -> Tensor:
     full = rest.float()[:, None].expand(-1, num_classes).clone()
     return full.scatter_(1, indices.long(), values.float())
@@ -440,6 +459,7 @@ def _build(
         arrays: dict[tuple[str, str], dict[str, np.memmap[Any, Any]]] = {}
         entries: list[dict[str, Any]] = []
         num_classes = 0
+        positions = 0
         for view in range(k_views):
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(n, start + batch_size))
@@ -448,7 +468,12 @@ def _build(
                 for teacher, taps in outs.items():
                     for tap, t in taps.items():
                         parts = {"full": t}
-                        if settings.topk is not None and tap == str(LOGITS) and (
+                        if tap == str(LOGITS) and t.dim() == 3:
+                            positions = t.shape[1]  # a language model: tokens per sample
+                        if settings.topk is not None and tap == str(LOGITS) and t.dim() == 3:
+                            parts = _token_topk(t, min(settings.topk, t.shape[-1]))
+                            num_classes = t.shape[-1]
+                        elif settings.topk is not None and tap == str(LOGITS) and (
                             settings.topk < t.shape[1]
                         ):
                             parts = _topk(t, settings.topk)
@@ -459,7 +484,7 @@ def _build(
                             arrays[(teacher, tap)] = {
                                 p: np.lib.format.open_memmap(
                                     tmp / names[p], mode="w+", shape=(k_views, n, *v.shape[1:]),
-                                    dtype=np.int32 if p == "indices" else dtype)
+                                    dtype=np.int32 if p in ("indices", "ids") else dtype)
                                 for p, v in parts.items()
                             }
                             entries.append({"teacher": teacher, "tap": tap, "files": names,
@@ -485,9 +510,11 @@ def _build(
         }
         atomic_write_json(tmp / MANIFEST, manifest)
         if log is not None:
-            mib = sum(c["bytes"] for c in checks.values()) / 2**20
+            total = sum(c["bytes"] for c in checks.values())
+            per_token = (f", {total / (n * k_views * positions):.1f} bytes per token"
+                         if positions else "")
             log(f"teacher cache {folder}: {n * k_views} rows ({k_views} view(s) of {n} samples, "
-                f"{mib:.1f} MiB) built in {build_s:.1f} s")
+                f"{total / 2**20:.1f} MiB{per_token}) built in {build_s:.1f} s")
         return _publish(tmp, folder, identity, manifest, log)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,262 @@
+"""Distilling language models (METHODS.md §9): token-level divergences, the offline top-k
+teacher and on-policy distillation, as Terms like any other.
+
+A language model maps token ids (B, L) to next-token logits (B, L, V); the labels are the
+next tokens (B, L), -100 marking padding. ``lm_kd`` is
+
+    ce_weight · CE(student, next tokens) + kd_weight · D(teacher ‖ student)
+
+with D one of ``fkl`` (forward KL, Hinton KD per token), ``rkl`` (reverse KL, MiniLLM),
+``jsd`` (generalised JSD_β, GKD), ``tvd`` (total variation), ``skl`` / ``srkl`` (skew KL and
+skew reverse KL of DistiLLM, α), at ``temperature`` (T² scaling). Options:
+
+- ``topk: k`` distils from the teacher's top-k log-probabilities and token ids per
+  position only (``tail: uniform`` spreads the missing mass evenly over the other tokens;
+  ``renormalize`` renormalises over the k): what an offline teacher cache of
+  ``teacher_cache: {topk: k}`` stores for a language model. With a live teacher the top-k
+  are taken from its logits, so live and cached give the same loss.
+- ``on_policy: λ`` (GKD, Agarwal et al. 2024): in a fraction λ of the steps (drawn from
+  the step's seed) the batch's windows are cut after ``prompt`` of their length and
+  continued by the student's own samples (at ``sample_temperature``, no gradient through
+  the sampling); the divergence is then taken on the continuation's positions, with
+  teacher and student both reading the sampled text. The other steps use the data. CE
+  stays on the data. The fraction of on-policy steps per epoch is logged as
+  ``train/<term>/on_policy``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from kdkit.distill.methods import MethodContext, register_method
+from kdkit.distill.sampling import sample, step_generator
+from kdkit.distill.term import StepInfo, Term
+from kdkit.errors import KdkitError
+from kdkit.losses import CrossEntropy
+from kdkit.losses.lm import (
+    IGNORE_INDEX,
+    SkewKL,
+    TokenJSD,
+    TokenKL,
+    TokenTV,
+    TopKKL,
+    teacher_topk,
+)
+from kdkit.taps import LOGITS
+
+Divergence = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
+
+
+def divergence_loss(divergence: str, *, temperature: float, beta: float, alpha: float
+                    ) -> nn.Module:
+    """The loss module of one named divergence."""
+    if divergence == "fkl":
+        return TokenKL("forward", temperature)
+    if divergence == "rkl":
+        return TokenKL("reverse", temperature)
+    if divergence == "jsd":
+        return TokenJSD(beta, temperature)
+    if divergence == "tvd":
+        return TokenTV(temperature)
+    if divergence in ("skl", "srkl"):
+        return SkewKL(alpha, reverse=divergence == "srkl", temperature=temperature)
+    raise KdkitError(f"lm_kd: unknown divergence '{divergence}'; choose one of "
+                     f"{', '.join(DIVERGENCES)}")
+
+
+class TopKTeacher(nn.Module):
+    """Forward KL against the teacher's top-k only. The teacher arrives as full logits
+    (B, L, V) from a live teacher (its top-k taken here), or packed (B, L, 2k) from a
+    teacher-output cache built with ``topk: k`` (the k log-probabilities, then the k ids
+    as floats)."""
+
+    def __init__(self, k: int, tail: str, temperature: float) -> None:
+        super().__init__()
+        if k < 1:
+            raise KdkitError(f"lm_kd: topk must be >= 1, got {k}")
+        self.k = k
+        self.inner = TopKKL(tail, temperature)
+
+    def forward(self, student: Tensor, teacher: Any, *, target: Tensor | None = None) -> Tensor:
+        v = student.shape[-1]
+        if isinstance(teacher, tuple):
+            logprobs, ids = teacher
+        elif teacher.shape[-1] == v:
+            logprobs, ids = teacher_topk(teacher, self.k)
+        elif teacher.shape[-1] == 2 * self.k:
+            logprobs, ids = teacher[..., : self.k], teacher[..., self.k :].round().long()
+        else:
+            raise KdkitError(
+                f"lm_kd topk={self.k}: the teacher gives {tuple(teacher.shape)}, neither logits "
+                f"over the student's {v} tokens nor a top-{self.k} cache entry "
+                f"(last dimension {2 * self.k}); build the cache with topk: {self.k}")
+        return self.inner(student, (logprobs, ids), target=target)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+def pack_topk(logits: Tensor, k: int) -> Tensor:
+    """What a teacher-output cache stores for a language model's logits (B, L, V) at
+    ``topk: k``: (B, L, 2k), the top-k log-probabilities, then their token ids."""
+    logprobs, ids = teacher_topk(logits, k)
+    return torch.cat([logprobs.float(), ids.float()], dim=-1)
+
+
+class OnPolicy(nn.Module):
+    """A divergence taken, in a fraction ``lam`` of the steps, on the student's own
+    continuations of the batch's prompts (GKD); otherwise on the data. Makes the second
+    view of each batch (``views = 2``: it receives [data view, second view] of each side
+    and reads the second)."""
+
+    views = 2
+    metric_names = ("on_policy",)
+
+    def __init__(self, inner: nn.Module, lam: float, prompt: float,
+                 temperature: float) -> None:
+        super().__init__()
+        if not 0.0 <= lam <= 1.0:
+            raise KdkitError(f"lm_kd: on_policy (λ) must be in [0, 1], got {lam}")
+        if not 0.0 < prompt < 1.0:
+            raise KdkitError(f"lm_kd: prompt (the fraction of each window kept as the prompt) "
+                             f"must be in (0, 1), got {prompt}")
+        if temperature < 0:
+            raise KdkitError(f"lm_kd: sample_temperature must be >= 0, got {temperature}")
+        self.inner, self.lam, self.prompt, self.temperature = inner, lam, prompt, temperature
+        self._cut: int | None = None  # this step's prompt length (None: the data)
+
+    def second_view(self, x: Tensor, info: StepInfo) -> Tensor:
+        if x.dim() != 2 or x.dtype != torch.long:
+            raise KdkitError("lm_kd on_policy: the inputs must be token ids (B, L); "
+                             f"got {tuple(x.shape)} {x.dtype}")
+        g = step_generator(info.seed, x.device)
+        draw = float(torch.rand((), generator=g))
+        if draw >= self.lam or info.student is None:
+            self._cut = None
+            return x
+        length = x.shape[1]
+        cut = max(1, min(length - 1, round(self.prompt * length)))
+        self._cut = cut
+        return sample(info.student, x[:, :cut], length - cut, temperature=self.temperature,
+                      context=length, generator=g)
+
+    def forward(self, student: Any, teacher: Any, *, target: Tensor | None = None) -> Tensor:
+        s, t = student[1], teacher[1]
+        if self._cut is not None:  # the continuation's positions (those predicting samples)
+            mask = torch.zeros(s.shape[:2], dtype=torch.long, device=s.device)
+            mask[:, : self._cut - 1] = IGNORE_INDEX
+            target = mask
+        return self.inner(s, t, target=target)
+
+    def metrics(self) -> dict[str, Tensor]:
+        """1 when this step was on-policy, else 0: the loop's epoch mean is the fraction."""
+        return {"on_policy": torch.tensor(0.0 if self._cut is None else 1.0)}
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, prompt={self.prompt}, temperature={self.temperature}"
+
+
+def _lm_checks(ctx: MethodContext, method: str, ce_weight: float, kd_weight: float) -> str:
+    """One teacher, weights >= 0, token inputs; returns the teacher's name."""
+    if len(ctx.teachers) != 1:
+        raise KdkitError(f"{method} distils from one teacher, got {len(ctx.teachers)}")
+    if ce_weight < 0 or kd_weight < 0:
+        raise KdkitError(f"{method}: ce_weight and kd_weight must be >= 0, got {ce_weight}, "
+                         f"{kd_weight}")
+    x = ctx.example_input
+    if x is not None and (x.dim() != 2 or x.is_floating_point()):
+        raise KdkitError(f"{method} distils language models: its inputs are token ids (B, L), "
+                         f"but this data gives {tuple(x.shape)} {x.dtype} (use kd for images)")
+    return next(iter(ctx.teachers))
+
+
+@register_method("lm_kd", teachers="one", summary=(
+    "Token-level KD for language models (METHODS.md §9): CE + a divergence per token — fkl, "
+    "rkl (MiniLLM), jsd (GKD), tvd, skl/srkl (DistiLLM); top-k teacher; on-policy (GKD)."))
+def lm_kd(ctx: MethodContext, *, divergence: Divergence = "fkl", temperature: float = 1.0,
+          beta: float = 0.5, alpha: float = 0.1, ce_weight: float = 0.0,
+          kd_weight: float = 1.0, topk: int | None = None,
+          tail: Literal["uniform", "renormalize"] = "uniform", on_policy: float = 0.0,
+          prompt: float = 0.5, sample_temperature: float = 1.0) -> list[Term]:
+    """CE (``ce_weight``) + ``kd_weight`` · the ``divergence`` of the teacher's and the
+    student's next-token distributions, averaged over real tokens. See the module."""
+    name = _lm_checks(ctx, "lm_kd", ce_weight, kd_weight)
+    if topk is not None:
+        if divergence != "fkl":
+            raise KdkitError(f"lm_kd: topk distils the forward KL against the teacher's top-k "
+                             f"(divergence: fkl), not '{divergence}'")
+        loss: nn.Module = TopKTeacher(topk, tail, temperature)
+    else:
+        loss = divergence_loss(divergence, temperature=temperature, beta=beta, alpha=alpha)
+    if on_policy > 0:
+        loss = OnPolicy(loss, on_policy, prompt, sample_temperature)
+    terms = [Term(divergence if topk is None else f"top{topk}_{tail}", loss, kd_weight,
+                  LOGITS, LOGITS, teacher_name=name)]
+    if ce_weight > 0:
+        terms.insert(0, Term("ce", CrossEntropy(), ce_weight))
+    return terms
+
+
+class SequenceKD(nn.Module):
+    """Sequence-level KD (Kim & Rush 2016): cross-entropy of the student on text the
+    teacher wrote. Each step the batch's windows are cut after ``prompt`` of their length
+    and the teacher continues them (sampling at ``temperature``, with the step's seed, so a
+    resumed run draws the same text); the student learns to predict the continuation. Makes
+    the second view (``views = 2``) and reads it."""
+
+    views = 2
+
+    def __init__(self, teacher_name: str, prompt: float, temperature: float) -> None:
+        super().__init__()
+        if not 0.0 < prompt < 1.0:
+            raise KdkitError(f"seqkd: prompt (the fraction of each window kept as the prompt) "
+                             f"must be in (0, 1), got {prompt}")
+        if temperature < 0:
+            raise KdkitError(f"seqkd: sample_temperature must be >= 0, got {temperature}")
+        self.teacher_name, self.prompt, self.temperature = teacher_name, prompt, temperature
+        self._text: Tensor | None = None
+        self._cut = 1
+
+    def second_view(self, x: Tensor, info: StepInfo) -> Tensor:
+        if x.dim() != 2 or x.dtype != torch.long:
+            raise KdkitError(f"seqkd: the inputs must be token ids (B, L); got "
+                             f"{tuple(x.shape)} {x.dtype}")
+        teachers = info.teachers or {}
+        if self.teacher_name not in teachers:
+            raise KdkitError(f"seqkd: teacher '{self.teacher_name}' is not given")
+        length = x.shape[1]
+        self._cut = max(1, min(length - 1, round(self.prompt * length)))
+        self._text = sample(teachers[self.teacher_name], x[:, : self._cut], length - self._cut,
+                            temperature=self.temperature, context=length,
+                            generator=step_generator(info.seed, x.device))
+        return self._text
+
+    def forward(self, student: Any, teacher: Any, *, target: Tensor | None = None) -> Tensor:
+        s = student[1]
+        if self._text is None:
+            raise KdkitError("seqkd: no teacher text for this step (second_view not called)")
+        cut = self._cut
+        logits = s[:, cut - 1 : -1].float()
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), self._text[:, cut:].reshape(-1))
+
+    def extra_repr(self) -> str:
+        return f"prompt={self.prompt}, temperature={self.temperature}"
+
+
+@register_method("seqkd", teachers="one", summary=(
+    "Sequence-level KD (Kim & Rush 2016): the student's CE on continuations the teacher "
+    "samples from each window's prompt (+ CE on the data with ce_weight)."))
+def seqkd(ctx: MethodContext, *, prompt: float = 0.5, sample_temperature: float = 1.0,
+          ce_weight: float = 0.0, kd_weight: float = 1.0) -> list[Term]:
+    """CE on teacher-written continuations (weight ``kd_weight``), + CE on the data."""
+    name = _lm_checks(ctx, "seqkd", ce_weight, kd_weight)
+    terms = [Term("seqkd", SequenceKD(name, prompt, sample_temperature),
+                  kd_weight)]
+    if ce_weight > 0:
+        terms.insert(0, Term("ce", CrossEntropy(), ce_weight))
+    return terms
