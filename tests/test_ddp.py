@@ -308,3 +308,23 @@ def test_keep_going_runs_the_rest_past_a_failed_sub_run(tmp_path):
     assert "continue with --resume" in err
     assert (tmp_path / "o" / "seed0" / "fine" / "summary.json").exists()
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_a_language_model_under_torchrun_gives_one_process_weights(tmp_path):
+    """Token windows shard over ranks like images: two processes distilling a gpt with a
+    token-level divergence reach one process's weights."""
+    (tmp_path / "c.txt").write_text("to be or not to be, that is the question. " * 80)
+    common = ["--model-arg", "layers=1", "--model-arg", "heads=2", "--data", "text:c.txt",
+              "--context", "16", "--epochs", "1", "--batch-size", "16", "--optimizer", "adamw",
+              "--lr", "0.003", "--no-progress"]
+    _ok(_kdkit("train", "--model", "gpt", "--model-arg", "width=16", *common, "--out", "t",
+               cwd=tmp_path))
+    distil = ["distill", "--teacher", "t", "--student", "gpt", "--model-arg", "width=8",
+              "--method", "lm_kd", "--method-arg", "divergence=jsd", *common]
+    _ok(_kdkit("--nproc", "2", *distil, "--out", "two", cwd=tmp_path))
+    _ok(_kdkit(*distil, "--out", "one", cwd=tmp_path))
+    assert _max_diff(tmp_path / "one" / "model.safetensors",
+                     tmp_path / "two" / "model.safetensors") < 1e-5
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["test_bpc"] == pytest.approx(two["test_bpc"], abs=1e-4)

@@ -20,6 +20,7 @@ GEOMETRY: dict[str, Geometry] = {
     "cifar10": (10, (3, 32, 32)),
     "fake_cifar10": (10, (3, 32, 32)),
     "cifar100": (100, (3, 32, 32)),
+    "shakespeare": (84, (128,)),  # characters, at the default context (see dataset_geometry)
 }
 
 

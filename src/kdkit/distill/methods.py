@@ -69,20 +69,33 @@ _NO_TEACHER_CACHE: set[str] = set()
 
 
 def register_method(
-    name: str, *, teachers: Teachers, summary: str | None = None, teacher_cache: bool = True
+    name: str, *, teachers: Teachers, summary: str | None = None, teacher_cache: bool = True,
+    tokens: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering a method builder ``fn(ctx, **kwargs) -> list[Term]``.
 
-    ``teacher_cache=False``: the method's teacher outputs cannot be cached."""
+    ``teacher_cache=False``: the method's teacher outputs cannot be cached. ``tokens``:
+    it works on language-model data (token ids in, (B, L, V) logits out); the others are
+    refused there by name."""
 
     def deco(fn: Builder) -> Builder:
         METHODS.register(name, summary)(fn)
         _TEACHERS[name] = teachers
         if not teacher_cache:
             _NO_TEACHER_CACHE.add(name)
+        if tokens:
+            _TOKEN_METHODS.add(name)
         return fn
 
     return deco
+
+
+_TOKEN_METHODS: set[str] = set()
+
+
+def token_methods() -> list[str]:
+    """The methods that distil language models (take token windows)."""
+    return sorted(_TOKEN_METHODS)
 
 
 def method_takes_teacher_cache(name: str) -> bool:
@@ -261,19 +274,24 @@ def build_stages(
             f"method '{name}' takes exactly one teacher, got {len(teachers)} "
             f"({', '.join(teachers)}); choose one, or use an ensemble method"
         )
+    x = example_input
+    if (x is not None and x.dim() == 2 and not x.is_floating_point() and not x.is_complex()
+            and name not in _TOKEN_METHODS):
+        raise KdkitError(f"method '{name}' distils image classifiers; this data is token "
+                         f"windows (a language model): use {', '.join(token_methods())}")
     built = METHODS.get(name)(MethodContext(student, teachers, example_input, epochs), **kwargs)
     if built and all(isinstance(b, Stage) for b in built):
         return list(built)  # type: ignore[arg-type]
     return [Stage("main", list(built))]  # type: ignore[arg-type]
 
 
-@register_method("ce", teachers="none")
+@register_method("ce", teachers="none", tokens=True)
 def ce(ctx: MethodContext, *, label_smoothing: float = 0.0) -> list[Term]:
     """Plain training with cross-entropy on the labels (a teacher, or a scratch baseline)."""
     return [Term("ce", CrossEntropy(label_smoothing), 1.0)]
 
 
-@register_method("kd", teachers="one")
+@register_method("kd", teachers="one", tokens=True)
 def kd(ctx: MethodContext, *, temperature: float = 4.0, alpha: float = 0.9,
        logit_standardization: bool = False, ce_weight: float | None = None,
        kd_weight: float | None = None) -> list[Term]:

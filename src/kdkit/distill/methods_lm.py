@@ -22,6 +22,10 @@ skew reverse KL of DistiLLM, α), at ``temperature`` (T² scaling). Options:
   teacher and student both reading the sampled text. The other steps use the data. CE
   stays on the data. The fraction of on-policy steps per epoch is logged as
   ``train/<term>/on_policy``.
+
+``lm_features`` distils intermediate layers (TinyBERT's hidden states through a learnt
+projection, MiniLM's KL of attention maps) per pair of decoder blocks, paired evenly
+along the depths; see :func:`lm_features`.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from kdkit.losses.lm import (
     TopKKL,
     teacher_topk,
 )
-from kdkit.taps import LOGITS
+from kdkit.losses.lm_features import AttentionKL, HiddenMSE
+from kdkit.taps import LOGITS, Tap, resolve_module, run_with_taps
 
 Divergence = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
@@ -174,7 +179,7 @@ def _lm_checks(ctx: MethodContext, method: str, ce_weight: float, kd_weight: flo
     return next(iter(ctx.teachers))
 
 
-@register_method("lm_kd", teachers="one", summary=(
+@register_method("lm_kd", teachers="one", tokens=True, summary=(
     "Token-level KD for language models (METHODS.md §9): CE + a divergence per token — fkl, "
     "rkl (MiniLLM), jsd (GKD), tvd, skl/srkl (DistiLLM); top-k teacher; on-policy (GKD)."))
 def lm_kd(ctx: MethodContext, *, divergence: Divergence = "fkl", temperature: float = 1.0,
@@ -248,7 +253,7 @@ class SequenceKD(nn.Module):
         return f"prompt={self.prompt}, temperature={self.temperature}"
 
 
-@register_method("seqkd", teachers="one", summary=(
+@register_method("seqkd", teachers="one", tokens=True, summary=(
     "Sequence-level KD (Kim & Rush 2016): the student's CE on continuations the teacher "
     "samples from each window's prompt (+ CE on the data with ce_weight)."))
 def seqkd(ctx: MethodContext, *, prompt: float = 0.5, sample_temperature: float = 1.0,
@@ -259,4 +264,179 @@ def seqkd(ctx: MethodContext, *, prompt: float = 0.5, sample_temperature: float 
                   kd_weight)]
     if ce_weight > 0:
         terms.insert(0, Term("ce", CrossEntropy(), ce_weight))
+    return terms
+
+
+# --------------------------------------------------------------------------- lm_features
+
+
+def decoder_blocks(model: nn.Module) -> list[str]:
+    """The module paths of a language model's decoder blocks, in order (empty: none found).
+
+    kdkit's ``gpt``: its ``blocks`` (``blocks.0`` ...). Any other model (``hf:`` GPT-2's
+    ``transformer.h.K``, Llama's ``model.layers.K``): the largest ``nn.ModuleList`` whose
+    children are all of one class (the first such list on a tie).
+    """
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0 and len(
+            {type(b) for b in blocks}) == 1:
+        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        return [f"{prefix}.{i}" for i in range(len(blocks))]
+    best: tuple[str, int] | None = None
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
+                and (best is None or len(m) > best[1])):
+            best = (name, len(m))
+    if best is None:
+        return []
+    return [f"{best[0]}.{i}" if best[0] else str(i) for i in range(best[1])]
+
+
+def uniform_pairing(n: int, m: int) -> list[int]:
+    """TinyBERT's "uniform" layer mapping: block i of n (0-based) reads block
+    round((i + 1) · m / n) − 1 of m (halves rounded up, at least 0), so the last block
+    of one side meets the last of the other and the rest are spread evenly along the
+    depth (2 of 4: blocks 1, 3; 4 of 12: 2, 5, 8, 11)."""
+    return [max(0, (2 * (i + 1) * m + n) // (2 * n) - 1) for i in range(n)]
+
+
+def _attention_map(model: nn.Module, block: str, side: str) -> str:
+    """The path of the attention-map tap point inside ``block`` (a ``probs`` child: the
+    zoo's gpt and every ``hf:`` attention module have one)."""
+    from kdkit.models.gpt import AttentionProbs
+
+    for name, m in resolve_module(model, block).named_modules():
+        if isinstance(m, AttentionProbs):
+            return f"{block}.{name}" if name else block
+    raise KdkitError(
+        f"lm_features: the {side}'s '{block}' holds no attention map to tap (an attention "
+        "module's 'probs' child, as in kdkit's gpt and hf: models); name decoder blocks in "
+        f"{side}_layers, or set attention_weight: 0")
+
+
+def _pair_layers(ctx: MethodContext, teacher: nn.Module, student_layers: list[str] | None,
+                 teacher_layers: list[str] | None) -> list[tuple[str, str]]:
+    """(student block, teacher block) pairs: as given, or the missing side's blocks
+    spread evenly along its depth (:func:`uniform_pairing`)."""
+    for side, layers in (("student", student_layers), ("teacher", teacher_layers)):
+        if layers is not None and not layers:
+            raise KdkitError(f"lm_features: {side}_layers is empty; name at least one block "
+                             f"(e.g. ['blocks.0']) or leave it out to pair the blocks evenly")
+    if student_layers is not None and teacher_layers is not None:
+        if len(student_layers) != len(teacher_layers):
+            raise KdkitError(
+                f"lm_features: student_layers {student_layers} and teacher_layers "
+                f"{teacher_layers} pair blocks one to one, so give both the same length (or "
+                "give one of them: the other side's blocks are then spread along its depth)")
+        return list(zip(student_layers, teacher_layers, strict=True))
+
+    def found(model: nn.Module, side: str) -> list[str]:
+        blocks = decoder_blocks(model)
+        if not blocks:
+            raise KdkitError(
+                f"lm_features: no decoder blocks found in the {side} "
+                f"({type(model).__name__}: no 'blocks' and no nn.ModuleList of identical "
+                f"blocks); name them with {side}_layers (e.g. ['blocks.0', 'blocks.1']); "
+                "`kdkit models --layers NAME` lists a model's modules")
+        return blocks
+
+    if student_layers is None:
+        student_layers = found(ctx.student, "student")
+        if teacher_layers is not None:
+            student_layers = [student_layers[j] for j in
+                              uniform_pairing(len(teacher_layers), len(student_layers))]
+    if teacher_layers is None:
+        blocks = found(teacher, "teacher")
+        teacher_layers = [blocks[j] for j in uniform_pairing(len(student_layers), len(blocks))]
+    return list(zip(student_layers, teacher_layers, strict=True))
+
+
+def _probe_hidden(model: nn.Module, paths: list[str], x: Tensor) -> dict[str, tuple[int, ...]]:
+    """The output shape of each path for one forward of ``x`` (eval, no grad)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, feats = run_with_taps(model, x, {p: Tap(p) for p in paths})
+    finally:
+        model.train(was_training)
+    return {p: tuple(v.shape) for p, v in feats.items()}
+
+
+@register_method("lm_features", teachers="one", tokens=True, summary=(
+    "Hidden-state (TinyBERT, with a learnt projection where widths differ) and attention-"
+    "map (MiniLM's KL) distillation for language models, per paired block; + CE (+ a token "
+    "divergence as in lm_kd)."))
+def lm_features(ctx: MethodContext, *, hidden_weight: float = 1.0,
+                attention_weight: float = 0.0, ce_weight: float = 1.0, kd_weight: float = 0.0,
+                divergence: Divergence = "fkl", temperature: float = 1.0, beta: float = 0.5,
+                alpha: float = 0.1, student_layers: list[str] | None = None,
+                teacher_layers: list[str] | None = None) -> list[Term]:
+    """Intermediate-layer distillation of language models, as Terms.
+
+    ``ce_weight`` · CE(student, next tokens) + ``kd_weight`` · D(teacher ‖ student) (the
+    ``divergence`` at ``temperature`` of :func:`lm_kd`; 0: off) + for each of the n pairs of
+    (student block, teacher block):
+
+    - ``hidden_weight``/n · MSE(W·h_s, h_t) (terms ``hidden1`` ... ``hiddenN``): the blocks'
+      hidden states (B, L, D), the student's through a learnt ``nn.Linear(D_s, D_t)``
+      projection W (the term's adapter, trained with the student; none when D_s = D_t),
+      averaged over positions and features (TinyBERT, Jiao et al. 2020);
+    - ``attention_weight``/n · KL(teacher ‖ student) of the blocks' attention maps
+      (B, heads, L, L) per query row, over the causal triangle, averaged over heads and
+      positions (terms ``attn1`` ...; MiniLM, Wang et al. 2020). Where the head counts
+      differ, both sides are averaged over their heads first.
+
+    Pairs: ``student_layers`` with ``teacher_layers`` (block paths, one to one); by default
+    all the student's decoder blocks (a gpt's ``blocks``; an hf: model's largest
+    ModuleList of identical blocks) with the teacher's blocks spread evenly along its
+    depth, TinyBERT's "uniform" mapping (:func:`uniform_pairing`; given one side only, the
+    other side's blocks are spread the same way). Padding (label -100) is left out.
+    """
+    name = _lm_checks(ctx, "lm_features", ce_weight, kd_weight)
+    if hidden_weight < 0 or attention_weight < 0:
+        raise KdkitError(f"lm_features: hidden_weight and attention_weight must be >= 0, got "
+                         f"{hidden_weight}, {attention_weight}")
+    if hidden_weight == 0 and attention_weight == 0 and kd_weight == 0:
+        raise KdkitError("lm_features: hidden_weight, attention_weight and kd_weight are all "
+                         "0, so nothing is distilled; set hidden_weight > 0 (hidden states), "
+                         "attention_weight > 0 (attention maps) or use ce for plain training")
+    teacher = ctx.teachers[name]
+    terms: list[Term] = []
+    if ce_weight > 0:
+        terms.append(Term("ce", CrossEntropy(), ce_weight))
+    if kd_weight > 0:
+        terms.append(Term(divergence, divergence_loss(
+            divergence, temperature=temperature, beta=beta, alpha=alpha), kd_weight, LOGITS,
+            LOGITS, teacher_name=name))
+    if hidden_weight == 0 and attention_weight == 0:
+        return terms
+    pairs = _pair_layers(ctx, teacher, student_layers, teacher_layers)
+    n = len(pairs)
+    if hidden_weight > 0:
+        x = ctx.example_input
+        if x is None:
+            raise KdkitError("lm_features: the hidden-state terms need the widths of both "
+                             "models' blocks; pass example_input (a batch of token ids) to "
+                             "build_method")
+        s_shapes = _probe_hidden(ctx.student, [s for s, _ in pairs], x)
+        t_shapes = _probe_hidden(teacher, [t for _, t in pairs], x)
+        for i, (s_path, t_path) in enumerate(pairs, start=1):
+            s_shape, t_shape = s_shapes[s_path], t_shapes[t_path]
+            if len(s_shape) != 3 or len(t_shape) != 3 or s_shape[:2] != t_shape[:2]:
+                raise KdkitError(
+                    f"lm_features: the student's '{s_path}' gives {s_shape} and the "
+                    f"teacher's '{t_path}' gives {t_shape}; hidden states must be (B, L, D) "
+                    "with the same batch and sequence length on both sides: pair decoder "
+                    "blocks (student_layers / teacher_layers) of models that read the same "
+                    "token ids")
+            adapter = None if s_shape[2] == t_shape[2] else nn.Linear(s_shape[2], t_shape[2])
+            terms.append(Term(f"hidden{i}", HiddenMSE(), hidden_weight / n, Tap(s_path),
+                              Tap(t_path), teacher_name=name, adapter=adapter))
+    if attention_weight > 0:
+        for i, (s_path, t_path) in enumerate(pairs, start=1):
+            terms.append(Term(f"attn{i}", AttentionKL(), attention_weight / n,
+                              Tap(_attention_map(ctx.student, s_path, "student")),
+                              Tap(_attention_map(teacher, t_path, "teacher")),
+                              teacher_name=name))
     return terms
