@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from kdkit.cli import main
-from kdkit.data import load_dataset
 from kdkit.distill import Distiller, build_method
 from kdkit.distill.methods_lm import OnPolicy, pack_topk
 from kdkit.distill.sampling import sample
@@ -21,28 +20,20 @@ from kdkit.pipelines.runs import train_one
 from kdkit.train.artifacts import load_model
 from kdkit.train.loop import LoopSettings, TrainingInterrupted
 from kdkit.train.metrics import evaluate
+from lm_reference import TEXT, text_dataset, train_teacher
 
-TEXT = ("the quick brown fox jumps over the lazy dog. " * 40
-        + "a stitch in time saves nine; look before you leap. " * 40)
 SETTINGS = LoopSettings(epochs=2, optimizer="adamw", lr=3e-3, weight_decay=0.0)
 
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text(TEXT * 3)
-    return load_dataset(f"text:{path}", context=16, log=lambda s: None)
+    return text_dataset(tmp_path_factory.mktemp("text"), 16)
 
 
 @pytest.fixture(scope="module")
 def teacher(text, tmp_path_factory):
-    run = tmp_path_factory.mktemp("teacher")
-    train_one(run_dir=run, label="t", data=text, model_name="gpt",
-              model_kwargs={"layers": 2, "heads": 2, "width": 32}, method="ce",
-              method_kwargs={}, teachers={},
-              settings=LoopSettings(epochs=8, optimizer="adamw", lr=1e-2, weight_decay=0.0),
-              batch_size=32, augment=None, progress=False)
-    return run
+    return train_teacher(tmp_path_factory.mktemp("teacher"), text, layers=2, heads=2, width=32,
+                         epochs=8)
 
 
 def _student(text, seed=1):

@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdkit.cli import main
-from kdkit.data import load_dataset
 from kdkit.distill import Distiller, build_method
 from kdkit.distill.methods_lm import decoder_blocks, uniform_pairing
 from kdkit.errors import KdkitError
@@ -19,9 +18,8 @@ from kdkit.models import create_model
 from kdkit.pipelines.runs import train_one
 from kdkit.train.artifacts import load_model
 from kdkit.train.loop import LoopSettings, TrainingInterrupted
+from lm_reference import text_dataset, train_teacher
 
-TEXT = ("the quick brown fox jumps over the lazy dog. " * 40
-        + "a stitch in time saves nine; look before you leap. " * 40)
 CTX = 16
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                               reason="transformers is not installed (pip install 'kdkit[hf]')")
@@ -29,21 +27,14 @@ needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text(TEXT * 3)
-    return load_dataset(f"text:{path}", context=CTX, log=lambda s: None)
+    return text_dataset(tmp_path_factory.mktemp("text"), CTX)
 
 
 @pytest.fixture(scope="module")
 def teacher(text, tmp_path_factory):
     """A trained 4-block teacher: width 32, 4 heads."""
-    run = tmp_path_factory.mktemp("teacher")
-    train_one(run_dir=run, label="t", data=text, model_name="gpt",
-              model_kwargs={"layers": 4, "heads": 4, "width": 32}, method="ce",
-              method_kwargs={}, teachers={},
-              settings=LoopSettings(epochs=3, optimizer="adamw", lr=1e-2, weight_decay=0.0),
-              batch_size=32, augment=None, progress=False)
-    return run
+    return train_teacher(tmp_path_factory.mktemp("teacher"), text, layers=4, heads=4, width=32,
+                         epochs=3)
 
 
 def _gpt(text, *, layers=2, heads=2, width=16, seed=1):
