@@ -15,11 +15,11 @@ VSTAMP := $(VVENV)/.kdkit-installed
 
 # torch is installed first and pinned to the CPU build that ships on this machine's
 # disk; pyproject's range is then already satisfied, so nothing pulls a CUDA build.
-# The optional extras (ONNX export, figures, TensorBoard) come too: the tests use them.
+# The optional extras (ONNX export, figures, TensorBoard, Hugging Face) come too: the tests use them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,deploy,report,tensorboard]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,deploy,report,tensorboard,hf]'
 	touch $(STAMP)
 
 setup: $(STAMP)
