@@ -21,7 +21,7 @@ def test_macs_are_torchs_flop_count_halved_on_known_layers():
     """A linear layer of 10 → 5 is 50 MACs; a 3×3 conv of 2 → 4 channels on a 6×6 map with
     padding is 4·2·9·36 = 2592; element-wise layers add nothing."""
     lin = nn.Sequential(nn.Flatten(), nn.Linear(10, 5), nn.ReLU())
-    assert count_macs(lin, (10,)) == 50
+    assert count_macs(lin, (1, 1, 10)) == 50  # ((L,) would mean token ids)
     conv = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
     assert count_macs(conv, (2, 6, 6)) == 4 * 2 * 9 * 36
     # a real zoo model: ResNet-20 on 28×28 is the CIFAR figure (~41M MACs at 32×32) scaled

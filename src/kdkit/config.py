@@ -99,9 +99,9 @@ class DataSpec(_Strict):
     context: int | None = Field(
         None, ge=2, description="text datasets (shakespeare, text:PATH): tokens per window, "
         "the models' context (default 128)")
-    vocab: Literal["char", "byte"] = Field(
-        "char", description="text datasets: a character vocabulary (the corpus's symbols) or "
-        "bytes (256)")
+    vocab: Literal["char", "byte"] | None = Field(
+        None, description="text datasets: a character vocabulary (the corpus's symbols, the "
+        "default) or bytes (256)")
 
 
 class TeacherCacheSpec(_Strict):
@@ -482,7 +482,7 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
         problems.append(_unknown("dataset", dname, DATASETS.names(), "data.name", "data list"))
     if data and not text and isinstance(dname, str):
         for key in ("context", "vocab"):
-            if key in data:
+            if data.get(key) is not None:
                 problems.append(f"data.{key}: '{dname}' holds images; {key} belongs to text "
                                 "datasets (shakespeare, text:PATH): remove it")
     if data and text:

@@ -108,7 +108,8 @@ class DryBuild:
     def run(self) -> DryBuild:
         try:
             d = self.cfg.data
-            n, shape = dataset_geometry(d.name, context=d.context, vocab=d.vocab, root=d.root)
+            n, shape = dataset_geometry(d.name, context=d.context, vocab=d.vocab or "char",
+                                        root=d.root)
             if len(shape) == 3:
                 c, h, w = shape
                 shape = (d.channels or c, d.resize or h, d.resize or w)

@@ -366,7 +366,7 @@ def _text_options(d: Any) -> dict[str, Any]:
 
     if not is_text_name(d.name):
         return {}
-    return {"context": d.context or 128, "vocab": d.vocab}
+    return {"context": d.context or 128, "vocab": d.vocab or "char"}
 
 
 def _same_config(path: Path, resolved: str) -> bool:
