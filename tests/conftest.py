@@ -21,6 +21,21 @@ def device(request) -> torch.device:
     return resolve_device(request.config.getoption("--device"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_onnx_columns():
+    """Experiments in tests skip the ONNX export and int8 columns of their tables (about a
+    second a model); the tests of those columns turn them on (tests/test_compression.py)."""
+    import os
+
+    before = os.environ.get("KDKIT_TABLE_DEPLOY")
+    os.environ["KDKIT_TABLE_DEPLOY"] = "0"
+    yield
+    if before is None:
+        os.environ.pop("KDKIT_TABLE_DEPLOY", None)
+    else:
+        os.environ["KDKIT_TABLE_DEPLOY"] = before
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     """Never touch the user's cache or data folders; one intra-op thread: tiny models gain nothing from more, and oversubscribed cores stall."""

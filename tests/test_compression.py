@@ -59,17 +59,22 @@ def test_profile_fields_and_ratios():
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     """A small digits experiment with the deploy columns and TensorBoard on (2 seeds)."""
-    from kdkit.cli import main
+    import os
 
-    where = tmp_path_factory.mktemp("exp")
-    code = main(["--threads", "1", "run", "--set", "seeds=[0,1]", "--set", "train.epochs=3",
-                 "--set", "teacher.train.epochs=3", "--set", "eval.latency_repeats=3",
-                 "--no-cache", "--no-progress", "--no-report", "--tensorboard",
-                 "--out", str(where / "e")])
-    assert code == 0
+    from kdkit.cli import main
     from kdkit.train import tensorboard
 
-    tensorboard.enable(False)
+    where = tmp_path_factory.mktemp("exp")
+    os.environ["KDKIT_TABLE_DEPLOY"] = "1"  # (the suite turns the ONNX columns off)
+    try:
+        code = main(["--threads", "1", "run", "--set", "seeds=[0,1]", "--set",
+                     "train.epochs=3", "--set", "teacher.train.epochs=3", "--set",
+                     "eval.latency_repeats=3", "--no-cache", "--no-progress", "--no-report",
+                     "--tensorboard", "--out", str(where / "e")])
+    finally:
+        os.environ["KDKIT_TABLE_DEPLOY"] = "0"
+        tensorboard.enable(False)
+    assert code == 0
     return where / "e"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -341,8 +342,9 @@ def run_experiment(
                 "runs": runs}
     with dist.main_first():
         if main:  # latency and the table: measured and written once
-            deploy = cfg.eval.deploy and deploy_available()
-            if cfg.eval.deploy and not deploy:
+            wanted = cfg.eval.deploy and os.environ.get("KDKIT_TABLE_DEPLOY", "1") != "0"
+            deploy = wanted and deploy_available()
+            if wanted and not deploy:
                 log("onnxruntime columns and int8 accuracy skipped: the deploy extra is not "
                     "installed (pip install 'kdkit[deploy]')")
             table_rows = aggregate(runs, out_dir, cfg.seeds[0],
