@@ -105,6 +105,7 @@ def test_ddp_reaches_the_weights_of_one_process(tmp_path):
     assert abs(last1["train/loss"] - last2["train/loss"]) < 1e-6
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_sync_bn_matches_one_process_and_per_rank_bn_does_not(tmp_path):
     spec = {"kind": "cnn", "method": "kd", "batch": 64, "epochs": 1}
     _ok(_worker(spec, tmp_path / "one.st"))
@@ -114,6 +115,7 @@ def test_sync_bn_matches_one_process_and_per_rank_bn_does_not(tmp_path):
     assert _max_diff(tmp_path / "one.st", tmp_path / "local.st") > 1e-3  # per-rank statistics
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_global_batch_terms_see_the_whole_batch(tmp_path):
     """RKD relates the samples of a batch: with global_batch_terms its gathered input (with
     gradient) gives one process's weights; without, each rank sees only its shard."""
@@ -242,6 +244,7 @@ def test_bad_process_and_device_options_are_one_line(argv, problem, tmp_path, mo
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_teacher_cache_under_torchrun_is_built_once_and_gives_one_process_weights(tmp_path):
     """Rank 0 builds the teacher-output cache while the other waits; both map it; the
     student's weights are those of one process using the same cache."""
@@ -260,6 +263,7 @@ def test_teacher_cache_under_torchrun_is_built_once_and_gives_one_process_weight
                      tmp_path / "two" / "model.safetensors") < 1e-6
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_a_staged_method_whose_first_stage_skips_layers_trains_under_ddp(tmp_path):
     """FitNets' hint stage reads an inner layer only, so the student's later layers get no
     gradient there: DDP must be told (else it fails at the second step), and the result is
@@ -288,6 +292,7 @@ def test_a_streamed_folder_under_torchrun_gives_one_process_weights(tmp_path):
     assert one["test_acc"] == two["test_acc"]
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_keep_going_runs_the_rest_past_a_failed_sub_run(tmp_path):
     """A sub-run that diverges does not stop the others under --keep-going: they finish, the
     error names the failure (and its log), and nothing assembles a table with a hole."""

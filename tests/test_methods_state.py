@@ -303,6 +303,7 @@ def test_crd_cached_run_gives_the_live_losses(digits, tmp_path):
                                rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_crd_under_torchrun_keeps_one_bank_and_gives_one_process_weights(tmp_path):
     """2 processes with global_batch_terms: every rank updates its banks with the gathered
     global batch and draws the same negatives, so the student reaches one process's
