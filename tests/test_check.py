@@ -24,7 +24,9 @@ from kdkit.pipelines.check import DryBuild, dry_build
 ALL_EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 # configs of torchvision/timm models on files an earlier command writes: the vision lane's
 VISION_EXAMPLES = [p for p in ALL_EXAMPLES if "torchvision:" in p.read_text()]
-EXAMPLES = [p for p in ALL_EXAMPLES if p not in VISION_EXAMPLES]
+# configs whose teacher is a weights file an earlier command writes (their header says which)
+NEEDS_RUN = [p for p in ALL_EXAMPLES if "weights: runs/" in p.read_text()]
+EXAMPLES = [p for p in ALL_EXAMPLES if p not in VISION_EXAMPLES and p not in NEEDS_RUN]
 
 
 def default_raw() -> dict[str, Any]:
