@@ -206,3 +206,10 @@ def test_a_language_model_experiment_validates_and_refuses_image_options(tmp_pat
     cfg.write_text(base.replace(f"'text:{corpus}', context: 16", "digits, context: 16"))
     assert main(["validate", str(cfg)]) == 2
     assert "data.context: 'digits' holds images" in capsys.readouterr().err
+
+
+def test_export_refuses_a_language_model_in_one_line(teacher, capsys):
+    assert main(["export", str(teacher), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a language model (token ids in); kdkit export writes image models" in err
+    assert "\n" not in err and not (teacher / "model.onnx").exists()

@@ -96,6 +96,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                            stem.with_suffix(".safetensors").resolve()) for p in wanted):
         raise KdkitError(f"--out {out} would overwrite the model itself; choose another --out")
     model, meta = load_model(args.path)
+    if len(meta["data"]["input_shape"]) == 1:
+        raise KdkitError(f"{args.path} is a language model (token ids in); kdkit export writes "
+                         "image models for now: use the run's model.safetensors with torch, or "
+                         "kdkit generate")
     data, notes = _eval_data(argparse.Namespace(data=None, data_root=args.data_root,
                                                 split="test"), meta["data"])
     test = data.test
