@@ -342,9 +342,9 @@ def run_experiment(
                 "runs": runs}
     with dist.main_first():
         if main:  # latency and the table: measured and written once
-            wanted = cfg.eval.deploy and os.environ.get("KDKIT_TABLE_DEPLOY", "1") != "0"
-            deploy = wanted and deploy_available()
-            if wanted and not deploy:
+            want_onnx = cfg.eval.deploy and os.environ.get("KDKIT_TABLE_DEPLOY", "1") != "0"
+            deploy = want_onnx and deploy_available()
+            if want_onnx and not deploy:
                 log("onnxruntime columns and int8 accuracy skipped: the deploy extra is not "
                     "installed (pip install 'kdkit[deploy]')")
             table_rows = aggregate(runs, out_dir, cfg.seeds[0],
