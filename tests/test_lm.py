@@ -213,3 +213,25 @@ def test_export_refuses_a_language_model_in_one_line(teacher, capsys):
     err = capsys.readouterr().err.strip()
     assert "is a language model (token ids in); kdkit export writes image models" in err
     assert "\n" not in err and not (teacher / "model.onnx").exists()
+
+
+def test_a_pretrained_language_model_teacher_reports_bits_per_character(text, teacher, tmp_path):
+    """A teacher used as is (weights:) in an experiment gets its bits per character in its
+    summary, and the table is the language-model one."""
+    from kdkit.config import load_config
+    from kdkit.pipelines.experiment import run_experiment
+
+    path = tmp_path / "c.txt"
+    path.write_text(TEXT * 3)
+    cfg = load_config(None, [
+        "seeds=[0]", f"data={{name: 'text:{path}', context: 16, val_fraction: 0.1}}",
+        f"teacher={{model: {{name: gpt, layers: 2, heads: 2, width: 32, "
+        f"weights: '{teacher / 'model.safetensors'}'}}}}",
+        "student={name: gpt, layers: 1, heads: 2, width: 16}",
+        "train={epochs: 1, batch_size: 16, optimizer: adamw, lr: 0.003}",
+        "students=[{label: fkl, method: {name: lm_kd}}]", "eval={latency_repeats: 2}"])
+    result = run_experiment(cfg, tmp_path / "e", progress=False, log=lambda s: None)
+    rows = {r["label"]: r for r in result["rows"]}
+    assert rows["teacher"]["test_bpc_mean"] == pytest.approx(
+        json.loads((teacher / "summary.json").read_text())["test_bpc"], abs=1e-6)
+    assert "test bpc" in (tmp_path / "e" / "table.md").read_text()

@@ -152,8 +152,9 @@ def _pretrained_teacher(cfg: ExperimentConfig, spec: TeacherSpec, data: DatasetS
     t0 = time.perf_counter()
     model = build_model(spec.model.name, spec.model.kwargs, data, seed)
     test = evaluate(model, *eval_args(data.test), batch_size=cfg.eval.batch_size)
-    val = (evaluate(model, *eval_args(data.val), batch_size=cfg.eval.batch_size)["acc"]
-           if len(data.val) else None)
+    val_ev = (evaluate(model, *eval_args(data.val), batch_size=cfg.eval.batch_size)
+              if len(data.val) else None)
+    val = val_ev["acc"] if val_ev is not None else None
     weights = str(spec.model.kwargs["weights"])
     summary = {
         "label": f"seed{seed}/{spec.label}", "seed": seed, "model": spec.model.name,
@@ -162,6 +163,9 @@ def _pretrained_teacher(cfg: ExperimentConfig, spec: TeacherSpec, data: DatasetS
         "test_loss": test["loss"], "val_acc": val, "epochs": 0, "role": "teacher",
         "pretrained": weights,
     }
+    if "bpc" in test:  # a language model
+        summary.update(test_bpc=test["bpc"],
+                       val_bpc=val_ev.get("bpc") if val_ev is not None else None)
     with dist.main_first() as main:
         if main:
             mark_run_dir(run_dir)

@@ -11,6 +11,7 @@ teacher (×smaller, ×faster, Δ accuracy). The onnxruntime and int8 columns nee
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,10 @@ def aggregate(
             "val_acc_std": val_s, "n_seeds": len(rs),
             "wall_s_mean": statistics.fmean(r["wall_s"] + r.get("transfer_s", 0.0) for r in rs),
         }
-        if all(r.get("test_bpc") is not None for r in rs):  # language models
+        if len(shape) == 1:  # language models (a summary without bpc: its loss in bits)
+            for r in rs:
+                if r.get("test_bpc") is None and r.get("test_loss") is not None:
+                    r.setdefault("test_bpc", r["test_loss"] / math.log(2.0))
             from kdkit.distill.sampling import generation_latency_ms
 
             row["test_bpc_mean"], row["test_bpc_std"] = _mean_std([r["test_bpc"] for r in rs])
