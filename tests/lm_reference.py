@@ -24,3 +24,23 @@ def train_teacher(run: Path, data, *, layers: int, heads: int, width: int, epoch
               settings=LoopSettings(epochs=epochs, optimizer="adamw", lr=1e-2, weight_decay=0.0),
               batch_size=32, augment=None, progress=False)
     return run
+
+
+def resumed_equals_uninterrupted(folder: Path, stop_after: int = 5, **run) -> Path:
+    """Train ``run`` (train_one's arguments) once straight through into ``folder/a`` and
+    once stopped after ``stop_after`` steps and resumed into ``folder/b``; assert both
+    saved models are bit-identical; return ``folder/b``."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from kdkit.train.loop import TrainingInterrupted
+
+    train_one(run_dir=folder / "a", **run)
+    with pytest.raises(TrainingInterrupted):
+        train_one(run_dir=folder / "b", stop_after=stop_after, **run)
+    train_one(run_dir=folder / "b", resume=True, **run)
+    a = load_file(folder / "a" / "model.safetensors")
+    b = load_file(folder / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return folder / "b"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from kdkit.cli import main
 from kdkit.distill import Distiller, build_method
-from kdkit.distill.methods_lm import OnPolicy, pack_topk
+from kdkit.distill.methods_lm import OnPolicy, cached_topk
 from kdkit.distill.sampling import sample
 from kdkit.distill.term import StepInfo
 from kdkit.errors import KdkitError
@@ -18,9 +18,9 @@ from kdkit.losses.lm import forward_kl, topk_kl
 from kdkit.models import create_model
 from kdkit.pipelines.runs import train_one
 from kdkit.train.artifacts import load_model
-from kdkit.train.loop import LoopSettings, TrainingInterrupted
+from kdkit.train.loop import LoopSettings
 from kdkit.train.metrics import evaluate
-from lm_reference import TEXT, text_dataset, train_teacher
+from lm_reference import TEXT, resumed_equals_uninterrupted, text_dataset, train_teacher
 
 SETTINGS = LoopSettings(epochs=2, optimizer="adamw", lr=3e-3, weight_decay=0.0)
 
@@ -79,7 +79,7 @@ def test_the_top_k_teacher_live_and_packed_give_the_same_loss(text, teacher):
     live = Distiller(s, {"t": t}, build_method("lm_kd", s, {"t": t}, topk=8,
                                                example_input=x))(x, y)
     with torch.no_grad():
-        packed = {"t": {"<model>:output": pack_topk(t(x), 8)}}
+        packed = {"t": {"<model>:output": cached_topk(t(x), 8)}}
     cached = Distiller(s, {"t": t}, build_method("lm_kd", s, {"t": t}, topk=8,
                                                  example_input=x))(x, y, teacher_outputs=packed)
     assert cached["top8_uniform"].item() == pytest.approx(live["top8_uniform"].item(), abs=1e-6)
@@ -146,13 +146,7 @@ def test_sampling_methods_resume_to_the_same_weights(text, teacher, tmp_path, me
                   model_kwargs={"layers": 1, "heads": 2, "width": 16}, method=method,
                   method_kwargs=kwargs, teachers={"t": t}, settings=SETTINGS, batch_size=16,
                   augment=None, progress=False)
-    train_one(run_dir=tmp_path / "a", **common)
-    with pytest.raises(TrainingInterrupted):
-        train_one(run_dir=tmp_path / "b", stop_after=5, **common)
-    train_one(run_dir=tmp_path / "b", resume=True, **common)
-    a = load_file(tmp_path / "a" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_equals_uninterrupted(tmp_path, **common)
     if method == "lm_kd":
         last = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
         assert 0.0 <= last["train/jsd/on_policy"] <= 1.0

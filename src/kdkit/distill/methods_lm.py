@@ -47,7 +47,9 @@ from kdkit.losses.lm import (
     TokenKL,
     TokenTV,
     TopKKL,
+    pack_topk,
     teacher_topk,
+    unpack_topk,
 )
 from kdkit.losses.lm_features import AttentionKL, HiddenMSE
 from kdkit.taps import LOGITS, Tap, resolve_module, run_with_taps
@@ -93,7 +95,7 @@ class TopKTeacher(nn.Module):
         elif teacher.shape[-1] == v:
             logprobs, ids = teacher_topk(teacher, self.k)
         elif teacher.shape[-1] == 2 * self.k:
-            logprobs, ids = teacher[..., : self.k], teacher[..., self.k :].round().long()
+            logprobs, ids = unpack_topk(teacher, self.k)
         else:
             raise KdkitError(
                 f"lm_kd topk={self.k}: the teacher gives {tuple(teacher.shape)}, neither logits "
@@ -105,11 +107,10 @@ class TopKTeacher(nn.Module):
         return f"k={self.k}"
 
 
-def pack_topk(logits: Tensor, k: int) -> Tensor:
-    """What a teacher-output cache stores for a language model's logits (B, L, V) at
-    ``topk: k``: (B, L, 2k), the top-k log-probabilities, then their token ids."""
-    logprobs, ids = teacher_topk(logits, k)
-    return torch.cat([logprobs.float(), ids.float()], dim=-1)
+def cached_topk(logits: Tensor, k: int) -> Tensor:
+    """What a teacher-output cache with ``topk: k`` holds for a language model's logits
+    (B, L, V): its top-k log-probabilities and ids, packed (B, L, 2k)."""
+    return pack_topk(*teacher_topk(logits, k))
 
 
 class OnPolicy(nn.Module):
@@ -138,7 +139,7 @@ class OnPolicy(nn.Module):
         if x.dim() != 2 or x.dtype != torch.long:
             raise KdkitError("lm_kd on_policy: the inputs must be token ids (B, L); "
                              f"got {tuple(x.shape)} {x.dtype}")
-        g = step_generator(info.seed, x.device)
+        g = step_generator(info.seed)
         draw = float(torch.rand((), generator=g))
         if draw >= self.lam or info.student is None:
             self._cut = None
@@ -237,7 +238,7 @@ class SequenceKD(nn.Module):
         self._cut = max(1, min(length - 1, round(self.prompt * length)))
         self._text = sample(teachers[self.teacher_name], x[:, : self._cut], length - self._cut,
                             temperature=self.temperature, context=length,
-                            generator=step_generator(info.seed, x.device))
+                            generator=step_generator(info.seed))
         return self._text
 
     def forward(self, student: Any, teacher: Any, *, target: Tensor | None = None) -> Tensor:

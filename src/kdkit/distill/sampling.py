@@ -75,7 +75,7 @@ def sample(model: nn.Module, prompt: Tensor, new_tokens: int, *, temperature: fl
     return out
 
 
-def step_generator(seed: int | None, device: torch.device) -> torch.Generator:
+def step_generator(seed: int | None) -> torch.Generator:
     """A generator for one step's draws (CPU: the draws are the same on every device)."""
     g = torch.Generator()
     g.manual_seed(0 if seed is None else int(seed) % 2**63)

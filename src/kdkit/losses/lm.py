@@ -234,6 +234,18 @@ def teacher_topk(teacher_logits: Tensor, k: int, *,
     return (values.to(dtype) if dtype is not None else values), ids
 
 
+def pack_topk(logprobs: Tensor, ids: Tensor) -> Tensor:
+    """A top-k teacher as one tensor (..., 2k): the k log-probabilities, then the k token
+    ids as floats (exact below 2^24): what a teacher-output cache returns for a language
+    model's logits at ``topk: k``. :func:`unpack_topk` inverts it."""
+    return torch.cat([logprobs.float(), ids.float()], dim=-1)
+
+
+def unpack_topk(packed: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(log-probabilities, ids) of a :func:`pack_topk` tensor."""
+    return packed[..., :k], packed[..., k:].round().long()
+
+
 def _log1mexp(x: Tensor) -> Tensor:
     """log(1 − exp(x)) for x <= 0, stable at both ends (Mächler 2012); -inf at x = 0."""
     x = x.clamp(max=0.0)

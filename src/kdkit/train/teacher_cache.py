@@ -74,6 +74,7 @@ from kdkit.data.stream import StreamDataset
 from kdkit.data.views import augment_fingerprint, make_views, sample_keys
 from kdkit.distill.distiller import Distiller, no_cache_message
 from kdkit.errors import KdkitError
+from kdkit.losses.lm import pack_topk, teacher_topk
 from kdkit.progress import StageProgress
 from kdkit.taps import LOGITS
 from kdkit.train.checkpoint import atomic_write_json, module_fingerprint, sha256_file
@@ -294,7 +295,7 @@ class TeacherCache:
                         tparts["values"][flat], tparts["indices"][flat], tparts["rest"][flat],
                         int(self.manifest["num_classes"]))
                 elif "ids" in tparts:
-                    placed.setdefault(teacher, {})[tap] = _packed_tokens(
+                    placed.setdefault(teacher, {})[tap] = pack_topk(
                         tparts["logprobs"][flat], tparts["ids"][flat])
                 else:
                     placed.setdefault(teacher, {})[tap] = tparts["full"][flat].float()
@@ -308,7 +309,7 @@ class TeacherCache:
                 out.setdefault(teacher, {})[tap] = _from_topk(
                     values, indices, rest, int(self.manifest["num_classes"]))
             elif "ids" in parts:
-                out.setdefault(teacher, {})[tap] = _packed_tokens(
+                out.setdefault(teacher, {})[tap] = pack_topk(
                     torch.from_numpy(parts["logprobs"][v, i]), torch.from_numpy(parts["ids"][v, i]))
             else:
                 out.setdefault(teacher, {})[tap] = torch.from_numpy(parts["full"][v, i]).float()
@@ -412,19 +413,6 @@ def _topk(t: Tensor, k: int) -> dict[str, Tensor]:
     return {"values": values, "indices": indices, "rest": rest}
 
 
-def _token_topk(t: Tensor, k: int) -> dict[str, Tensor]:
-    """A language model's logits (B, L, V): per position the top-k log-probabilities and
-    their token ids (what the top-k objective reads; ``lm_kd`` with ``topk``)."""
-    logprobs = torch.log_softmax(t.float(), dim=-1)
-    values, ids = logprobs.topk(k, dim=-1)
-    return {"logprobs": values, "ids": ids}
-
-
-def _packed_tokens(logprobs: Tensor, ids: Tensor) -> Tensor:
-    """(B, L, 2k): the k log-probabilities, then the k ids as floats (exact below 2^24)."""
-    return torch.cat([logprobs.float(), ids.float()], dim=-1)
-
-
 def _from_topk(values: Tensor, indices: Tensor, rest: Tensor, num_classes: int) -> Tensor:
     full = rest.float()[:, None].expand(-1, num_classes).clone()
     return full.scatter_(1, indices.long(), values.float())
@@ -471,7 +459,8 @@ def _build(
                         if tap == str(LOGITS) and t.dim() == 3:
                             positions = t.shape[1]  # a language model: tokens per sample
                         if settings.topk is not None and tap == str(LOGITS) and t.dim() == 3:
-                            parts = _token_topk(t, min(settings.topk, t.shape[-1]))
+                            logprobs, ids = teacher_topk(t, min(settings.topk, t.shape[-1]))
+                            parts = {"logprobs": logprobs, "ids": ids}
                             num_classes = t.shape[-1]
                         elif settings.topk is not None and tap == str(LOGITS) and (
                             settings.topk < t.shape[1]
