@@ -211,7 +211,8 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
         data = load_dataset(args.data, root=args.data_root, val_fraction=args.val_fraction,
                             train_subset=args.train_subset, seed=args.seed,
                             channels=args.channels, resize=args.resize, stream=args.stream,
-                            workers=args.workers, **_text_args(args))
+                            workers=args.workers, task=args.task, noise=args.noise,
+                            **_text_args(args))
     teachers = {}
     if teacher is not None:
         # The teacher's own train split is irrelevant here: only its weights are used.
@@ -233,8 +234,9 @@ def _single_run(args: argparse.Namespace, *, method: str, method_kwargs: dict[st
         teacher_cache=train.teacher_cache.model_dump() if train.teacher_cache else None,
         cache_root=_teacher_outputs_dir(args),
     )
-    val = f", val {summary['val_acc']:.2f}%" if summary.get("val_acc") is not None else ""
-    print(f"{summary['label']}: test {summary['test_acc']:.2f}%{val}, "
+    from kdkit.tasks import headline
+
+    print(f"{summary['label']}: {headline(summary)}, "
           f"{summary['params']:,} params, {summary['wall_s']:.1f} s -> {out}/model.safetensors")
     return 0
 
@@ -270,7 +272,10 @@ def _disk_workers(text: str | None, data: str) -> list[int]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     args.out = args.out or f"runs/train-{_out_name(args.model)}-{_out_name(args.data)}-s{args.seed}"
-    return _single_run(args, method=args.method, method_kwargs=_kv_pairs(args.method_arg, "--method-arg"),
+    from kdkit.tasks import plain_method
+
+    return _single_run(args, method=args.method or plain_method(args.task),
+                       method_kwargs=_kv_pairs(args.method_arg, "--method-arg"),
                        model=args.model, model_kwargs=_kv_pairs(args.model_arg, "--model-arg"),
                        teacher=None)
 
@@ -322,13 +327,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shape = tuple(data.input_shape)
     report: dict[str, Any] = {
         "model": meta["model"]["name"], "data": data.name, "split": args.split,
-        "samples": len(split), "top1": round(res["acc"], 3), "loss": round(res["loss"], 5),
-        "size_bytes": weights.stat().st_size,
+        "samples": len(split), **({"top1": round(res["acc"], 3)} if "acc" in res else {}),
+        "loss": round(res["loss"], 5), "size_bytes": weights.stat().st_size,
         **({"bpc": round(res["bpc"], 5)} if "bpc" in res else {}),
+        **({"psnr": round(res["psnr"], 4)} if "psnr" in res else {}),
         **torch_profile(model, shape, repeats=args.latency_repeats,
                         num_classes=data.num_classes), **notes,
     }
-    if not args.no_deploy and len(shape) == 3:  # (ONNX export takes image inputs)
+    if not args.no_deploy and len(shape) == 3 and "acc" in res:  # (ONNX: image classifiers)
         from kdkit.deploy.ort import calibration_inputs, deploy_profile, split_arrays
         from kdkit.pipelines.table import deploy_available
 
@@ -381,6 +387,13 @@ def _text_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"context": given.get("context", 128), "vocab": given.get("vocab", "char")}
 
 
+def _task_of(source: dict[str, Any]) -> dict[str, Any]:
+    """The dense task a model's data recorded (its noise too), to rebuild the same pairs."""
+    if source.get("task") != "denoise":
+        return {}
+    return {"task": "denoise", "noise": source.get("noise")}
+
+
 def _valid_source(source: Any) -> bool:
     """A split definition as load_dataset records it (anything else counts as absent)."""
     if not isinstance(source, dict):
@@ -425,7 +438,7 @@ def _eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[Any, 
         data = load_dataset(name, root=root, val_fraction=source["val_fraction"],
                             train_subset=source["train_subset"], seed=source["seed"],
                             channels=source.get("channels"), resize=source.get("resize"),
-                            stream=bool(source.get("stream", False)))
+                            stream=bool(source.get("stream", False)), **_task_of(source))
         if data.source.get("sha256") != source.get("sha256"):
             problem = (f"the {name} files under {root} differ from those the model was "
                        "trained on (content hash)")
@@ -434,8 +447,9 @@ def _eval_data(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[Any, 
                                  "cannot be rebuilt; point --data-root at the original files")
             print(f"kdkit: warning: {problem}; evaluating on these files' test set",
                   file=sys.stderr)
-    else:
-        data = load_dataset(name, root=args.data_root, seed=0)
+    else:  # (a dense task's model is scored on the same task: noise as recorded)
+        data = load_dataset(name, root=args.data_root, seed=0,
+                            **_task_of(recorded if isinstance(recorded, dict) else {}))
     if list(data.input_shape) != trained["input_shape"]:
         raise KdkitError(f"the model takes inputs {trained['input_shape']}, but '{name}' has "
                          f"{list(data.input_shape)}; evaluate it on data of its own geometry")
@@ -712,6 +726,11 @@ def _add_run_flags(p: argparse.ArgumentParser, *, default_method: str | None) ->
                    help="text datasets: tokens per window, the models' context (default 128)")
     p.add_argument("--vocab", choices=["char", "byte"], default=None,
                    help="text datasets: characters of the corpus (default) or bytes")
+    p.add_argument("--task", choices=["classify", "language_model", "denoise"], default=None,
+                   help="what the data is for (default: what it holds); denoise: noisy "
+                   "images in, clean images out, scored by PSNR")
+    p.add_argument("--noise", type=float, default=None, metavar="SIGMA",
+                   help="--task denoise: σ of the Gaussian noise on [0, 1] pixels (default 0.3)")
     p.add_argument("--model-arg", action="append", metavar="K=V", help="model argument")
     if default_method is not None:
         p.add_argument("--method", default=default_method,
@@ -815,7 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one plain model (e.g. a teacher) with cross-entropy")
     p.add_argument("--model", required=True, help="registered model (see `kdkit models`)")
-    _add_run_flags(p, default_method="ce")
+    _add_run_flags(p, default_method=None)
+    p.add_argument("--method", default=None,
+                   help="method (see `kdkit methods`; default: ce, or mse for --task denoise)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("distill", help="distil one student from a trained teacher")

@@ -102,6 +102,12 @@ class DataSpec(_Strict):
     vocab: Literal["char", "byte"] | None = Field(
         None, description="text datasets: a character vocabulary (the corpus's symbols, the "
         "default) or bytes (256)")
+    task: Literal["classify", "language_model", "denoise"] | None = Field(
+        None, description="what the data is for (default: what it holds: classify images, "
+        "language_model for text); denoise: noisy images in, clean images out (MSE, PSNR)")
+    noise: float | None = Field(
+        None, gt=0.0, description="task denoise: σ of the Gaussian noise on [0, 1] pixels "
+        "(default 0.3)")
 
 
 class TeacherCacheSpec(_Strict):

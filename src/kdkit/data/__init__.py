@@ -265,6 +265,8 @@ def load_dataset(
     workers: int = 0,
     context: int = 128,
     vocab: str | Vocab = "char",
+    task: str | None = None,
+    noise: float | None = None,
 ) -> DatasetSplits:
     """Load ``name`` as normalised train/val/test tensors (``root`` defaults to default_root()).
 
@@ -281,8 +283,33 @@ def load_dataset(
     tokens per window and ``vocab`` ("char", "byte" or a :class:`Vocab`); its splits are fixed
     (by work, or 90/5/5 by position), so ``val_fraction`` does not apply; ``train_subset``
     keeps that many train windows.
+
+    ``task``: what the data is for (None: what it holds, classification or language
+    modelling). ``"denoise"`` turns images into noisy inputs and clean targets (Gaussian
+    noise of σ ``noise`` on [0, 1] pixels, default 0.3; :mod:`kdkit.data.dense`).
     """
-    if is_text_name(name) and not stream:
+    from kdkit.tasks import TASKS
+
+    if task is not None and task not in TASKS:
+        raise DataError(f"task '{task}' is not one of {', '.join(TASKS)}")
+    text = is_text_name(name)
+    if task is not None and (task == "language_model") != text:
+        raise DataError(f"task '{task}' does not fit '{name}', which holds "
+                        f"{'text' if text else 'images'}: use "
+                        f"{'language_model' if text else 'classify or denoise'} (or leave task out)")
+    if noise is not None and task != "denoise":
+        raise DataError(f"noise applies to task denoise only (the task here is "
+                        f"{task or ('language_model' if text else 'classify')}); remove it")
+    if task == "denoise":
+        from kdkit.data.dense import DEFAULT_NOISE, to_denoise
+
+        if stream:
+            raise DataError("task denoise: dense tasks are made in memory; set stream to false")
+        images = load_dataset(name, root=root, val_fraction=val_fraction,
+                              train_subset=train_subset, seed=seed, download=download,
+                              log=log, channels=channels, resize=resize)
+        return to_denoise(images, DEFAULT_NOISE if noise is None else noise, seed)
+    if text and not stream:
         if channels is not None or resize is not None:
             raise DataError(f"dataset '{name}' is text: channels and resize apply to images only")
         return load_text(name, root=root, context=context, vocab=vocab, seed=seed,

@@ -56,6 +56,10 @@ class DatasetSplits:
     source: dict[str, Any] = field(default_factory=dict)
     # Text datasets: the vocabulary that maps token ids to text (None for images).
     vocab: Vocab | None = None
+    # What the data asks a model to do (kdkit.tasks): "classify", "language_model", or a
+    # dense task ("denoise": float targets shaped like the inputs; num_classes is then the
+    # target's channels, the width of the model's output).
+    task: str = "classify"
 
     @property
     def black(self) -> float:

@@ -450,6 +450,7 @@ def load_text(
         name=name,
         source=source,
         vocab=voc,
+        task="language_model",
     )
 
 

@@ -18,6 +18,7 @@ from kdkit.distill.term import Term
 
 # Method families register themselves on import.
 from kdkit.distill import (  # noqa: E402,F401  isort: skip
+    methods_dense,
     methods_ensemble,
     methods_feature,
     methods_feature2,

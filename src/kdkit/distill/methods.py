@@ -70,13 +70,14 @@ _NO_TEACHER_CACHE: set[str] = set()
 
 def register_method(
     name: str, *, teachers: Teachers, summary: str | None = None, teacher_cache: bool = True,
-    tokens: bool = False,
+    tokens: bool = False, dense: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering a method builder ``fn(ctx, **kwargs) -> list[Term]``.
 
     ``teacher_cache=False``: the method's teacher outputs cannot be cached. ``tokens``:
     it works on language-model data (token ids in, (B, L, V) logits out); the others are
-    refused there by name."""
+    refused there by name. ``dense``: it trains a dense task (images in, images out, float
+    targets: ``task: denoise``), and only that; the others are refused on dense data."""
 
     def deco(fn: Builder) -> Builder:
         METHODS.register(name, summary)(fn)
@@ -85,17 +86,40 @@ def register_method(
             _NO_TEACHER_CACHE.add(name)
         if tokens:
             _TOKEN_METHODS.add(name)
+        if dense:
+            _DENSE_METHODS.add(name)
         return fn
 
     return deco
 
 
 _TOKEN_METHODS: set[str] = set()
+_DENSE_METHODS: set[str] = set()
 
 
 def token_methods() -> list[str]:
     """The methods that distil language models (take token windows)."""
     return sorted(_TOKEN_METHODS)
+
+
+def dense_methods() -> list[str]:
+    """The methods that train a dense task (``task: denoise``)."""
+    return sorted(_DENSE_METHODS)
+
+
+def check_task(name: str, task: str | None) -> None:
+    """Refuse method ``name`` on data of another task, naming the methods that fit."""
+    from kdkit.tasks import DENSE_TASKS
+
+    METHODS.get(name)
+    if task in DENSE_TASKS and name not in _DENSE_METHODS:
+        raise KdkitError(f"method '{name}' trains classifiers (logits against labels); this "
+                         f"data is a dense task ({task}: images in, images out): use "
+                         f"{', '.join(dense_methods())}")
+    if task is not None and task not in DENSE_TASKS and name in _DENSE_METHODS:
+        raise KdkitError(f"method '{name}' trains a dense task (images in, images out), but "
+                         f"this data is for {task}; set data task: denoise, or use another "
+                         "method (see `kdkit methods`)")
 
 
 def method_takes_teacher_cache(name: str) -> bool:
@@ -232,6 +256,7 @@ def build_method(
     *,
     example_input: Tensor | None = None,
     epochs: int | None = None,
+    task: str | None = None,
     **kwargs: Any,
 ) -> list[Term]:
     """Build the Terms of single-stage method ``name`` for this student/teacher pair.
@@ -240,7 +265,7 @@ def build_method(
     depend on layer shapes. Staged methods (FitNets) are built with :func:`build_stages`.
     """
     stages = build_stages(name, student, teachers, example_input=example_input, epochs=epochs,
-                          **kwargs)
+                          task=task, **kwargs)
     if len(stages) != 1:
         raise KdkitError(
             f"method '{name}' has {len(stages)} stages ({', '.join(s.name for s in stages)}); "
@@ -256,15 +281,19 @@ def build_stages(
     *,
     example_input: Tensor | None = None,
     epochs: int | None = None,
+    task: str | None = None,
     **kwargs: Any,
 ) -> list[Stage]:
     """Build method ``name`` as a list of stages (one stage for most methods).
 
     ``epochs``: the run's epoch count, for methods with a warm-up in epochs (None: unknown).
+    ``task``: the data's (:mod:`kdkit.tasks`); a method made for another is refused
+    (None: not checked).
     """
     kwargs, problems = coerce_method_kwargs(name, kwargs)
     if problems:
         raise KdkitError("; ".join(problems))
+    check_task(name, task)
     teachers = dict(teachers or {})
     count = method_teachers(name)
     if count != "none" and not teachers:

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models import gpt, lenet, mlp, plain_cnn, resnet, wrn
+from kdkit.models import denoise, gpt, lenet, mlp, plain_cnn, resnet, wrn
 from kdkit.models._registry import MODELS
 from kdkit.models.sources import (
     SPECIAL_KEYS,
@@ -27,7 +27,7 @@ __all__ = ["MODELS", "count_parameters", "create_model", "geometry", "list_model
            "model_problems"]
 
 # The family modules register themselves on import.
-_FAMILIES = (gpt, lenet, mlp, plain_cnn, resnet, wrn)
+_FAMILIES = (denoise, gpt, lenet, mlp, plain_cnn, resnet, wrn)
 # Arguments every factory takes that come from the dataset, never from the user.
 DATA_FILLED = ("num_classes", "in_channels", "input_size")
 

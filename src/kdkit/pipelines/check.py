@@ -35,6 +35,7 @@ from kdkit.distill import Distiller, build_stages, method_teachers
 from kdkit.errors import KdkitError
 from kdkit.models import create_model, geometry
 from kdkit.models.meta import on_device
+from kdkit.tasks import DENSE_TASKS
 
 REAL_PARAM_LIMIT = 5_000_000  # models up to this size are checked for real, on the CPU
 MAX_CPU_PARAMS = 100_000_000  # never allocated (400 MB in float32): checked on meta only
@@ -113,6 +114,8 @@ class DryBuild:
             if len(shape) == 3:
                 c, h, w = shape
                 shape = (d.channels or c, d.resize or h, d.resize or w)
+                if d.task == "denoise":  # images out: the target's channels
+                    n = shape[0]
             self._geometry = (n, shape)
         except KdkitError as e:
             from kdkit.data import DATASETS
@@ -264,8 +267,19 @@ class DryBuild:
             x = torch.arange(BATCH * shape[0], device=device).reshape(BATCH, -1) % num_classes
             return x, (x + 1) % num_classes
         x = torch.zeros(BATCH, *shape, device=device)
+        if self._dense:  # a dense task: clean images as float targets
+            return x, torch.zeros(BATCH, *shape, device=device)
         y = torch.arange(BATCH, device=device) % num_classes
         return x, y
+
+    @property
+    def _task(self) -> str:
+        d = self.cfg.data
+        return d.task or ("language_model" if len(self._geometry[1]) == 1 else "classify")
+
+    @property
+    def _dense(self) -> bool:
+        return self.cfg.data.task in DENSE_TASKS
 
     def _forward(self, model: nn.Module, device: str) -> None:
         num_classes = self._geometry[0]
@@ -274,10 +288,14 @@ class DryBuild:
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
             out = out[0]  # as the Distiller reads it
         shape = self._geometry[1]
-        want = (BATCH, shape[0], num_classes) if len(shape) == 1 else (BATCH, num_classes)
+        want: tuple[int, ...] = ((BATCH, shape[0], num_classes) if len(shape) == 1
+                                 else (BATCH, num_classes))
+        what = "logits"
+        if self._dense:
+            want, what = (BATCH, *shape), "images (a dense task: the output is the image)"
         if not isinstance(out, Tensor) or tuple(out.shape) != want:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise KdkitError(f"it returns {got}, not {want} logits")
+            raise KdkitError(f"it returns {got}, not {want} {what}")
 
     def _on(self, device: str, what: str, models: list[_Model],
             check: Callable[[str], T]) -> T | None:
@@ -319,7 +337,7 @@ class DryBuild:
             with on_device(dev):  # adapters and loss buffers on the models' device
                 stages = build_stages(method, s, ts, example_input=x,
                                       epochs=self.cfg.student_train(run).epochs,
-                                      **run.method.kwargs)
+                                      task=self._task, **run.method.kwargs)
                 for stage in stages:
                     try:
                         distiller = Distiller(s, ts, stage.terms, teacher_mode=run.teacher_mode)

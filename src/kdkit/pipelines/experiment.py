@@ -53,6 +53,7 @@ from kdkit.pipelines.runs import (
     train_one,
 )
 from kdkit.pipelines.table import aggregate, deploy_available, format_table
+from kdkit.tasks import headline, plain_method
 from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
 from kdkit.train.checkpoint import atomic_write_bytes, atomic_write_json, read_json
 from kdkit.train.device import check_precision, resolve_device
@@ -131,7 +132,7 @@ def _teacher(
     summary = train_one(
         run_dir=run_dir, label=f"seed{seed}/{spec.label}", data=data,
         model_name=spec.model.name, model_kwargs=spec.model.kwargs,
-        method="ce", method_kwargs={}, teachers={},
+        method=plain_method(data.task), method_kwargs={}, teachers={},
         settings=_settings(train, seed, device), batch_size=train.batch_size,
         augment=train.augment, resume=resume, progress=progress,
         eval_batch_size=cfg.eval.batch_size, extra={"role": "teacher"},
@@ -154,18 +155,19 @@ def _pretrained_teacher(cfg: ExperimentConfig, spec: TeacherSpec, data: DatasetS
     test = evaluate(model, *eval_args(data.test), batch_size=cfg.eval.batch_size)
     val_ev = (evaluate(model, *eval_args(data.val), batch_size=cfg.eval.batch_size)
               if len(data.val) else None)
-    val = val_ev["acc"] if val_ev is not None else None
+    val = val_ev.get("acc") if val_ev is not None else None
     weights = str(spec.model.kwargs["weights"])
     summary = {
         "label": f"seed{seed}/{spec.label}", "seed": seed, "model": spec.model.name,
         "model_kwargs": spec.model.kwargs, "method": "pretrained", "method_kwargs": {},
-        "params": sum(p.numel() for p in model.parameters()), "test_acc": test["acc"],
+        "params": sum(p.numel() for p in model.parameters()), "test_acc": test.get("acc"),
         "test_loss": test["loss"], "val_acc": val, "epochs": 0, "role": "teacher",
         "pretrained": weights,
     }
-    if "bpc" in test:  # a language model
-        summary.update(test_bpc=test["bpc"],
-                       val_bpc=val_ev.get("bpc") if val_ev is not None else None)
+    for key in ("bpc", "psnr"):  # a language model; a dense task
+        if key in test:
+            summary.update({f"test_{key}": test[key],
+                            f"val_{key}": val_ev.get(key) if val_ev is not None else None})
     with dist.main_first() as main:
         if main:
             mark_run_dir(run_dir)
@@ -367,12 +369,13 @@ def run_experiment(
 
 
 def _text_options(d: Any) -> dict[str, Any]:
-    """A text dataset's window and vocabulary (nothing for images)."""
+    """A text dataset's window and vocabulary; the task and its noise where given."""
     from kdkit.data.text import is_text_name
 
+    task = {"task": d.task, "noise": d.noise} if d.task is not None or d.noise is not None else {}
     if not is_text_name(d.name):
-        return {}
-    return {"context": d.context or 128, "vocab": d.vocab or "char"}
+        return task
+    return {"context": d.context or 128, "vocab": d.vocab or "char", **task}
 
 
 def _same_config(path: Path, resolved: str) -> bool:
@@ -513,6 +516,4 @@ def _student(
 
 
 def _report(log: Callable[[str], None], seed: int, s: dict[str, Any]) -> None:
-    val = f", val {s['val_acc']:.2f}%" if s.get("val_acc") is not None else ""
-    log(f"[seed {seed}] {s['label'].split('/')[-1]}: test {s['test_acc']:.2f}%{val} "
-        f"({s['wall_s']:.1f} s)")
+    log(f"[seed {seed}] {s['label'].split('/')[-1]}: {headline(s)} ({s['wall_s']:.1f} s)")

@@ -26,6 +26,7 @@ from kdkit.distill import Distiller, build_stages, method_deployment, method_eva
 from kdkit.errors import KdkitError
 from kdkit.files import RUN_MARKER, clean_stale_temps, mark_run_dir, remove_run_dir
 from kdkit.models import DATA_FILLED, create_model, geometry
+from kdkit.tasks import DENSE_TASKS
 from kdkit.train.artifacts import MODEL_STEM, load_model, save_model
 from kdkit.train.checkpoint import (
     atomic_write_json,
@@ -50,7 +51,8 @@ def data_meta(data: DatasetSplits) -> dict[str, Any]:
     vocab = getattr(data, "vocab", None)  # a text dataset's: `kdkit generate` decodes with it
     return {"name": data.name, "num_classes": data.num_classes,
             "input_shape": list(data.input_shape), "mean": data.mean, "std": data.std,
-            "source": data.source, **({"vocab": vocab.to_dict()} if vocab is not None else {})}
+            "source": data.source, "task": getattr(data, "task", "classify"),
+            **({"vocab": vocab.to_dict()} if vocab is not None else {})}
 
 
 def _to_stderr(line: str) -> None:
@@ -110,6 +112,11 @@ def check_teacher_fits(teacher_meta: dict[str, Any], data: DatasetSplits, source
     """A teacher trained on other data (classes, geometry, normalisation) cannot be used."""
     t = teacher_meta["data"]
     want = data_meta(data)
+    task = t.get("task", "classify")  # (saved before tasks were recorded: a classifier,
+    if task != want["task"] and not (task == "classify" and "vocab" in t):  # or an LM)
+        raise KdkitError(f"teacher {source} was trained for the task {task}, but the data "
+                         f"'{data.name}' is set up for {want['task']}; train a teacher for "
+                         f"{want['task']}")
     for key in ("num_classes", "input_shape"):
         if t[key] != want[key]:
             raise KdkitError(
@@ -208,7 +215,10 @@ def train_one(
     if channels_last:
         student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     stages = build_stages(method, student, teachers, example_input=example_inputs(data.train),
-                          epochs=settings.epochs, **method_kwargs)
+                          epochs=settings.epochs, task=data.task, **method_kwargs)
+    if augment and data.task in DENSE_TASKS:
+        raise KdkitError(f"{label}: augmentation moves the inputs of a dense task ({data.task}) "
+                         "but not its targets; remove train.augment")
     aug = build_augment(augment, fill=data.black)
     cache_settings = CacheSettings(**teacher_cache) if teacher_cache is not None else None
     if loader is not None and cache_settings is not None:
@@ -246,7 +256,7 @@ def train_one(
             student, stages[-1].terms, teachers, model_name=model_name, model_kwargs=model_kwargs)
         if val is not None:  # (the same figure as the loop's last epoch, on the copy)
             val_acc = evaluate(deployed, *eval_args(data.val), batch_size=eval_batch_size,
-                               distributed=True)["acc"]
+                               distributed=True).get("acc")
     test = evaluate(deployed, *eval_args(data.test), batch_size=eval_batch_size,
                     distributed=True)
     model_path = run_dir / f"{MODEL_STEM}.safetensors"
@@ -261,12 +271,14 @@ def train_one(
         "method": method, "method_kwargs": method_kwargs,
         **({"deployed_model": saved_name} if deploy is not None else {}),
         "params": count_parameters(deployed), "size_bytes": model_path.stat().st_size,
-        "test_acc": test["acc"], "test_loss": test["loss"],
+        "test_acc": test.get("acc"), "test_loss": test["loss"],
         "val_acc": val_acc, "epochs": stage_settings.epochs,
         "train_samples": len(loader.dataset),
         "wall_s": round(fit_wall + time.perf_counter() - t0, 2),
         "resumed_from": result.resumed_from, **(extra or {}), "identity": identity,
     }
+    if "psnr" in test:  # a dense task: PSNR (dB) of the test and the last epoch's val images
+        summary.update(test_psnr=test["psnr"], val_psnr=final.get("val/psnr"))
     if "bpc" in test:  # a language model: bits per character (or byte), and its speed
         tokens = stage_settings.epochs * len(loader.dataset) * int(data.input_shape[0])
         summary.update(test_bpc=test["bpc"], val_bpc=final.get("val/bpc"),

@@ -89,7 +89,8 @@ def aggregate(
         vocab = int(meta["data"]["num_classes"])
         log(f"[table] {lab} ({i + 1}/{len(labels)}): measuring size, MACs and latency")
         prof = torch_profile(model, shape, repeats=latency_repeats, num_classes=vocab)
-        acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
+        dense = rs[0].get("test_psnr") is not None  # a dense task: PSNR, no accuracy
+        acc_m, acc_s = (None, None) if dense else _mean_std([r["test_acc"] for r in rs])
         vals = [r["val_acc"] for r in rs if r.get("val_acc") is not None]
         val_m, val_s = _mean_std(vals) if vals else (None, None)
         row: dict[str, Any] = {
@@ -112,7 +113,12 @@ def aggregate(
             row["tokens_per_s_mean"] = statistics.fmean(
                 r.get("train_tokens_per_s", 0.0) for r in rs)
             row["gen_ms_per_token"] = round(generation_latency_ms(model, vocab, shape[0]), 3)
-        elif deploy and data_for is not None:  # (ONNX export takes image inputs)
+        elif dense:
+            row["test_psnr_mean"], row["test_psnr_std"] = _mean_std([r["test_psnr"] for r in rs])
+            row["test_mse_mean"], row["test_mse_std"] = _mean_std([r["test_loss"] for r in rs])
+            vp = [r["val_psnr"] for r in rs if r.get("val_psnr") is not None]
+            row["val_psnr_mean"], row["val_psnr_std"] = _mean_std(vp) if vp else (None, None)
+        elif deploy and data_for is not None:  # (ONNX: image classifiers)
             row.update(_deploy_columns(lab, rs, out_dir, first_seed, shape, seed_arrays,
                                        latency_repeats, log))
         rows.append(row)
@@ -201,12 +207,45 @@ def _format_lm(rows: list[dict[str, Any]], cfg: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _format_dense(rows: list[dict[str, Any]], cfg: Any) -> str:
+    """A dense task's table: PSNR and MSE on the test split, size and speed."""
+    lines = ["| run | model | method | test PSNR (dB) | val PSNR (dB) | test MSE (×10⁻³) "
+             "| Δ PSNR vs teacher | params | MACs | fp32 | ×smaller | eager b1 (ms) "
+             "| eager b64 (ms) | ×faster | wall per seed (s) |", "|" + "---|" * 15]
+    for r in rows:
+        d = r.get("d_psnr")
+        mse = (r["test_mse_mean"] * 1e3, (r.get("test_mse_std") or 0.0) * 1e3)
+        lines.append(
+            f"| {r['label']} | {r['model']} | {r['method']} | "
+            f"{_pm(r['test_psnr_mean'], r['test_psnr_std'])} | "
+            f"{_pm(r.get('val_psnr_mean'), r.get('val_psnr_std'))} | {_pm(*mse)} | "
+            f"{'–' if d is None or r.get('role') == 'teacher' else f'{d:+.2f}'} | "
+            f"{r['params']:,} | {_macs(r.get('macs'))} | "
+            f"{_size(r.get('size_fp32_bytes', r.get('size_bytes')))} | "
+            f"{_x(r.get('x_smaller'))} | {_ms(r.get('latency_ms'))} | "
+            f"{_ms(r.get('latency_b64_ms'))} | {_x(r.get('x_faster'))} | "
+            f"{r.get('wall_s_mean', 0.0):.1f} |")
+    lines.append("")
+    threads = rows[0].get("threads") if rows else None
+    note = ("PSNR (dB, peak 1, each image's prediction clipped to [0, 1], averaged over "
+            "images) and MSE per pixel on the test split at the last epoch, mean ± std over "
+            "seeds; sizes, MACs (per image) and eager latencies of the first seed's model on "
+            "this machine's CPU" + (f", {threads} thread(s)" if threads else ""))
+    if cfg is not None:
+        note = f"{cfg.name}: {len(cfg.seeds)} seeds {cfg.seeds}, dataset {cfg.data.name}; " + note
+    lines.append(note + ".")
+    return "\n".join(lines) + "\n"
+
+
 def format_table(rows: list[dict[str, Any]], cfg: Any = None) -> str:
     """Two markdown tables: accuracy (test, val, int8; Δ against the teacher) and the
     compression report (parameters, MACs, sizes, latencies; ratios against the teacher).
-    Language models get one table of bits per character, size and speed."""
+    Language models get one table of bits per character, size and speed; a dense task one
+    of PSNR, size and speed."""
     if rows and all(r.get("test_bpc_mean") is not None for r in rows):
         return _format_lm(rows, cfg)
+    if rows and all(r.get("test_psnr_mean") is not None for r in rows):
+        return _format_dense(rows, cfg)
     lines = ["| run | model | method | top-1 test (%) | top-1 val (%) | int8 test (%) "
              "| Δ test vs teacher | wall per seed (s) |", "|" + "---|" * 8]
     for r in rows:

@@ -170,6 +170,16 @@ def _rows_from_runs(runs: list[Run], labels: list[str]) -> list[dict[str, Any]]:
     for lab in labels:
         rs = [r.summary for r in runs if r.label == lab]
         accs = [float(r["test_acc"]) for r in rs if isinstance(r.get("test_acc"), (int, float))]
+        psnr = [float(r["test_psnr"]) for r in rs if isinstance(r.get("test_psnr"), (int, float))]
+        if psnr:  # a dense task
+            p_m, p_s = _mean_std(psnr)
+            rows.append({"label": lab, "model": rs[0].get("model"),
+                         "method": rs[0].get("method"), "params": rs[0].get("params"),
+                         "size_bytes": rs[0].get("size_bytes"), "test_psnr_mean": p_m,
+                         "test_psnr_std": p_s, "n_seeds": len(psnr),
+                         "wall_s_mean": statistics.fmean(float(r.get("wall_s", 0.0))
+                                                         for r in rs)})
+            continue
         if not accs:
             continue
         vals = [float(r["val_acc"]) for r in rs if isinstance(r.get("val_acc"), (int, float))]
@@ -247,6 +257,8 @@ def _fig_curves(c: Contents, out: Path, colour: dict[str, Any]) -> list[Figure]:
         key, ylabel, what = "val/acc", "validation accuracy (%)", "Validation accuracy"
     elif "val/bpc" in keys:
         key, ylabel, what = "val/bpc", "validation bits per character", "Validation bits per character"
+    elif "val/psnr" in keys:  # a dense task
+        key, ylabel, what = "val/psnr", "validation PSNR (dB)", "Validation PSNR"
     else:
         return []
     curves = {lab: s for lab, rs in _by_label(c).items() if (s := _series(rs, key))}
@@ -298,14 +310,23 @@ def _fig_temperature(c: Contents, out: Path, colour: dict[str, Any]) -> list[Fig
                    "mean over each epoch's steps), per epoch: " + ", ".join(curves) + ".")]
 
 
+def _quality(c: Contents) -> tuple[str, str, str]:
+    """The metric the cost figures plot (higher is better): (summary key, axis label,
+    name) — top-1 accuracy, or a dense task's PSNR."""
+    if any(row.get("test_psnr_mean") is not None for row in c.rows):
+        return "test_psnr", "test PSNR (dB)", "PSNR"
+    return "test_acc", "top-1 test accuracy (%)", "Accuracy"
+
+
 def _points(c: Contents, key: str, scale: float) -> list[F.Point]:
     out = []
+    metric = _quality(c)[0]
     for row in c.rows:
-        x, y = row.get(key), row.get("test_acc_mean")
+        x, y = row.get(key), row.get(f"{metric}_mean")
         if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or x <= 0:
             continue
-        seeds = [float(r.summary["test_acc"]) for r in c.runs
-                 if r.label == row["label"] and isinstance(r.summary.get("test_acc"),
+        seeds = [float(r.summary[metric]) for r in c.runs
+                 if r.label == row["label"] and isinstance(r.summary.get(metric),
                                                            (int, float))]
         out.append(F.Point(row["label"], float(x) * scale, float(y), seeds,
                            c.kinds.get(row["label"], "student")))
@@ -322,16 +343,17 @@ def _fig_costs(c: Contents, out: Path, colour: dict[str, Any]) -> list[Figure]:
         points = _points(c, key, scale)
         if len(points) < 2:
             continue
-        F.accuracy_vs_cost(points, out / stem, xlabel=xlabel, colour=colour,
-                           title=f"Accuracy against {what}")
+        _metric, ylabel, name = _quality(c)
+        F.accuracy_vs_cost(points, out / stem, xlabel=xlabel, colour=colour, ylabel=ylabel,
+                           title=f"{name} against {what}")
         front = [points[i].label for i in F.pareto_front([(p.x, p.y) for p in points])]
         seeds = max(len(p.seeds) for p in points)
         figs.append(Figure(
-            stem, f"Accuracy against {what}",
-            f"Every model's mean test accuracy against its {what}"
-            + (" (faint dots: each seed)" if seeds > 1 else "")
+            stem, f"{name} against {what}",
+            f"Every model's mean test {name if name == 'PSNR' else 'accuracy'} against its "
+            f"{what}" + (" (faint dots: each seed)" if seeds > 1 else "")
             + "; the red step line is the Pareto front, the models no other model beats on "
-            f"both accuracy and {what}: {', '.join(front)}."))
+            f"both {name if name == 'PSNR' else 'accuracy'} and {what}: {', '.join(front)}."))
     return figs
 
 
@@ -492,6 +514,8 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("ORT latency (ms, b64)", "ort_latency_b64_ms",
      lambda r: _num("{:.3f}")(r.get("ort_latency_b64_ms"))),
     ("top-1 test (%)", "test_acc_mean", _pm("test_acc")),
+    ("test PSNR (dB)", "test_psnr_mean", _pm("test_psnr")),
+    ("val PSNR (dB)", "val_psnr_mean", _pm("val_psnr")),
     ("top-1 val (%)", "val_acc_mean", _pm("val_acc")),
     ("int8 top-1 test (%)", "int8_acc_mean", _pm("int8_acc")),
     ("seeds", "n_seeds", lambda r: _num("{}")(r.get("n_seeds"))),

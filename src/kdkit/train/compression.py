@@ -131,4 +131,7 @@ def ratios(row: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float | No
         "d_acc": (round(row["test_acc_mean"] - teacher["test_acc_mean"], 2)
                   if row.get("test_acc_mean") is not None
                   and teacher.get("test_acc_mean") is not None else None),
+        **({"d_psnr": round(row["test_psnr_mean"] - teacher["test_psnr_mean"], 2)}
+           if row.get("test_psnr_mean") is not None
+           and teacher.get("test_psnr_mean") is not None else {}),
     }

@@ -30,6 +30,7 @@ from kdkit.distill.distiller import Distiller, no_cache_message
 from kdkit.errors import CheckpointError, KdkitError, NonFiniteLossError
 from kdkit.files import atomic_write_bytes, clean_stale_temps
 from kdkit.progress import progress_bar
+from kdkit.tasks import is_dense, psnr_sum
 from kdkit.train import tensorboard
 from kdkit.train.checkpoint import (
     load_checkpoint,
@@ -300,6 +301,7 @@ def fit(
     dist.barrier()  # nobody starts before rank 0 has cleaned up
 
     t_start = time.perf_counter()
+    dense = _dense_data(loader)
     check_every = check_interval(device, world)
     meter: _Meter | _HostMeter = (_HostMeter(keys, partial) if check_every == 1
                                   else _Meter(keys, device, partial if main else {}))
@@ -366,6 +368,7 @@ def fit(
                     out = model(x, y, progress=prog, teacher_outputs=cached, global_batch=sizes,
                                 **step_info)
                 meter.add(out, y, gstep)
+                dense = dense or is_dense(y)  # (a dtype: nothing is read from the device)
                 last_of_epoch = step + 1 == steps_per_epoch
                 if check_every == 1:
                     meter.check(distiller, epoch, saved)  # before the step: weights stay good
@@ -399,7 +402,7 @@ def fit(
                     sums = meter.totals()
                     if nxt_step == steps_per_epoch:  # epoch finished: log it first
                         _end_epoch(result, sums, epoch, lr, val, distiller, metrics_path,
-                                   t_epoch, on_epoch, bar, epoch_log, label, s.epochs)
+                                   t_epoch, on_epoch, bar, epoch_log, label, s.epochs, dense)
                         nxt_epoch, nxt_step, sums = epoch + 1, 0, {}
                         meter.reset({})
                     checkpoint(nxt_epoch, nxt_step, sums)
@@ -412,7 +415,7 @@ def fit(
                         f"in {kept_in}; continue with --resume"
                     )
             _end_epoch(result, meter.totals(), epoch, lr, val, distiller, metrics_path, t_epoch,
-                       on_epoch, bar, epoch_log, label, s.epochs)
+                       on_epoch, bar, epoch_log, label, s.epochs, dense)
             meter.reset({})
             epoch, start_step = epoch + 1, 0
             checkpoint(epoch, 0, {})
@@ -470,9 +473,19 @@ def check_interval(device: torch.device, world: int) -> int:
 _NEVER = 2**62  # "no bad step yet"
 
 
+def _dense_data(loader: Any) -> bool:
+    """Whether ``loader`` holds a dense task's float targets (known before the first batch,
+    so an epoch resumed at its end still logs the right metric)."""
+    y = getattr(getattr(loader, "dataset", None), "y", None)
+    return isinstance(y, Tensor) and is_dense(y)
+
+
 def _correct(logits: Tensor, y: Tensor) -> Tensor:
     """Correct predictions in a batch: per sample, the fraction of its positions predicted
-    right (a class label: 0 or 1; a token sequence: its next-token accuracy), summed."""
+    right (a class label: 0 or 1; a token sequence: its next-token accuracy), summed. A
+    dense task's score instead: each image's PSNR, summed (logged as ``train/psnr``)."""
+    if is_dense(y):
+        return psnr_sum(logits, y)
     hit = logits.detach().argmax(-1) == y
     return hit.reshape(len(y), -1).float().mean(1).sum()
 
@@ -679,31 +692,37 @@ def _end_epoch(
     epoch_log: Callable[[str], None] | None,
     label: str,
     epochs: int,
+    dense: bool = False,
 ) -> None:
     n = max(1.0, sums.get("n", 0.0))
     rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
     for k, v in sums.items():
         if k not in ("n", "correct"):
             rec[f"train/{k}"] = v / n
-    rec["train/acc"] = 100.0 * sums.get("correct", 0.0) / n
+    if dense:  # a dense task: the mean PSNR of the epoch's training images
+        rec["train/psnr"] = sums.get("correct", 0.0) / n
+    else:
+        rec["train/acc"] = 100.0 * sums.get("correct", 0.0) / n
     if val is not None:
         # Under DDP each rank's BatchNorm statistics saw its own shard: all take rank 0's
         # (as DDP's next forward would), then each evaluates its share of the split.
         dist.broadcast_state(distiller, buffers_only=True)
         ev = evaluate(distiller.evaluated, *(val if isinstance(val, tuple) else (val,)),
                       distributed=True)
-        rec["val/acc"], rec["val/loss"] = ev["acc"], ev["loss"]
-        if "bpc" in ev:  # a language model: bits per character (or byte)
-            rec["val/bpc"] = ev["bpc"]
+        rec["val/loss"] = ev["loss"]
+        for key in ("acc", "bpc", "psnr"):  # bpc: a language model; psnr: a dense task
+            if key in ev:
+                rec[f"val/{key}"] = ev[key]
         distiller.train()
     rec["epoch_s"] = round(time.perf_counter() - t_epoch, 3)
     result.history.append(rec)
     if metrics_path is not None:
         _append_jsonl(metrics_path, rec)
+    shown, unit = ("val/psnr", " dB") if dense else ("val/acc", "%")
     bar.set_postfix(loss=f"{rec['train/loss']:.3f}",
-                    val=f"{rec['val/acc']:.1f}" if "val/acc" in rec else "-")
+                    val=f"{rec[shown]:.1f}" if shown in rec else "-")
     if epoch_log is not None:
-        val_text = f", val {rec['val/acc']:.2f}%" if "val/acc" in rec else ""
+        val_text = f", val {rec[shown]:.2f}{unit}" if shown in rec else ""
         epoch_log(f"{label}: epoch {epoch + 1}/{epochs}, loss {rec['train/loss']:.4f}"
                   f"{val_text} ({rec['epoch_s']:.1f} s)")
     if on_epoch is not None:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.tasks import is_dense, psnr_sum
+
 
 @torch.no_grad()
 def evaluate(
@@ -26,6 +28,11 @@ def evaluate(
     accuracy of next-token prediction and the mean cross-entropy over every real token
     (labels -100 are padding), with ``bpc`` = that cross-entropy in bits (bits per
     character for a character vocabulary, per byte for a byte one).
+
+    A dense task's outputs (B, C, H, W) against float targets of that shape (pixels in
+    [0, 1]) are scored per image: ``loss`` the mean squared error per pixel and ``psnr``
+    the mean over images of each one's PSNR (:func:`kdkit.tasks.psnr_per_sample`); there
+    is no accuracy.
 
     Batches go to the model's device and are evaluated in float32; the sums stay there
     and are read once. ``distributed``: under DDP each rank evaluates its contiguous share
@@ -42,10 +49,16 @@ def evaluate(
         lo, hi = dist.shard_bounds(len(x), dist.rank(), dist.world_size())
     dtype = torch.float32 if device.type == "mps" else torch.float64
     sums = torch.zeros(3, dtype=dtype, device=device)
-    tokens = False
+    tokens = dense = False
     for xb, yb in _batches(x, y, lo, hi, batch_size):
         xb, yb = to_device(xb, device), to_device(yb, device)
         logits = model(xb).float()
+        if is_dense(yb):  # an image-to-image task: squared error and PSNR per image
+            dense = True
+            sums += torch.stack([(logits - yb).pow(2).mean(tuple(range(1, yb.dim()))).sum(),
+                                 psnr_sum(logits, yb),
+                                 torch.tensor(float(len(yb)), device=device)]).to(dtype)
+            continue
         if logits.dim() > 2:  # tokens: (B, L, V) against (B, L)
             tokens = True
             logits, yb = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)
@@ -58,6 +71,8 @@ def evaluate(
     loss_sum, correct, count = sums.tolist()
     model.train(was_training)
     n = max(1.0, count)
+    if dense:
+        return {"loss": loss_sum / n, "psnr": correct / n}
     out = {"acc": 100.0 * correct / n, "loss": loss_sum / n}
     if tokens:
         out["bpc"] = out["loss"] / math.log(2.0)
