@@ -204,6 +204,14 @@ def test_an_experiment_table_eval_and_validate(tmp_path, capsys):
     assert [r["label"] for r in rows] == ["teacher", "scratch", "feat"]
     assert rows[0]["method"] == "mse"  # the task's own training for the teacher
     assert all(r["test_psnr_mean"] > 5 and r["test_acc_mean"] is None for r in rows)
+    from kdkit.report import write_report
+    from test_report import _png_has_data
+
+    md = write_report(tmp_path / "out", log=lambda _m: None).read_text()
+    for stem in ("learning_curves", "acc_vs_size", "denoised"):
+        assert f"({stem}.png)" in md
+        _png_has_data(tmp_path / "out" / "report" / f"{stem}.png")
+    assert "Validation PSNR per epoch" in md and "PSNR against size" in md
     capsys.readouterr()
     run = tmp_path / "out" / "seed1" / "feat"
     assert main(["eval", str(run), "--latency-repeats", "2"]) == 0
@@ -229,3 +237,25 @@ def test_train_defaults_to_mse_on_a_dense_task(tmp_path, capsys):
     assert summary["method"] == "mse" and summary["test_psnr"] > 0
     assert "dB" in capsys.readouterr().out
     assert math.isfinite(summary["test_loss"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"name": "digits", "noise": 0.2}}, "data.noise: noise belongs to task denoise"),
+    ({"data": {"name": "digits", "task": "language_model"}}, "data.task: 'digits' holds images"),
+    ({"train": {"epochs": 1, "augment": {"flip": True}}},
+     "train.augment: augmentation moves the inputs of a dense task"),
+    ({"students": [{"label": "s", "method": {"name": "dense_kd"},
+                    "via": [{"name": "denoiser", "width": 6}]}]},
+     "students[0].via: teacher-assistant chains and data-free transfer sets"),
+    ({"train": {"epochs": 1, "teacher_cache": {"topk": 2}}},
+     "train.teacher_cache.topk: a dense task's teacher outputs are images"),
+])
+def test_validate_names_what_a_dense_task_cannot_take(tmp_path, capsys, change, message):
+    cfg = {"name": "v", "data": {"name": "digits", "task": "denoise"},
+           "teacher": {"label": "teacher", "model": {"name": "denoiser"}},
+           "student": {"name": "denoiser", "width": 4},
+           "students": [{"label": "s", "method": {"name": "mse"}}], **change}
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(path)]) != 0
+    assert message in capsys.readouterr().err

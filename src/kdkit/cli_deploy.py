@@ -100,6 +100,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise KdkitError(f"{args.path} is a language model (token ids in); kdkit export writes "
                          "image models for now: use the run's model.safetensors with torch, or "
                          "kdkit generate")
+    if meta["data"].get("task") == "denoise":
+        raise KdkitError(f"{args.path} is a dense-task model (images out); kdkit export "
+                         "verifies and quantizes classifiers for now: use the run's "
+                         "model.safetensors with torch")
     data, notes = _eval_data(argparse.Namespace(data=None, data_root=args.data_root,
                                                 split="test"), meta["data"])
     test = data.test

@@ -473,6 +473,14 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
 
     def check_augment(train: dict[str, Any] | None, where: str) -> None:
         aug = train.get("augment") if train else None
+        if aug and dense:
+            problems.append(f"{where}.augment: augmentation moves the inputs of a dense task "
+                            "(denoise) but not its targets: remove it")
+            return
+        if dense and train and isinstance(train.get("teacher_cache"), dict) and \
+                train["teacher_cache"].get("topk") is not None:
+            problems.append(f"{where}.teacher_cache.topk: a dense task's teacher outputs are "
+                            "images, not logits: remove topk")
         if isinstance(aug, dict):
             try:
                 build_augment(aug)
@@ -497,6 +505,20 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
                 problems.append(f"data.{key}: '{dname}' is text; {key} belongs to images: "
                                 "remove it")
     streams = bool(data.get("stream")) if data else False
+    task = data.get("task") if data else None
+    dense = task == "denoise"
+    if data and data.get("noise") is not None and not dense:
+        problems.append("data.noise: noise belongs to task denoise; set data.task: denoise "
+                        "or remove noise")
+    if task is not None and isinstance(dname, str) and (task == "language_model") != text:
+        problems.append(f"data.task: '{dname}' holds {'text' if text else 'images'}, not data "
+                        f"for {task}: use {'language_model' if text else 'classify or denoise'} "
+                        "(or leave task out)")
+    if dense and streams:
+        problems.append("data.stream: a dense task (denoise) is made in memory: remove stream")
+    if dense and data and data.get("synthetic"):
+        problems.append("data.synthetic: transfer sets hold images labelled by class; a dense "
+                        "task (denoise) trains on its own pairs: remove synthetic")
     if streams and not files and isinstance(dname, str):
         problems.append(f"data.stream: '{dname}' is decoded into memory; only image folders "
                         "and listings stream from disk (folder:PATH, csv:PATH): remove stream")
@@ -542,6 +564,11 @@ def validate_semantics(raw: dict[str, Any]) -> list[str]:
         kwargs = {k: v for k, v in method.items() if k != "name"}
         problems.extend(f"{where}.method: {p}" for p in check_method_kwargs(mname, kwargs))
         problems.extend(_check_run_teachers(run, where, mname, labels, val_fraction))
+        if dense and (run.get("via") or run.get("via_search") or run.get("transfer")):
+            key = next(k for k in ("via", "via_search", "transfer") if run.get(k))
+            problems.append(f"{where}.{key}: teacher-assistant chains and data-free transfer "
+                            "sets are built for classifiers; a dense task (denoise) distils "
+                            f"directly: remove {key}")
         for j, m in enumerate(run.get("via") or [] if isinstance(run.get("via"), list) else []):
             check_model(m if isinstance(m, dict) else None, f"{where}.via[{j}]")
         search = run.get("via_search")

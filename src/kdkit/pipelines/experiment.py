@@ -74,7 +74,10 @@ def teacher_cache_key(
     other files under the same dataset name (another root, a re-download that differs)
     never reuse a teacher trained on the old ones.
     """
-    adapted: dict[str, Any] = {k: data.source[k] for k in ("channels", "resize", "stream")
+    # what makes the same files other data: their adaptation, a text's window and
+    # vocabulary, a dense task's noise (absent keys leave older keys valid)
+    adapted: dict[str, Any] = {k: data.source[k] for k in ("channels", "resize", "stream",
+                                                           "context", "vocab", "task", "noise")
                                if k in data.source}
     blob = {
         "format": CACHE_FORMAT,
@@ -326,7 +329,9 @@ def run_experiment(
                 _report(log, seed, summary)
                 note_elapsed()
             teachers[spec.label] = load_teacher(t_dir, full)
-            teacher_val[spec.label] = summary.get("val_acc")
+            # chosen on validation: accuracy, or a dense task's PSNR (higher is better)
+            teacher_val[spec.label] = summary.get("val_acc", summary.get("val_psnr")) \
+                if summary.get("val_acc") is not None else summary.get("val_psnr")
             teacher_data[spec.label] = full
         if not wanted:
             continue

@@ -319,17 +319,18 @@ def chain_paths(chains: list[Chain], stem: Path) -> tuple[Path, Path]:
 
 def image_grid(images: np.ndarray, labels: np.ndarray, stem: Path, *, per_class: int = 8,
                title: str = "", class_names: Sequence[str] | None = None,
-               max_classes: int = 20) -> tuple[Path, Path]:
+               max_classes: int = 20,
+               value_range: tuple[float, float] | None = None) -> tuple[Path, Path]:
     """A grid of inputs, one row per class (``per_class`` each; the first ``max_classes``
     classes): ``images`` (N, C, H, W) in display scale (any range: stretched to the
-    1st-99th percentile of what is shown)."""
+    1st-99th percentile of what is shown, or shown on ``value_range``)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise KdkitError(f"image grid: expected images of shape (N, 1|3, H, W), got "
                          f"{tuple(images.shape)}")
     classes = sorted({int(c) for c in labels})[:max_classes]
     picks = {c: np.flatnonzero(labels == c)[:per_class] for c in classes}
     shown = np.concatenate([images[i] for i in picks.values() if len(i)])
-    lo, hi = np.percentile(shown, 1), np.percentile(shown, 99)
+    lo, hi = value_range or (np.percentile(shown, 1), np.percentile(shown, 99))
     scale = hi - lo if hi > lo else 1.0
     n_cols = max(len(i) for i in picks.values())
     n_rows = len(classes)
@@ -346,7 +347,8 @@ def image_grid(images: np.ndarray, labels: np.ndarray, stem: Path, *, per_class:
             ax.set_yticks([])
             if k == 0:
                 name = class_names[c] if class_names and c < len(class_names) else str(c)
-                ax.set_ylabel(_t(name), fontsize=8, rotation=0, labelpad=12, va="center")
+                ax.set_ylabel(_t(name), fontsize=8, rotation=0, labelpad=12, va="center",
+                              ha="right")
     if title:
         fig.suptitle(_t(title), fontsize=10)
     return save(fig, stem)

@@ -153,7 +153,8 @@ def _experiment(run_dir: Path, summary: dict[str, Any] | None) -> Contents:
         mine = [r.summary for r in c.runs if r.label == lab]
         if any(s.get("role") == "teacher" for s in mine):
             c.kinds[lab] = "teacher"
-        elif mine and all(s.get("method") == "ce" and not s.get("transfer") for s in mine):
+        elif mine and all(s.get("method") in ("ce", "mse") and not s.get("transfer")
+                          for s in mine):  # trained on the task's own targets alone
             c.kinds[lab] = "scratch"
         else:
             c.kinds[lab] = "student"
@@ -173,10 +174,14 @@ def _rows_from_runs(runs: list[Run], labels: list[str]) -> list[dict[str, Any]]:
         psnr = [float(r["test_psnr"]) for r in rs if isinstance(r.get("test_psnr"), (int, float))]
         if psnr:  # a dense task
             p_m, p_s = _mean_std(psnr)
+            vp = [float(r["val_psnr"]) for r in rs
+                  if isinstance(r.get("val_psnr"), (int, float))]
+            v_m, v_s = _mean_std(vp) if vp else (None, None)
             rows.append({"label": lab, "model": rs[0].get("model"),
                          "method": rs[0].get("method"), "params": rs[0].get("params"),
                          "size_bytes": rs[0].get("size_bytes"), "test_psnr_mean": p_m,
-                         "test_psnr_std": p_s, "n_seeds": len(psnr),
+                         "test_psnr_std": p_s, "val_psnr_mean": v_m, "val_psnr_std": v_s,
+                         "role": rs[0].get("role", "student"), "n_seeds": len(psnr),
                          "wall_s_mean": statistics.fmean(float(r.get("wall_s", 0.0))
                                                          for r in rs)})
             continue
@@ -278,7 +283,8 @@ def _fig_losses(c: Contents, out: Path) -> list[Figure]:
     terms: dict[str, dict[str, list[F.Series]]] = {}
     for lab, rs in _by_label(c).items():
         keys = sorted({k for r in rs for m in r.metrics for k in m
-                       if k.startswith("train/") and k.count("/") == 1 and k != "train/acc"})
+                       if k.startswith("train/") and k.count("/") == 1
+                       and k not in ("train/acc", "train/psnr")})  # metrics, not terms
         per = {k.split("/", 1)[1]: s for k in keys if (s := _series(rs, k))}
         if per:
             terms[lab] = per
@@ -308,6 +314,14 @@ def _fig_temperature(c: Contents, out: Path, colour: dict[str, Any]) -> list[Fig
     return [Figure("temperature", "CTKD temperature",
                    "The temperature CTKD learns adversarially (train/<term>/temperature, its "
                    "mean over each epoch's steps), per epoch: " + ", ".join(curves) + ".")]
+
+
+def _metric_name(c: Contents) -> str:
+    if any(r.get("test_psnr_mean") is not None for r in c.rows):
+        return "PSNR is"
+    if any(r.get("test_bpc_mean") is not None for r in c.rows):
+        return "Bits per character are"
+    return "Accuracy is"
 
 
 def _quality(c: Contents) -> tuple[str, str, str]:
@@ -476,6 +490,55 @@ def _fig_datafree(c: Contents, run_dir: Path, out: Path) -> list[Figure]:
     return figs
 
 
+def _fig_dense(c: Contents, out: Path) -> list[Figure]:
+    """A dense task's pictures: the first test images noisy, clean, and as each model of
+    the first seed restores them (the pairs rebuilt from what the models recorded)."""
+    seeds = sorted({r.seed for r in c.runs if r.seed is not None})
+    first = seeds[0] if seeds else None
+    runs = {r.label: r for r in c.runs if r.seed == first
+            and r.summary.get("test_psnr") is not None and (r.folder / "model.json").is_file()}
+    if not runs:
+        return []
+    import torch
+
+    from kdkit.data import ArrayDataset, load_dataset
+    from kdkit.train.artifacts import load_model
+
+    n = PER_CLASS
+    rows: list[np.ndarray] = []
+    names: list[str] = []
+    for lab in [lab for lab in c.labels if lab in runs]:
+        model, meta = load_model(runs[lab].folder)
+        if not rows:
+            d, src = meta["data"], meta["data"].get("source") or {}
+            try:
+                data = load_dataset(d["name"], root=src.get("root"), seed=src.get("seed", 0),
+                                    val_fraction=src.get("val_fraction", 0.1),
+                                    train_subset=src.get("train_subset"), task="denoise",
+                                    noise=src.get("noise"), channels=src.get("channels"),
+                                    resize=src.get("resize"), log=lambda _m: None)
+            except KdkitError as e:
+                c.notes.append(f"No denoising pictures: the test pairs cannot be rebuilt ({e}).")
+                return []
+            test = data.test
+            assert isinstance(test, ArrayDataset)  # (a dense task is made in memory)
+            x, y = test.x[:n], test.y[:n]
+            rows += [_denormalised(x.numpy(), meta), y.numpy()]
+            names += ["noisy input", "clean target"]
+        with torch.no_grad():
+            rows.append(model.eval()(x).clamp(0.0, 1.0).numpy())
+        names.append(lab)
+    images = np.concatenate(rows)
+    labels = np.repeat(np.arange(len(rows)), n)
+    F.image_grid(images, labels, out / "denoised", per_class=n, class_names=names,
+                 max_classes=len(rows), value_range=(0.0, 1.0),
+                 title="Test images: noisy, clean, and as each model restores them")
+    return [Figure("denoised", "Denoised test images",
+                   f"The first {n} test images with their noise, clean, and as each model "
+                   f"of seed {first} restores them (one row each; pixels on [0, 1], the "
+                   "noisy ones clipped for display).")]
+
+
 # --- the table ---------------------------------------------------------------------------
 
 def _size(n: Any) -> str:
@@ -552,7 +615,8 @@ def _intro(c: Contents, run_dir: Path) -> str:
     if c.kind == "experiment":
         seeds = ", ".join(map(str, sorted(c.seeds)))
         return (f"Experiment `{c.name}` in `{run_dir}`: {len(c.labels)} runs over seeds "
-                f"{seeds or '–'}. Accuracy is at the last epoch, mean ± std over seeds.")
+                f"{seeds or '–'}. {_metric_name(c)} at the last epoch, mean ± std over "
+                "seeds.")
     if c.kind == "run":
         return f"Run `{c.name}` in `{run_dir}`."
     return f"Transfer set in `{run_dir}` (from `kdkit datafree`)."
@@ -573,7 +637,8 @@ def write_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
     Returns the path of ``report.md``. Figures: learning curves (validation accuracy, or
     bits per character, per epoch), training loss by term, accuracy against latency and
     against size with the Pareto front, CTKD's temperature, accuracy along teacher-assistant
-    paths, and a grid of data-free inputs per class, each as PNG and SVG.
+    paths, a grid of data-free inputs per class, and for a dense task the test images as
+    each model restores them, each as PNG and SVG.
     """
     F._mpl()  # a missing matplotlib is one error, before anything is read or written
     run_dir = Path(run_dir)
@@ -591,6 +656,7 @@ def write_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
     figs += _fig_temperature(c, out, colour)
     figs += _fig_chains(c, out)
     figs += _fig_datafree(c, run_dir, out)
+    figs += _fig_dense(c, out)
 
     md = [f"# Report: {c.name}", "", _intro(c, run_dir), ""]
     if c.rows:

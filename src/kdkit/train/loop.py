@@ -709,8 +709,7 @@ def _end_epoch(
         dist.broadcast_state(distiller, buffers_only=True)
         ev = evaluate(distiller.evaluated, *(val if isinstance(val, tuple) else (val,)),
                       distributed=True)
-        rec["val/loss"] = ev["loss"]
-        for key in ("acc", "bpc", "psnr"):  # bpc: a language model; psnr: a dense task
+        for key in ("acc", "loss", "bpc", "psnr"):  # bpc: a language model; psnr: dense
             if key in ev:
                 rec[f"val/{key}"] = ev[key]
         distiller.train()
@@ -718,7 +717,8 @@ def _end_epoch(
     result.history.append(rec)
     if metrics_path is not None:
         _append_jsonl(metrics_path, rec)
-    shown, unit = ("val/psnr", " dB") if dense else ("val/acc", "%")
+    shown, unit = (("val/psnr", " dB") if dense else ("val/bpc", " bpc") if "val/bpc" in rec
+                   else ("val/acc", "%"))
     bar.set_postfix(loss=f"{rec['train/loss']:.3f}",
                     val=f"{rec[shown]:.1f}" if shown in rec else "-")
     if epoch_log is not None:

@@ -49,7 +49,8 @@ def evaluate(
         lo, hi = dist.shard_bounds(len(x), dist.rank(), dist.world_size())
     dtype = torch.float32 if device.type == "mps" else torch.float64
     sums = torch.zeros(3, dtype=dtype, device=device)
-    tokens = dense = False
+    tokens = False
+    dense = y is not None and is_dense(y)  # (known on every rank, even one with no rows)
     for xb, yb in _batches(x, y, lo, hi, batch_size):
         xb, yb = to_device(xb, device), to_device(yb, device)
         logits = model(xb).float()

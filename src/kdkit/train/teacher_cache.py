@@ -463,7 +463,7 @@ def _build(
                             parts = {"logprobs": logprobs, "ids": ids}
                             num_classes = t.shape[-1]
                         elif settings.topk is not None and tap == str(LOGITS) and (
-                            settings.topk < t.shape[1]
+                            t.dim() == 2 and settings.topk < t.shape[1]  # logits, not images
                         ):
                             parts = _topk(t, settings.topk)
                             num_classes = t.shape[1]
