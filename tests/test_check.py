@@ -172,6 +172,12 @@ def test_new_methods_on_the_example_pairs(path: Path) -> None:
         assert len(found) == sum(name != "kd" for name, _kw, _t in NEW_METHODS)  # kd+LS works
         assert all("distils image classifiers; this data is token windows" in p for p in found)
         return
+    if raw["data"].get("task") == "denoise":  # classification methods on a dense task
+        found = problems_of(raw)
+        assert len(found) == len(NEW_METHODS)
+        assert all("trains classifiers (logits against labels); this data is a dense task"
+                   in p for p in found)
+        return
     for p in problems_of(raw):
         method = NEW_METHODS[int(p.split("label 'm")[1].split("'")[0])][0]
         assert method in ("vid", "reviewkd", "simkd") and any(e in p for e in expected), p

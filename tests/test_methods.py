@@ -48,10 +48,14 @@ def _pair_for(name):
     return _student(), teachers
 
 
+DENSE = ("mse", "dense_kd")
+
+
 @pytest.mark.parametrize("name", [m for m in METHODS.names()
-                                  if m not in ("lm_kd", "seqkd", "lm_features")])
+                                  if m not in ("lm_kd", "seqkd", "lm_features", *DENSE)])
 def test_method_trains_student_and_adapters_only(name):
-    """(The language-model methods: tests/test_lm.py and test_lm_features.py.)"""
+    """(The language-model methods: tests/test_lm.py and test_lm_features.py; the dense
+    ones below.)"""
     student, teachers = _pair_for(name)
     count = method_teachers(name)
     chosen = {} if count == "none" else (
@@ -62,7 +66,19 @@ def test_method_trains_student_and_adapters_only(name):
                         skip=("fc.",) if name in NO_OWN_HEAD else ())
 
 
-def _check_one_step(student, chosen, terms, whole, skip=()):
+@pytest.mark.parametrize("name", DENSE)
+def test_dense_method_trains_student_and_adapters_only(name):
+    torch.manual_seed(0)
+    teacher = create_model("denoiser", input_size=8, width=8)
+    student = create_model("denoiser", input_size=8, width=4)
+    chosen = {} if name == "mse" else {"t": teacher}
+    terms = build_method(name, student, chosen, example_input=X[:2], task="denoise",
+                         **({"feature_weight": 0.1} if name == "dense_kd" else {}))
+    assert name == "mse" or len(terms) == 7  # mse, output and five stages with connectors
+    _check_one_step(student, chosen, terms, whole=True, x=X, y=torch.rand(12, 1, 8, 8))
+
+
+def _check_one_step(student, chosen, terms, whole, skip=(), x=X, y=Y):
     d = Distiller(student, chosen, terms)
     frozen = {k: [p.clone() for p in t.parameters()] for k, t in chosen.items()}
     opt = torch.optim.SGD(d.parameters(), lr=0.05)
@@ -70,7 +86,7 @@ def _check_one_step(student, chosen, terms, whole, skip=()):
     for p in student.parameters():
         p.grad = None
     d.begin_fit(num_samples=len(X))  # as the loop does (sizes CRD's memory bank)
-    out = d(X, Y, index=torch.arange(len(X)))  # the batch's sample indices, as the loop's
+    out = d(x, y, index=torch.arange(len(x)))  # the batch's sample indices, as the loop's
     assert torch.isfinite(out["loss"]) and out["loss"].item() > 0
     for t in terms:
         assert torch.isfinite(out[t.name]), t.name

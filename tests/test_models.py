@@ -15,7 +15,9 @@ from kdkit.models import MODELS, count_parameters, create_model, list_models
 ALL = list_models()
 # Language models (token ids in, (B, L, V) out) have their own tests: test_models_gpt.py.
 TOKEN_MODELS = {"gpt", "gpt_student", "gpt_teacher"}
-IMAGE = [n for n in ALL if n not in TOKEN_MODELS]
+# Dense-task models (images in, images out): tests/test_dense.py, and the test below.
+DENSE_MODELS = {"denoiser", "denoiser_student", "denoiser_teacher"}
+IMAGE = [n for n in ALL if n not in TOKEN_MODELS | DENSE_MODELS]
 # Models whose feature maps collapse at 8x8 inputs: they must refuse with a KdkitError.
 TOO_SMALL_AT_8 = {"lenet5", "lenet5_half", "plain_cnn8", "plain_cnn10"}
 
@@ -40,13 +42,20 @@ def test_forward_shape_and_finite(name: str, c: int, s: int, k: int) -> None:
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", sorted(DENSE_MODELS))
+@pytest.mark.parametrize(("c", "s"), [(1, 28), (3, 32), (1, 8)])
+def test_dense_models_return_images_of_the_input_size(name: str, c: int, s: int) -> None:
+    out = _forward(name, c, s, num_classes=c)
+    assert out.shape == (2, c, s, s) and torch.isfinite(out).all()
+
+
 def test_registry_names() -> None:
     expected = {
         "mlp", "mlp_hinton_1200", "mlp_hinton_800", "lenet5", "lenet5_half", "plain_cnn",
         "plain_cnn2", "plain_cnn4", "plain_cnn6", "plain_cnn8", "plain_cnn10", "resnet",
         "resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet110", "wrn",
         "wrn16_1", "wrn16_2", "wrn16_4", "wrn28_2", "wrn28_4", "wrn40_1", "wrn40_2",
-        "gpt", "gpt_student", "gpt_teacher",
+        "gpt", "gpt_student", "gpt_teacher", "denoiser", "denoiser_student", "denoiser_teacher",
     }  # fmt: skip
     assert set(ALL) == expected
     assert ALL == MODELS.names()
