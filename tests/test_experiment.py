@@ -108,3 +108,20 @@ def test_an_experiment_saved_before_a_new_setting_still_resumes(tmp_path):
     assert _same_config(older, resolved)
     older.write_text(resolved.replace("  deploy: true\n", "").replace("epochs: 100", "epochs: 9"))
     assert not _same_config(older, resolved)
+
+
+@pytest.mark.parametrize("env, jobs, want", [("1", 1, 1), ("3", 2, 3), ("", 2, None)])
+def test_jobs_give_each_sub_run_the_threads_asked_for(tmp_path, monkeypatch, env, jobs, want):
+    """`kdkit --threads N run --jobs J` gives every sub-run N threads (KDKIT_THREADS carries
+    it); without it, a fair share of the cores."""
+    import os
+
+    from kdkit.pipelines import jobs as jobs_module
+
+    monkeypatch.setenv("KDKIT_THREADS", env)
+    monkeypatch.setattr(jobs_module, "_finished", lambda *_a: True)  # nothing left to run
+    lines: list[str] = []
+    jobs_module.run_parallel(load_config(None), tmp_path / "c.yaml", tmp_path, jobs=jobs,
+                             selected=None, cache_dir=None, device=None, log=lines.append)
+    threads = want or max(1, (os.cpu_count() or 1) // jobs)
+    assert f"0 sub-run(s) to run, {threads} thread(s) each" in lines[0]

@@ -956,6 +956,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+        os.environ["KDKIT_THREADS"] = str(threads)  # what `run --jobs` gives each sub-run
     code = _run_command(args)
     if _LEFT_PROCESS_GROUP:
         # gloo's threads can abort the process while the interpreter shuts down ("terminate

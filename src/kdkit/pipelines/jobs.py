@@ -2,9 +2,9 @@
 
 An experiment is many independent runs (seeds x students) after their teachers. Each ready
 sub-run here becomes ``kdkit run OUT/config.yaml --out OUT --only seedK/LABEL`` in a process
-of its own, with a fair share of the CPU threads (or a GPU of its own when there are
-several); a student starts once every teacher of its seed is finished. A sub-run's output
-goes to ``OUT/logs/seedK-LABEL.log``. Because every sub-run is the run a single process
+of its own, with a fair share of the CPU threads (N each when ``kdkit --threads N`` or
+``KDKIT_THREADS`` says so) or a GPU of its own when there are several; a student starts
+once every teacher of its seed is finished. A sub-run's output goes to ``OUT/logs/seedK-LABEL.log``. Because every sub-run is the run a single process
 would make, the table assembled afterwards is the same whatever the number of jobs.
 """
 
@@ -74,7 +74,9 @@ def run_parallel(
                         and not _finished(out_dir, t[0], t[1])]
     teachers = {seed: [lab for s, lab, is_t in sub_runs(cfg) if s == seed and is_t]
                 for seed in cfg.seeds}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    given = os.environ.get("KDKIT_THREADS", "").strip()  # --threads N or KDKIT_THREADS
+    threads = int(given) if given.isdigit() and int(given) > 0 else max(
+        1, (os.cpu_count() or 1) // jobs)
     gpus = _gpus(device, cfg)
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
