@@ -259,3 +259,20 @@ def test_validate_names_what_a_dense_task_cannot_take(tmp_path, capsys, change, 
     path.write_text(yaml.safe_dump(cfg))
     assert main(["validate", str(path)]) != 0
     assert message in capsys.readouterr().err
+
+
+def test_export_and_int8_report_psnr_for_a_dense_model(teacher, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out = tmp_path / "dn.onnx"
+    assert main(["export", str(teacher), "--format", "onnx", "--quantize", "int8",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "test PSNR (digits" in printed and " dB" in printed
+    figures = json.loads((tmp_path / "dn.export.json").read_text())
+    assert "accuracy" not in figures
+    psnr = figures["psnr"]
+    summary = json.loads((teacher / "summary.json").read_text())
+    assert psnr["torch_float"] == pytest.approx(summary["test_psnr"], abs=1e-3)
+    assert psnr["ort_float"] == pytest.approx(psnr["torch_float"], abs=1e-2)
+    assert abs(psnr["ort_int8"] - psnr["torch_float"]) < 1.0  # int8 costs little PSNR

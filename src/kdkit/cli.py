@@ -334,7 +334,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         **torch_profile(model, shape, repeats=args.latency_repeats,
                         num_classes=data.num_classes), **notes,
     }
-    if not args.no_deploy and len(shape) == 3 and "acc" in res:  # (ONNX: image classifiers)
+    if not args.no_deploy and len(shape) == 3:  # (ONNX export takes image inputs)
         from kdkit.deploy.ort import calibration_inputs, deploy_profile, split_arrays
         from kdkit.pipelines.table import deploy_available
 
@@ -346,7 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                       calibration_inputs(data.train), Path(tmp),
                                       repeats=args.latency_repeats,
                                       threads=torch.get_num_threads())
-            report.update(prof, int8_top1=round(prof.pop("int8_acc"), 3))
+            key = "int8_psnr" if "psnr" in res else "int8_top1"  # a dense task: PSNR
+            report.update(prof, **{key: round(prof.pop("int8_acc"), 3)})
         else:
             report["deploy"] = ("onnxruntime latency and int8 accuracy need the deploy "
                                 "extra: pip install 'kdkit[deploy]'")

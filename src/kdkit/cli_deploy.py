@@ -30,13 +30,12 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _ort_accuracy(model: Any, split: Any) -> float:
-    correct = 0
-    from kdkit.deploy.ort import split_batches
+def _ort_accuracy(model: Any, split: Any, dense: bool = False) -> float:
+    """Test top-1 (%) of an onnxruntime model, or a dense task's mean PSNR (dB)."""
+    from kdkit.deploy.ort import batch_score, split_batches
 
-    for xb, yb in split_batches(split):
-        correct += int((model(xb).argmax(1) == yb).sum())
-    return 100.0 * correct / max(1, len(split))
+    total = sum(batch_score(model(xb), yb) for xb, yb in split_batches(split))
+    return total / max(1, len(split)) * (1.0 if dense else 100.0)
 
 
 def _calibration_inputs(args: argparse.Namespace, trained: dict[str, Any]
@@ -100,10 +99,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise KdkitError(f"{args.path} is a language model (token ids in); kdkit export writes "
                          "image models for now: use the run's model.safetensors with torch, or "
                          "kdkit generate")
-    if meta["data"].get("task") == "denoise":
-        raise KdkitError(f"{args.path} is a dense-task model (images out); kdkit export "
-                         "verifies and quantizes classifiers for now: use the run's "
-                         "model.safetensors with torch")
     data, notes = _eval_data(argparse.Namespace(data=None, data_root=args.data_root,
                                                 split="test"), meta["data"])
     test = data.test
@@ -115,12 +110,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                       check_x=example_inputs(test, CHECK_SAMPLES), atol=args.atol,
                       rtol=args.rtol, log=say)
     say(f"evaluating on the test split ({len(test)} samples) ...")
-    torch_acc = evaluate(model, *eval_args(test))["acc"]
-    float_ort_acc = _ort_accuracy(OrtModel(out, threads), test)
+    dense = meta["data"].get("task") == "denoise"  # images out: PSNR, not top-1
+    metric = "psnr" if dense else "accuracy"
+    torch_acc = evaluate(model, *eval_args(test))["psnr" if dense else "acc"]
+    float_ort_acc = _ort_accuracy(OrtModel(out, threads), test, dense)
     figures: dict[str, Any] = {
         "model": meta["model"]["name"], "source": str(stem.with_suffix(".safetensors")),
         "data": data.name, "split": "test", "samples": len(test), "onnx": exp,
-        "accuracy": {"torch_float": round(torch_acc, 3), "ort_float": round(float_ort_acc, 3)},
+        metric: {"torch_float": round(torch_acc, 3), "ort_float": round(float_ort_acc, 3)},
         "sizes": {"safetensors_bytes": stem.with_suffix(".safetensors").stat().st_size,
                   "onnx_bytes": exp["size_bytes"]},
         **notes,
@@ -131,7 +128,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             say(f"kdkit: note: {why}; quantizing dynamically")
         q = quantize_int8(out, int8, calib_x, progress=not args.no_progress, log=say)
         figures["int8"] = q
-        figures["accuracy"]["ort_int8"] = round(_ort_accuracy(OrtModel(int8, threads), test), 3)
+        figures[metric]["ort_int8"] = round(
+            _ort_accuracy(OrtModel(int8, threads), test, dense), 3)
         figures["sizes"]["int8_onnx_bytes"] = q["size_bytes"]
     figures["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(summary, figures)
@@ -144,7 +142,9 @@ def _kib(n: int) -> str:
 
 
 def _print_summary(f: dict[str, Any], out: Path, int8: Path | None, summary: Path) -> None:
-    e, acc = f["onnx"], f["accuracy"]
+    e = f["onnx"]
+    dense = "psnr" in f
+    acc = f["psnr" if dense else "accuracy"]
     batch = "dynamic batch" if e["dynamic_batch"] else f"batch {e['batch_size']}"
     print(f"{f['model']} -> {out} (opset {e['opset']}, {batch}, {_kib(e['size_bytes'])}): "
           f"onnxruntime = torch within {e['max_abs_diff']:.2g} on {e['check_samples']} test "
@@ -157,8 +157,9 @@ def _print_summary(f: dict[str, Any], out: Path, int8: Path | None, summary: Pat
     row = [("torch float", acc["torch_float"]), ("onnxruntime float", acc["ort_float"])]
     if "ort_int8" in acc:
         row.append(("onnxruntime int8", acc["ort_int8"]))
-    print(f"test top-1 ({f['data']}, {f['samples']} samples): "
-          + "   ".join(f"{name} {value:.2f} %" for name, value in row))
+    what, unit = ("PSNR", "dB") if dense else ("top-1", "%")
+    print(f"test {what} ({f['data']}, {f['samples']} samples): "
+          + "   ".join(f"{name} {value:.2f} {unit}" for name, value in row))
     print(f"figures: {summary}")
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from kdkit.deploy import require_deploy
 from kdkit.errors import KdkitError
+from kdkit.tasks import is_dense, psnr_sum
 
 
 def make_session(model: str | Path | bytes, threads: int = 1) -> Any:
@@ -87,13 +88,13 @@ class OrtModel:
         return torch.from_numpy(self.run(_numpy(x)))
 
     def evaluate(self, x: Any, y: Any, batch_size: int = 256) -> float:
-        """Top-1 accuracy (%) on ``(x, y)``."""
+        """Top-1 accuracy (%) on ``(x, y)``; for a dense task's float targets, the mean
+        PSNR (dB) over the images (:func:`kdkit.tasks.psnr_per_sample`)."""
         y = torch.as_tensor(y)
-        correct = 0
+        total = 0.0
         for i in range(0, len(y), batch_size):
-            logits = self(x[i:i + batch_size])
-            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
-        return 100.0 * correct / max(1, len(y))
+            total += batch_score(self(x[i:i + batch_size]), y[i:i + batch_size])
+        return total / max(1, len(y)) * (1.0 if is_dense(y) else 100.0)
 
     def latency_ms(self, input_shape: tuple[int, ...] | list[int], batch: int, *,
                    repeats: int = 50, warmup: int = 10) -> float:
@@ -111,6 +112,13 @@ class OrtModel:
             self.session.run(None, feed)
             times.append(time.perf_counter() - t)
         return 1e3 * statistics.median(times)
+
+
+def batch_score(out: Tensor, y: Tensor) -> float:
+    """A batch's correct predictions, or a dense task's summed per-image PSNR."""
+    if is_dense(y):
+        return float(psnr_sum(out, y))
+    return float((out.argmax(1) == y).sum())
 
 
 def split_batches(split: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:
@@ -159,7 +167,8 @@ def deploy_profile(
     Writes ``workdir/model.onnx`` and ``workdir/model.int8.onnx``. Returns
     ``ort_latency_ms`` (int8, batch 1), ``ort_latency_b64_ms`` (int8, batch 64),
     ``float_ort_latency_ms`` / ``float_ort_latency_b64_ms``, ``onnx_size_bytes``,
-    ``size_int8_bytes``, ``float_ort_acc``, ``int8_acc`` (test top-1, %), ``quant_mode``
+    ``size_int8_bytes``, ``float_ort_acc``, ``int8_acc`` (test top-1, %; for a dense task
+    the test PSNR, dB), ``quant_mode``
     and ``max_abs_diff`` (the export check). ``latency=False``: the four latencies are
     None (accuracy and sizes only, e.g. for every seed but the first). ``test_x``/``test_y``
     and ``calib_x`` are tensors: :func:`split_arrays` and :func:`calibration_inputs` make

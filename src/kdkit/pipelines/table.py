@@ -113,14 +113,21 @@ def aggregate(
             row["tokens_per_s_mean"] = statistics.fmean(
                 r.get("train_tokens_per_s", 0.0) for r in rs)
             row["gen_ms_per_token"] = round(generation_latency_ms(model, vocab, shape[0]), 3)
-        elif dense:
-            row["test_psnr_mean"], row["test_psnr_std"] = _mean_std([r["test_psnr"] for r in rs])
-            row["test_mse_mean"], row["test_mse_std"] = _mean_std([r["test_loss"] for r in rs])
-            vp = [r["val_psnr"] for r in rs if r.get("val_psnr") is not None]
-            row["val_psnr_mean"], row["val_psnr_std"] = _mean_std(vp) if vp else (None, None)
-        elif deploy and data_for is not None:  # (ONNX: image classifiers)
-            row.update(_deploy_columns(lab, rs, out_dir, first_seed, shape, seed_arrays,
-                                       latency_repeats, log))
+        else:
+            if dense:
+                row["test_psnr_mean"], row["test_psnr_std"] = _mean_std(
+                    [r["test_psnr"] for r in rs])
+                row["test_mse_mean"], row["test_mse_std"] = _mean_std(
+                    [r["test_loss"] for r in rs])
+                vp = [r["val_psnr"] for r in rs if r.get("val_psnr") is not None]
+                row["val_psnr_mean"], row["val_psnr_std"] = _mean_std(vp) if vp else (None, None)
+            if deploy and data_for is not None:  # (ONNX export takes image inputs)
+                cols = _deploy_columns(lab, rs, out_dir, first_seed, shape, seed_arrays,
+                                       latency_repeats, log)
+                if dense:  # its "accuracy" is the int8 model's PSNR
+                    cols["int8_psnr_mean"] = cols.pop("int8_acc_mean")
+                    cols["int8_psnr_std"] = cols.pop("int8_acc_std")
+                row.update(cols)
         rows.append(row)
     teacher = next((r for r in rows if r["role"] == "teacher"), None)
     for row in rows:
@@ -207,30 +214,49 @@ def _format_lm(rows: list[dict[str, Any]], cfg: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _compression_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The compression report: parameters, MACs, sizes, latencies, ratios (and a blank)."""
+    lines = ["| run | params | MACs | fp32 | fp16 | int8 | ×smaller | eager b1 (ms) "
+             "| eager b64 (ms) | ORT b1 fp32 / int8 (ms) | ORT b64 fp32 / int8 (ms) "
+             "| ×faster eager / ORT int8 |", "|" + "---|" * 12]
+    for r in rows:
+        fast = f"{_x(r.get('x_faster'))} / {_x(r.get('x_faster_ort'))}"
+        ort1 = f"{_ms(r.get('float_ort_latency_ms'))} / {_ms(r.get('ort_latency_ms'))}"
+        ort64 = f"{_ms(r.get('float_ort_latency_b64_ms'))} / {_ms(r.get('ort_latency_b64_ms'))}"
+        lines.append(
+            f"| {r['label']} | {r['params']:,} | {_macs(r.get('macs'))} | "
+            f"{_size(r.get('size_fp32_bytes', r.get('size_bytes')))} | "
+            f"{_size(r.get('size_fp16_bytes'))} | {_size(r.get('size_int8_bytes'))} | "
+            f"{_x(r.get('x_smaller'))} | {_ms(r.get('latency_ms'))} | "
+            f"{_ms(r.get('latency_b64_ms'))} | {ort1} | {ort64} | {fast} |")
+    return lines + [""]
+
+
 def _format_dense(rows: list[dict[str, Any]], cfg: Any) -> str:
     """A dense task's table: PSNR and MSE on the test split, size and speed."""
-    lines = ["| run | model | method | test PSNR (dB) | val PSNR (dB) | test MSE (×10⁻³) "
-             "| Δ PSNR vs teacher | params | MACs | fp32 | ×smaller | eager b1 (ms) "
-             "| eager b64 (ms) | ×faster | wall per seed (s) |", "|" + "---|" * 15]
+    lines = ["| run | model | method | test PSNR (dB) | val PSNR (dB) | int8 test PSNR (dB) "
+             "| test MSE (×10⁻³) | Δ PSNR vs teacher | wall per seed (s) |", "|" + "---|" * 9]
     for r in rows:
         d = r.get("d_psnr")
         mse = (r["test_mse_mean"] * 1e3, (r.get("test_mse_std") or 0.0) * 1e3)
         lines.append(
             f"| {r['label']} | {r['model']} | {r['method']} | "
             f"{_pm(r['test_psnr_mean'], r['test_psnr_std'])} | "
-            f"{_pm(r.get('val_psnr_mean'), r.get('val_psnr_std'))} | {_pm(*mse)} | "
+            f"{_pm(r.get('val_psnr_mean'), r.get('val_psnr_std'))} | "
+            f"{_pm(r.get('int8_psnr_mean'), r.get('int8_psnr_std'))} | {_pm(*mse)} | "
             f"{'–' if d is None or r.get('role') == 'teacher' else f'{d:+.2f}'} | "
-            f"{r['params']:,} | {_macs(r.get('macs'))} | "
-            f"{_size(r.get('size_fp32_bytes', r.get('size_bytes')))} | "
-            f"{_x(r.get('x_smaller'))} | {_ms(r.get('latency_ms'))} | "
-            f"{_ms(r.get('latency_b64_ms'))} | {_x(r.get('x_faster'))} | "
             f"{r.get('wall_s_mean', 0.0):.1f} |")
-    lines.append("")
+    lines += ["", *_compression_lines(rows)]
     threads = rows[0].get("threads") if rows else None
+    vs = rows[0].get("vs") if rows else None
     note = ("PSNR (dB, peak 1, each image's prediction clipped to [0, 1], averaged over "
             "images) and MSE per pixel on the test split at the last epoch, mean ± std over "
-            "seeds; sizes, MACs (per image) and eager latencies of the first seed's model on "
-            "this machine's CPU" + (f", {threads} thread(s)" if threads else ""))
+            "seeds; sizes, MACs (per image) and latencies of the first seed's model on this "
+            "machine's CPU" + (f", {threads} thread(s)" if threads else "")
+            + (f"; ratios against {vs}" if vs else "")
+            + ("" if any("int8_psnr_mean" in r for r in rows) else
+               "; onnxruntime and int8 columns: `pip install 'kdkit[deploy]'` with "
+               "eval.deploy on"))
     if cfg is not None:
         note = f"{cfg.name}: {len(cfg.seeds)} seeds {cfg.seeds}, dataset {cfg.data.name}; " + note
     lines.append(note + ".")
@@ -257,20 +283,7 @@ def format_table(rows: list[dict[str, Any]], cfg: Any = None) -> str:
             f"{_pm(r.get('int8_acc_mean'), r.get('int8_acc_std'))} | "
             f"{'–' if d is None or r.get('role') == 'teacher' else f'{d:+.2f}'} | "
             f"{r.get('wall_s_mean', 0.0):.1f} |")
-    lines += ["", "| run | params | MACs | fp32 | fp16 | int8 | ×smaller | eager b1 (ms) "
-              "| eager b64 (ms) | ORT b1 fp32 / int8 (ms) | ORT b64 fp32 / int8 (ms) "
-              "| ×faster eager / ORT int8 |", "|" + "---|" * 12]
-    for r in rows:
-        fast = f"{_x(r.get('x_faster'))} / {_x(r.get('x_faster_ort'))}"
-        ort1 = f"{_ms(r.get('float_ort_latency_ms'))} / {_ms(r.get('ort_latency_ms'))}"
-        ort64 = f"{_ms(r.get('float_ort_latency_b64_ms'))} / {_ms(r.get('ort_latency_b64_ms'))}"
-        lines.append(
-            f"| {r['label']} | {r['params']:,} | {_macs(r.get('macs'))} | "
-            f"{_size(r.get('size_fp32_bytes', r.get('size_bytes')))} | "
-            f"{_size(r.get('size_fp16_bytes'))} | {_size(r.get('size_int8_bytes'))} | "
-            f"{_x(r.get('x_smaller'))} | {_ms(r.get('latency_ms'))} | "
-            f"{_ms(r.get('latency_b64_ms'))} | {ort1} | {ort64} | {fast} |")
-    lines.append("")
+    lines += ["", *_compression_lines(rows)]
     notes = []
     if cfg is not None:
         notes.append(f"{cfg.name}: {len(cfg.seeds)} seeds {cfg.seeds}, dataset "
