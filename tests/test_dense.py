@@ -188,7 +188,8 @@ def test_an_experiment_table_eval_and_validate(tmp_path, capsys):
     cfg = {
         "name": "dense-tiny", "seeds": [0, 1],
         "data": {"name": "digits", "task": "denoise", "noise": NOISE},
-        "teacher": {"label": "teacher", "model": {"name": "denoiser", "width": 8}},
+        "teacher": {"label": "teacher", "model": {"name": "denoiser", "width": 8},
+                    "train": {"epochs": 2, "optimizer": "adam", "lr": 3e-3}},
         "student": {"name": "denoiser", "width": 4},
         "train": {"epochs": 2, "batch_size": 64, "optimizer": "adam", "lr": 3e-3},
         "eval": {"latency_repeats": 2},
