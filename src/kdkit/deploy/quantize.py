@@ -12,6 +12,8 @@ failing, or nothing it could quantize. The mode used and why are in the returned
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +31,18 @@ MODES = ("auto", "static", "dynamic")
 QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
              "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
 
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path) -> Iterator[None]:
+    """Run a block with ``path`` as the working directory (for libraries that leave files
+    in it), then return to the one before."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 def _quantized_nodes(path: Path) -> int:
     import onnx
@@ -106,10 +120,14 @@ def quantize_int8(
     if fallback and mode == "static":
         raise KdkitError(f"static int8 quantization is not possible: {fallback}")
     result: dict[str, Any] = {}
+    src = Path(src).resolve()
     with tempfile.TemporaryDirectory(prefix="kdkit-int8-") as tmp:
         pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         try:
-            with quiet():
+            # onnxruntime's symbolic shape inference, when it cannot finish (an Upsample's
+            # sizes), saves sym_shape_infer_temp.onnx and a <uuid>.data file into the
+            # working directory: let it write them into the temporary folder instead
+            with quiet(), _working_dir(Path(tmp)):
                 quant_pre_process(str(src), str(pre))
             preprocessed = True
         except Exception:  # symbolic shape inference can fail on unusual graphs: skip it
@@ -121,7 +139,7 @@ def quantize_int8(
             reader = _calibration_reader(probe.input_name, x, batch, probe.batch is not None,
                                          progress)
             try:
-                with quiet():
+                with quiet(), _working_dir(Path(tmp)):
                     quantize_static(str(pre), str(q), reader, quant_format=QuantFormat.QDQ,
                                     per_channel=per_channel, activation_type=QuantType.QUInt8,
                                     weight_type=QuantType.QInt8)
@@ -141,7 +159,7 @@ def quantize_int8(
         if fallback is not None:
             say(f"dynamic int8 quantization ({fallback}) ...")
             try:
-                with quiet():
+                with quiet(), _working_dir(Path(tmp)):
                     quantize_dynamic(str(pre), str(q), weight_type=QuantType.QInt8,
                                      per_channel=per_channel)
             except Exception as e:
