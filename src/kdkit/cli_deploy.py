@@ -30,14 +30,6 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _ort_accuracy(model: Any, split: Any, dense: bool = False) -> float:
-    """Test top-1 (%) of an onnxruntime model, or a dense task's mean PSNR (dB)."""
-    from kdkit.deploy.ort import batch_score, split_batches
-
-    total = sum(batch_score(model(xb), yb) for xb, yb in split_batches(split))
-    return total / max(1, len(split)) * (1.0 if dense else 100.0)
-
-
 def _calibration_inputs(args: argparse.Namespace, trained: dict[str, Any]
                         ) -> tuple[Any, str | None]:
     """``--calib-samples`` training inputs of the run, drawn with a fixed seed, or
@@ -76,7 +68,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from kdkit.cli import _eval_data
     from kdkit.data.stream import eval_args, example_inputs
     from kdkit.deploy.export import export_onnx
-    from kdkit.deploy.ort import OrtModel
+    from kdkit.deploy.ort import OrtModel, split_batches, split_score
     from kdkit.deploy.quantize import quantize_int8
     from kdkit.train.artifacts import load_model, model_stem
     from kdkit.train.checkpoint import atomic_write_json
@@ -113,7 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     dense = meta["data"].get("task") == "denoise"  # images out: PSNR, not top-1
     metric = "psnr" if dense else "accuracy"
     torch_acc = evaluate(model, *eval_args(test))["psnr" if dense else "acc"]
-    float_ort_acc = _ort_accuracy(OrtModel(out, threads), test, dense)
+    float_ort_acc = split_score(OrtModel(out, threads), split_batches(test))
     figures: dict[str, Any] = {
         "model": meta["model"]["name"], "source": str(stem.with_suffix(".safetensors")),
         "data": data.name, "split": "test", "samples": len(test), "onnx": exp,
@@ -129,7 +121,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         q = quantize_int8(out, int8, calib_x, progress=not args.no_progress, log=say)
         figures["int8"] = q
         figures[metric]["ort_int8"] = round(
-            _ort_accuracy(OrtModel(int8, threads), test, dense), 3)
+            split_score(OrtModel(int8, threads), split_batches(test)), 3)
         figures["sizes"]["int8_onnx_bytes"] = q["size_bytes"]
     figures["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(summary, figures)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +91,8 @@ class OrtModel:
         """Top-1 accuracy (%) on ``(x, y)``; for a dense task's float targets, the mean
         PSNR (dB) over the images (:func:`kdkit.tasks.psnr_per_sample`)."""
         y = torch.as_tensor(y)
-        total = 0.0
-        for i in range(0, len(y), batch_size):
-            total += batch_score(self(x[i:i + batch_size]), y[i:i + batch_size])
-        return total / max(1, len(y)) * (1.0 if is_dense(y) else 100.0)
+        return split_score(self, ((x[i:i + batch_size], y[i:i + batch_size])
+                                  for i in range(0, len(y), batch_size)))
 
     def latency_ms(self, input_shape: tuple[int, ...] | list[int], batch: int, *,
                    repeats: int = 50, warmup: int = 10) -> float:
@@ -114,11 +112,15 @@ class OrtModel:
         return 1e3 * statistics.median(times)
 
 
-def batch_score(out: Tensor, y: Tensor) -> float:
-    """A batch's correct predictions, or a dense task's summed per-image PSNR."""
-    if is_dense(y):
-        return float(psnr_sum(out, y))
-    return float((out.argmax(1) == y).sum())
+def split_score(model: Callable[[Any], Tensor],
+                batches: Iterable[tuple[Any, Tensor]]) -> float:
+    """``model``'s top-1 accuracy (%) over ``(x, y)`` batches; for a dense task's float
+    targets, the mean PSNR (dB) over the images."""
+    total, n, dense = 0.0, 0, False
+    for xb, yb in batches:
+        out, dense, n = model(xb), is_dense(yb), n + len(yb)
+        total += float(psnr_sum(out, yb) if dense else (out.argmax(1) == yb).sum())
+    return total / max(1, n) * (1.0 if dense else 100.0)
 
 
 def split_batches(split: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:

@@ -32,7 +32,6 @@ QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLi
              "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
 
 
-
 @contextlib.contextmanager
 def _working_dir(path: Path) -> Iterator[None]:
     """Run a block with ``path`` as the working directory (for libraries that leave files
@@ -43,6 +42,7 @@ def _working_dir(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
+
 
 def _quantized_nodes(path: Path) -> int:
     import onnx

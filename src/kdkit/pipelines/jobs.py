@@ -4,8 +4,9 @@ An experiment is many independent runs (seeds x students) after their teachers. 
 sub-run here becomes ``kdkit run OUT/config.yaml --out OUT --only seedK/LABEL`` in a process
 of its own, with a fair share of the CPU threads (N each when ``kdkit --threads N`` or
 ``KDKIT_THREADS`` says so) or a GPU of its own when there are several; a student starts
-once every teacher of its seed is finished. A sub-run's output goes to ``OUT/logs/seedK-LABEL.log``. Because every sub-run is the run a single process
-would make, the table assembled afterwards is the same whatever the number of jobs.
+once every teacher of its seed is finished. A sub-run's output goes to
+``OUT/logs/seedK-LABEL.log``. Because every sub-run is the run a single process would make,
+the table assembled afterwards is the same whatever the number of jobs.
 """
 
 from __future__ import annotations
