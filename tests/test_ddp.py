@@ -127,6 +127,7 @@ def test_global_batch_terms_see_the_whole_batch(tmp_path):
     assert _max_diff(tmp_path / "one.st", tmp_path / "shard.st") > 1e-3
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_ddp_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     spec = {"kind": "cnn", "method": "kd", "batch": 64, "epochs": 2, "augment": {"shift": 1}}
     _ok(_worker({**spec, "run_dir": str(tmp_path / "full")}, tmp_path / "full.st", nproc=2))
@@ -274,6 +275,7 @@ def test_a_staged_method_whose_first_stage_skips_layers_trains_under_ddp(tmp_pat
     assert _max_diff(tmp_path / "one.st", tmp_path / "two.st") < 1e-3  # BN variances ~170
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_a_streamed_folder_under_torchrun_gives_one_process_weights(tmp_path):
     """Images streamed from disk (each rank reads only its share of each global batch, with
     a DataLoader worker) train the weights of one process streaming them, per-sample
@@ -315,6 +317,7 @@ def test_keep_going_runs_the_rest_past_a_failed_sub_run(tmp_path):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
+@pytest.mark.slow  # torchrun processes (10-20 s): make test-slow; keeps the main suite under 5 min
 def test_a_language_model_under_torchrun_gives_one_process_weights(tmp_path):
     """Token windows shard over ranks like images: two processes distilling a gpt with a
     token-level divergence reach one process's weights."""

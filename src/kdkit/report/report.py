@@ -441,8 +441,11 @@ def _transfer_images(folder: Path, teacher_dir: Path | None
 def _grid(images: tuple[np.ndarray, np.ndarray, str], out: Path, stem: str, title: str,
           where: str) -> Figure:
     x, y, what = images
-    F.image_grid(x, y, out / stem, per_class=PER_CLASS, title=f"{title}: {what}")
-    return Figure(stem, f"{title}: {what}",
+    # the label once when the run is named after its source ("Data-free inputs: dafl (...)")
+    head, _, label = title.rpartition(", ")
+    full = f"{head}: {what}" if head and what.split(" (")[0] == label else f"{title}: {what}"
+    F.image_grid(x, y, out / stem, per_class=PER_CLASS, title=full)
+    return Figure(stem, full,
                   f"Inputs of the {what} transfer set from {where}, {PER_CLASS} per class at "
                   "most (one row per class: the class it was made for, or the teacher's "
                   "label), stretched to the 1st-99th percentile of what is shown.")
