@@ -190,3 +190,23 @@ def test_figures_take_plain_data_and_labels_as_written(tmp_path):
                           tmp_path / "grid", per_class=2)  # colour; 30 classes, 20 shown
     _png_has_data(png)
     assert Image.open(png).size[1] < 2000
+
+
+def test_chain_paths_line_every_student_up_in_the_last_column(tmp_path, monkeypatch):
+    from kdkit.report import figures as F
+
+    drawn = {}
+
+    def keep(fig, stem):
+        drawn["fig"] = fig
+        return Path(stem).with_suffix(".png"), Path(stem).with_suffix(".svg")
+
+    monkeypatch.setattr(F, "save", keep)
+    F.chain_paths([F.Chain("ta", ["t", "a4", "s"], [90.0, 86.0, 85.0], [0.1, 0.2, 0.3]),
+                   F.Chain("full", ["t", "a8", "a6", "a4", "s"], [90.0, 88.0, 88.0, 85.0, 84.0],
+                           [0.1] * 5)], tmp_path / "chains")
+    ax = drawn["fig"].axes[0]
+    xs = [list(c.lines[0].get_xdata()) for c in ax.containers]
+    assert xs == [[0, 1, 4], [0, 1, 2, 3, 4]]  # the one-assistant path's student at x = 4
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["teacher", "assistant 1", "assistant 2", "assistant 3", "student"]

@@ -302,7 +302,9 @@ def chain_paths(chains: list[Chain], stem: Path) -> tuple[Path, Path]:
     palette = colours([c.label for c in chains])
     longest = max(len(c.names) for c in chains)
     for c in chains:
-        x = np.arange(len(c.names))
+        # assistants at 1, 2, ...; the student always in the last column, so that every
+        # path's student lines up under "student" whatever the path's length
+        x = np.array([*range(len(c.names) - 1), longest - 1])
         ax.errorbar(x, c.acc, yerr=c.std, color=palette[c.label], marker="o", ms=5, lw=1.5,
                     capsize=3, label=_t(f"{c.label}: {' → '.join(c.names)}"))
         for xi, name, a in zip(x, c.names, c.acc, strict=True):
