@@ -210,3 +210,16 @@ def test_chain_paths_line_every_student_up_in_the_last_column(tmp_path, monkeypa
     assert xs == [[0, 1, 4], [0, 1, 2, 3, 4]]  # the one-assistant path's student at x = 4
     ticks = [t.get_text() for t in ax.get_xticklabels()]
     assert ticks == ["teacher", "assistant 1", "assistant 2", "assistant 3", "student"]
+
+
+def test_input_grid_titles_name_the_run_only_when_it_is_not_its_source(experiment, tmp_path):
+    from kdkit.report.report import _grid
+
+    text = experiment[1].read_text()  # runs labelled after their source: the name once
+    assert "### Data-free inputs: dafl (generator samples, labelled by the teacher)" in text
+    assert "### Data-free inputs: noise\n" in text and "Data-free inputs, " not in text
+    images = (np.zeros((4, 1, 8, 8)), np.arange(4) % 2, "record", " (spectral_all)")
+    assert _grid(images, tmp_path, "a", "Data-free inputs", "seed0/spec", "spec").title == \
+        "Data-free inputs, spec: record (spectral_all)"
+    assert _grid(images, tmp_path, "b", "Transfer set", "runs/t").title == \
+        "Transfer set: record (spectral_all)"

@@ -415,16 +415,16 @@ def _denormalised(x: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
 
 
 def _transfer_images(folder: Path, teacher_dir: Path | None
-                     ) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """(images, labels, what) of a transfer set folder (a fixed set, or a DAFL generator's
-    fresh samples labelled by the teacher); None if it holds neither."""
+                     ) -> tuple[np.ndarray, np.ndarray, str, str] | None:
+    """(images, labels, source, detail) of a transfer set folder (a fixed set, or a DAFL
+    generator's fresh samples labelled by the teacher); None if it holds neither."""
     from kdkit.datafree.synthesis import load_transfer
 
     if (folder / TRANSFER_JSON).is_file():
         ts = load_transfer(folder)
         src = ts.meta.get("source", "transfer set")
         kind = f" ({ts.meta['record']})" if ts.meta.get("record") else ""
-        return _denormalised(ts.x.numpy(), ts.meta), ts.y.numpy(), f"{src}{kind}"
+        return _denormalised(ts.x.numpy(), ts.meta), ts.y.numpy(), src, kind
     if (folder / "generator.json").is_file() and teacher_dir is not None:
         from kdkit.datafree.dafl import load_generator, sample_generator
         from kdkit.train.artifacts import load_model
@@ -433,17 +433,17 @@ def _transfer_images(folder: Path, teacher_dir: Path | None
         teacher, tmeta = load_model(teacher_dir)
         x, y = sample_generator(generator, teacher.eval(), samples=64 * PER_CLASS,
                                 latent_dim=int(meta["latent_dim"]), seed=int(meta.get("seed", 0)))
-        return (_denormalised(x.numpy(), tmeta), y.numpy(),
-                "dafl (generator samples, labelled by the teacher)")
+        return (_denormalised(x.numpy(), tmeta), y.numpy(), "dafl",
+                " (generator samples, labelled by the teacher)")
     return None
 
 
-def _grid(images: tuple[np.ndarray, np.ndarray, str], out: Path, stem: str, title: str,
-          where: str) -> Figure:
-    x, y, what = images
-    # the label once when the run is named after its source ("Data-free inputs: dafl (...)")
-    head, _, label = title.rpartition(", ")
-    full = f"{head}: {what}" if head and what.split(" (")[0] == label else f"{title}: {what}"
+def _grid(images: tuple[np.ndarray, np.ndarray, str, str], out: Path, stem: str, title: str,
+          where: str, label: str | None = None) -> Figure:
+    x, y, source, detail = images
+    what = source + detail
+    # the run's label only when it is not its source's name ("Data-free inputs: dafl (...)")
+    full = f"{title}: {what}" if label in (None, source) else f"{title}, {label}: {what}"
     F.image_grid(x, y, out / stem, per_class=PER_CLASS, title=full)
     return Figure(stem, full,
                   f"Inputs of the {what} transfer set from {where}, {PER_CLASS} per class at "
@@ -476,7 +476,7 @@ def _fig_datafree(c: Contents, run_dir: Path, out: Path) -> list[Figure]:
         done.add(r.label)
         stem = "datafree_" + re.sub(r"[^A-Za-z0-9_.-]", "_", r.label)
         where = f"seed{r.seed}/{r.label}" if r.seed is not None else r.label
-        figs.append(_grid(images, out, stem, f"Data-free inputs, {r.label}", where))
+        figs.append(_grid(images, out, stem, "Data-free inputs", where, r.label))
     if c.synthetic:
         seed = c.seeds[0] if c.seeds else 0
         path = Path(c.synthetic.replace("{seed}", str(seed)))
